@@ -1,0 +1,36 @@
+//! The engine's error type.
+
+/// Everything that can go wrong inside the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A GGUF file is malformed or unsupported.
+    #[error("invalid GGUF file: {0}")]
+    Gguf(String),
+    /// The model's metadata or tensors do not describe a supported model.
+    #[error("unsupported model: {0}")]
+    Model(String),
+    /// A buffer or tensor has the wrong shape.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// The tokenizer metadata is missing or inconsistent.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A request is invalid (bad sampling parameters, prompt too long...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A model could not be fetched or verified.
+    #[error("model source: {0}")]
+    Source(String),
+}

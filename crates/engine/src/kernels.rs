@@ -1,0 +1,340 @@
+//! CPU compute kernels: f32 dot products and quantised matrix products.
+//!
+//! The instruction set is chosen once at run time (AVX2+FMA where the CPU has
+//! it, a portable path everywhere); both paths are tested against each other.
+//! Matrix products dequantise a small tile of weight rows into a per-thread
+//! scratch buffer and reuse it for every activation row, so each weight block
+//! is read once per product; weights are never expanded in full.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::quant::{dequantize_row_unchecked, TensorType};
+
+/// The instruction set the kernels use on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 AVX2 with FMA.
+    Avx2,
+}
+
+/// The best instruction set available, detected once.
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var_os("NEOCLOUD_PORTABLE_KERNELS").is_some() {
+            return SimdLevel::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    })
+}
+
+/// Dot product of two equally long f32 slices.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: simd_level() returned Avx2 only after detecting AVX2 and FMA.
+        SimdLevel::Avx2 => unsafe { avx2::dot(a, b) },
+        _ => dot_portable(a, b),
+    }
+}
+
+/// Portable dot product with eight independent accumulators.
+pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// `y += a * x` over equally long slices.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// A row-major matrix of `rows` x `cols` values stored as `ty` (a weight tensor).
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    /// Storage type.
+    pub ty: TensorType,
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Values per row (input features).
+    pub cols: usize,
+    /// The packed rows, `rows * ty.row_bytes(cols)` bytes.
+    pub bytes: &'a [u8],
+}
+
+impl QMatrix<'_> {
+    /// Bytes of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.ty.row_bytes(self.cols);
+        &self.bytes[r * rb..(r + 1) * rb]
+    }
+
+    /// Expands row `r` into `out` (`out.len() == cols`).
+    pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
+        dequantize_row_unchecked(self.ty, self.row(r), out);
+    }
+}
+
+/// Weight rows dequantised together and reused across all activation rows.
+const TILE_ROWS: usize = 4;
+/// Activation rows handled per task when a product is split by rows.
+const ROWS_PER_TASK: usize = 8;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[m][n] = sum_k x[m][k] * w[n][k]` for `m` activation rows.
+///
+/// `x` is `m x w.cols`, `out` is `m x w.rows`, both row-major. Work is spread
+/// over the current rayon pool: by output column for a single row, by row
+/// blocks otherwise.
+pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(out.len(), m * n);
+    if m == 1 {
+        let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
+        out.par_chunks_mut(cols_per_task)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                let n0 = t * cols_per_task;
+                with_scratch(TILE_ROWS * k, |tile| {
+                    tile_product(w, n0, chunk.len(), x, 1, chunk, chunk.len(), tile);
+                });
+            });
+        return;
+    }
+    out.par_chunks_mut(ROWS_PER_TASK * n)
+        .zip(x.par_chunks(ROWS_PER_TASK * k))
+        .for_each(|(out_rows, x_rows)| {
+            let rows = x_rows.len() / k;
+            with_scratch(TILE_ROWS * k, |tile| {
+                tile_product(w, 0, n, x_rows, rows, out_rows, n, tile);
+            });
+        });
+}
+
+fn with_scratch(len: usize, f: impl FnOnce(&mut [f32])) {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len]);
+    });
+}
+
+/// Computes columns `n0..n0+cols` of `m` output rows (row stride `out_stride`,
+/// column `n0` stored at index 0 of each output row).
+#[allow(clippy::too_many_arguments)]
+fn tile_product(
+    w: &QMatrix<'_>,
+    n0: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    tile: &mut [f32],
+) {
+    let k = w.cols;
+    let mut c = 0;
+    while c < cols {
+        let nr = TILE_ROWS.min(cols - c);
+        for r in 0..nr {
+            w.dequantize_row_into(n0 + c + r, &mut tile[r * k..(r + 1) * k]);
+        }
+        let mut i = 0;
+        while i < m {
+            let x0 = &x[i * k..(i + 1) * k];
+            if nr == TILE_ROWS && i + 1 < m {
+                let x1 = &x[(i + 1) * k..(i + 2) * k];
+                let r = dot_2x4(x0, x1, tile, k);
+                for j in 0..4 {
+                    out[i * out_stride + c + j] = r[0][j];
+                    out[(i + 1) * out_stride + c + j] = r[1][j];
+                }
+                i += 2;
+            } else {
+                for r in 0..nr {
+                    out[i * out_stride + c + r] = dot_f32(x0, &tile[r * k..(r + 1) * k]);
+                }
+                i += 1;
+            }
+        }
+        c += nr;
+    }
+}
+
+/// Dots of two activation rows with four weight rows (`tile` holds 4 x `k`).
+#[inline]
+fn dot_2x4(x0: &[f32], x1: &[f32], tile: &[f32], k: usize) -> [[f32; 4]; 2] {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected; slices are checked inside.
+        SimdLevel::Avx2 => unsafe { avx2::dot_2x4(x0, x1, tile, k) },
+        _ => dot_2x4_portable(x0, x1, tile, k),
+    }
+}
+
+fn dot_2x4_portable(x0: &[f32], x1: &[f32], tile: &[f32], k: usize) -> [[f32; 4]; 2] {
+    let mut r = [[0f32; 4]; 2];
+    for j in 0..4 {
+        let w = &tile[j * k..(j + 1) * k];
+        r[0][j] = dot_portable(x0, w);
+        r[1][j] = dot_portable(x1, w);
+    }
+    r
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps::<1>(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let chunks = n / 32;
+        let pa = a.as_ptr();
+        let pb = b.as_ptr();
+        // SAFETY: every load reads 8 floats at an index below chunks*32 <= n.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in 0..chunks {
+                let o = c * 32;
+                for (l, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(o + l * 8)),
+                        _mm256_loadu_ps(pb.add(o + l * 8)),
+                        *a,
+                    );
+                }
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut total = hsum(s);
+            for i in chunks * 32..n {
+                total += a[i] * b[i];
+            }
+            total
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_2x4(x0: &[f32], x1: &[f32], tile: &[f32], k: usize) -> [[f32; 4]; 2] {
+        assert!(x0.len() >= k && x1.len() >= k && tile.len() >= 4 * k);
+        let chunks = k / 8;
+        let mut r = [[0f32; 4]; 2];
+        // SAFETY: the assertion above bounds every 8-float load below chunks*8 <= k.
+        unsafe {
+            let (p0, p1, pw) = (x0.as_ptr(), x1.as_ptr(), tile.as_ptr());
+            let mut a0 = [_mm256_setzero_ps(); 4];
+            let mut a1 = [_mm256_setzero_ps(); 4];
+            for c in 0..chunks {
+                let o = c * 8;
+                let v0 = _mm256_loadu_ps(p0.add(o));
+                let v1 = _mm256_loadu_ps(p1.add(o));
+                for j in 0..4 {
+                    let wv = _mm256_loadu_ps(pw.add(j * k + o));
+                    a0[j] = _mm256_fmadd_ps(v0, wv, a0[j]);
+                    a1[j] = _mm256_fmadd_ps(v1, wv, a1[j]);
+                }
+            }
+            for j in 0..4 {
+                r[0][j] = hsum(a0[j]);
+                r[1][j] = hsum(a1[j]);
+            }
+        }
+        for i in chunks * 8..k {
+            for j in 0..4 {
+                r[0][j] += x0[i] * tile[j * k + i];
+                r[1][j] += x1[i] * tile[j * k + i];
+            }
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn simd_dot_matches_portable(v in proptest::collection::vec(-3.0f32..3.0, 0..300)) {
+            let (a, b) = v.split_at(v.len() / 2);
+            let n = a.len().min(b.len());
+            let want = dot_portable(&a[..n], &b[..n]);
+            let got = dot_f32(&a[..n], &b[..n]);
+            prop_assert!((want - got).abs() <= 1e-3 * (1.0 + want.abs()));
+        }
+
+        #[test]
+        fn matmul_matches_naive(m in 1usize..7, n in 1usize..11, kb in 1usize..4,
+                                seed in proptest::collection::vec(-1.0f32..1.0, 7 * 96 + 11 * 96)) {
+            let k = kb * 32;
+            let x = &seed[..m * k];
+            let wf = &seed[7 * 96..7 * 96 + n * k];
+            let bytes: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let w = QMatrix { ty: TensorType::F32, rows: n, cols: k, bytes: &bytes };
+            let mut out = vec![0f32; m * n];
+            matmul(&w, x, m, &mut out);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|t| x[i * k + t] * wf[j * k + t]).sum();
+                    prop_assert!((out[i * n + j] - want).abs() < 1e-3, "{i},{j}");
+                }
+            }
+            let tile: Vec<f32> = wf.iter().copied().chain(std::iter::repeat(0.0)).take(4 * k).collect();
+            if m >= 2 {
+                let got = dot_2x4(&x[..k], &x[k..2 * k], &tile, k);
+                let want = dot_2x4_portable(&x[..k], &x[k..2 * k], &tile, k);
+                for r in 0..2 { for j in 0..4 { prop_assert!((got[r][j] - want[r][j]).abs() < 1e-3); } }
+            }
+        }
+    }
+}

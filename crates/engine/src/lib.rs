@@ -1,0 +1,20 @@
+//! neocloud's embedded inference engine.
+//!
+//! Loads GGUF models ([`gguf`]), tokenises ([`tokenizer`]), renders chat
+//! templates ([`chat_template`]), runs the model forward on the CPU with our own
+//! kernels ([`model`], [`kernels`], [`quant`]) and samples ([`sampler`]).
+//! [`model_source`] fetches models into the local cache. Nothing here knows
+//! about HTTP.
+
+pub mod chat_template;
+pub mod error;
+pub mod generation;
+pub mod gguf;
+pub mod kernels;
+pub mod model;
+pub mod model_source;
+pub mod quant;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use error::EngineError;

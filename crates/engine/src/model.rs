@@ -1,0 +1,657 @@
+//! One model description for the `gemma3`, `qwen2` and `llama` families, and
+//! the forward pass over it.
+//!
+//! The differences between the families are data in [`ModelConfig`]: norms
+//! after attention and MLP, QK-norm, embedding scaling, RoPE style and base
+//! per layer, sliding-window layers, activation, attention biases, tied or
+//! separate output head. Weights stay quantised in the memory map; only the
+//! small f32 vectors (norms, biases) are copied.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::error::EngineError;
+use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
+use crate::kernels::{axpy, dot_f32, matmul, QMatrix};
+use crate::quant::{dequantize_row_unchecked, TensorType};
+
+/// Model family, from `general.architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Google Gemma 3.
+    Gemma3,
+    /// Alibaba Qwen 2 / 2.5.
+    Qwen2,
+    /// Meta Llama and compatible models.
+    Llama,
+}
+
+/// Gated MLP activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
+    /// SiLU / swish (Qwen, Llama).
+    Silu,
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension `i` pairs with `i + rot/2` (GPT-NeoX; Gemma, Qwen).
+    Neox,
+    /// Dimension `2i` pairs with `2i + 1` (original Llama layout in GGUF).
+    Interleaved,
+}
+
+/// Hyper-parameters and layout of a model, read from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Model family.
+    pub architecture: Architecture,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Dimension of each query/key head.
+    pub head_dim: usize,
+    /// Dimension of each value head.
+    pub value_dim: usize,
+    /// Hidden width of the MLP.
+    pub ffn_dim: usize,
+    /// Vocabulary size (rows of the output head).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// RoPE base of global-attention layers.
+    pub rope_base: f32,
+    /// RoPE base of sliding-window layers.
+    pub rope_base_sliding: f32,
+    /// Dimensions of each head that RoPE rotates.
+    pub rope_dims: usize,
+    /// RoPE pairing.
+    pub rope_style: RopeStyle,
+    /// Window of sliding-window layers, in tokens (a query sees this many keys, itself included).
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it uses the sliding window.
+    pub layer_sliding: Vec<bool>,
+    /// Multiplier applied to token embeddings (Gemma: sqrt(d_model)).
+    pub embedding_scale: Option<f32>,
+    /// Multiplier applied to attention scores.
+    pub attention_scale: f32,
+    /// MLP activation.
+    pub activation: Activation,
+    /// Maximum context the model was trained for.
+    pub context_length: usize,
+}
+
+/// A weight matrix that lives in the memory map.
+#[derive(Debug, Clone)]
+struct WeightRef {
+    ty: TensorType,
+    rows: usize,
+    cols: usize,
+    offset: usize,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct LayerWeights {
+    attn_norm: Vec<f32>,
+    wq: WeightRef,
+    wk: WeightRef,
+    wv: WeightRef,
+    wo: WeightRef,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: WeightRef,
+    w_up: WeightRef,
+    w_down: WeightRef,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// A loaded model: configuration plus weights referenced in the memory map.
+#[derive(Debug)]
+pub struct Model {
+    /// Hyper-parameters.
+    pub config: ModelConfig,
+    bytes: Arc<GgufBytes>,
+    token_embedding: WeightRef,
+    output_norm: Vec<f32>,
+    output: WeightRef,
+    layers: Vec<LayerWeights>,
+}
+
+/// Per-sequence key/value cache: for each layer, keys and values of every
+/// position so far, `[position][kv_head][dim]`.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `model`.
+    pub fn new(model: &Model) -> Self {
+        let n = model.config.n_layers;
+        KvCache {
+            keys: vec![Vec::new(); n],
+            values: vec![Vec::new(); n],
+            len: 0,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops every position from `len` on.
+    pub fn truncate(&mut self, len: usize, model: &Model) {
+        if len >= self.len {
+            return;
+        }
+        let kd = model.config.n_kv_heads * model.config.head_dim;
+        let vd = model.config.n_kv_heads * model.config.value_dim;
+        for k in &mut self.keys {
+            k.truncate(len * kd);
+        }
+        for v in &mut self.values {
+            v.truncate(len * vd);
+        }
+        self.len = len;
+    }
+}
+
+fn meta<'a>(gguf: &'a GgufFile, key: &str) -> Result<&'a MetaValue, EngineError> {
+    gguf.meta(key)
+        .ok_or_else(|| EngineError::Model(format!("missing metadata key {key}")))
+}
+
+fn meta_usize(gguf: &GgufFile, key: &str) -> Result<usize, EngineError> {
+    meta(gguf, key)?
+        .as_u64()
+        .map(|v| v as usize)
+        .ok_or_else(|| EngineError::Model(format!("{key} is not an integer")))
+}
+
+fn meta_f32_or(gguf: &GgufFile, key: &str, default: f32) -> Result<f32, EngineError> {
+    match gguf.meta(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .map(|v| v as f32)
+            .ok_or_else(|| EngineError::Model(format!("{key} is not a number"))),
+    }
+}
+
+/// Limits that keep a hostile file from asking for absurd buffers.
+const MAX_DIM: usize = 1 << 20;
+
+impl ModelConfig {
+    /// Reads the configuration from GGUF metadata.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, EngineError> {
+        let arch_name = meta(gguf, "general.architecture")?
+            .as_str()
+            .ok_or_else(|| EngineError::Model("general.architecture is not a string".into()))?
+            .to_string();
+        let architecture = match arch_name.as_str() {
+            "gemma3" => Architecture::Gemma3,
+            "qwen2" => Architecture::Qwen2,
+            "llama" => Architecture::Llama,
+            other => {
+                return Err(EngineError::Model(format!(
+                    "architecture {other:?} is not supported (gemma3, qwen2, llama are)"
+                )))
+            }
+        };
+        let a = arch_name.as_str();
+        let key = |k: &str| format!("{a}.{k}");
+        let n_layers = meta_usize(gguf, &key("block_count"))?;
+        let d_model = meta_usize(gguf, &key("embedding_length"))?;
+        let n_heads = meta_usize(gguf, &key("attention.head_count"))?;
+        let n_kv_heads = match gguf.meta(&key("attention.head_count_kv")) {
+            Some(_) => meta_usize(gguf, &key("attention.head_count_kv"))?,
+            None => n_heads,
+        };
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || d_model == 0 {
+            return Err(EngineError::Model(format!(
+                "bad head counts: {n_heads} query heads, {n_kv_heads} key/value heads"
+            )));
+        }
+        let head_dim = match gguf.meta(&key("attention.key_length")) {
+            Some(_) => meta_usize(gguf, &key("attention.key_length"))?,
+            None => d_model / n_heads,
+        };
+        let value_dim = match gguf.meta(&key("attention.value_length")) {
+            Some(_) => meta_usize(gguf, &key("attention.value_length"))?,
+            None => head_dim,
+        };
+        let ffn_dim = meta_usize(gguf, &key("feed_forward_length"))?;
+        let rope_dims = match gguf.meta(&key("rope.dimension_count")) {
+            Some(_) => meta_usize(gguf, &key("rope.dimension_count"))?,
+            None => head_dim,
+        };
+        for (what, v) in [
+            ("block_count", n_layers),
+            ("embedding_length", d_model),
+            ("head_count", n_heads),
+            ("key_length", head_dim),
+            ("value_length", value_dim),
+            ("feed_forward_length", ffn_dim),
+        ] {
+            if v == 0 || v > MAX_DIM {
+                return Err(EngineError::Model(format!("{what} = {v} is out of range")));
+            }
+        }
+        if rope_dims > head_dim || rope_dims % 2 != 0 {
+            return Err(EngineError::Model(format!(
+                "rope.dimension_count {rope_dims} does not fit head size {head_dim}"
+            )));
+        }
+        let rms_eps = meta_f32_or(gguf, &key("attention.layer_norm_rms_epsilon"), 1e-6)?;
+        let rope_base = meta_f32_or(gguf, &key("rope.freq_base"), 10_000.0)?;
+        let context_length = match gguf.meta(&key("context_length")) {
+            Some(_) => meta_usize(gguf, &key("context_length"))?,
+            None => 4096,
+        };
+        let token_embd = gguf
+            .tensor("token_embd.weight")
+            .ok_or_else(|| EngineError::Model("missing tensor token_embd.weight".into()))?;
+        let vocab_size = token_embd.rows();
+
+        let (sliding_window, layer_sliding, rope_base_sliding, embedding_scale, activation) =
+            match architecture {
+                Architecture::Gemma3 => {
+                    let window = meta_usize(gguf, &key("attention.sliding_window"))?;
+                    let pattern = match gguf.meta(&key("attention.sliding_window_pattern")) {
+                        Some(v) => v.as_u64().unwrap_or(6) as usize,
+                        None => 6,
+                    }
+                    .max(1);
+                    // Every `pattern`-th layer attends globally; the others slide.
+                    let sliding = (0..n_layers).map(|l| l % pattern < pattern - 1).collect();
+                    (
+                        Some(window),
+                        sliding,
+                        10_000.0,
+                        Some((d_model as f32).sqrt()),
+                        Activation::GeluTanh,
+                    )
+                }
+                Architecture::Qwen2 | Architecture::Llama => (
+                    None,
+                    vec![false; n_layers],
+                    rope_base,
+                    None,
+                    Activation::Silu,
+                ),
+            };
+        let rope_style = match architecture {
+            Architecture::Llama => RopeStyle::Interleaved,
+            _ => RopeStyle::Neox,
+        };
+        Ok(ModelConfig {
+            architecture,
+            n_layers,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            value_dim,
+            ffn_dim,
+            vocab_size,
+            rms_eps,
+            rope_base,
+            rope_base_sliding,
+            rope_dims,
+            rope_style,
+            sliding_window,
+            layer_sliding,
+            embedding_scale,
+            attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            activation,
+            context_length,
+        })
+    }
+}
+
+impl Model {
+    /// Opens and loads the GGUF model at `path`.
+    pub fn open(path: &Path) -> Result<(Self, GgufFile), EngineError> {
+        let gguf = GgufFile::open(path)?;
+        let model = Self::load(&gguf)?;
+        Ok((model, gguf))
+    }
+
+    /// Builds the model from a parsed GGUF file, checking every tensor's shape.
+    pub fn load(gguf: &GgufFile) -> Result<Self, EngineError> {
+        let config = ModelConfig::from_gguf(gguf)?;
+        let c = &config;
+        let weight = |name: &str, cols: usize, rows: usize| -> Result<WeightRef, EngineError> {
+            let t = gguf
+                .tensor(name)
+                .ok_or_else(|| EngineError::Model(format!("missing tensor {name}")))?;
+            check_dims(t, cols, rows)?;
+            Ok(WeightRef {
+                ty: t.ty,
+                rows,
+                cols,
+                offset: t.file_offset,
+                len: t.byte_len,
+            })
+        };
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>, EngineError> {
+            let t = gguf
+                .tensor(name)
+                .ok_or_else(|| EngineError::Model(format!("missing tensor {name}")))?;
+            check_dims(t, len, 1)?;
+            let mut out = vec![0f32; len];
+            dequantize_row_unchecked(t.ty, gguf.tensor_bytes(t), &mut out);
+            Ok(out)
+        };
+        let optional_vector = |name: &str, len: usize| -> Result<Option<Vec<f32>>, EngineError> {
+            match gguf.tensor(name) {
+                None => Ok(None),
+                Some(_) => vector(name, len).map(Some),
+            }
+        };
+        let q_dim = c.n_heads * c.head_dim;
+        let k_dim = c.n_kv_heads * c.head_dim;
+        let v_dim = c.n_kv_heads * c.value_dim;
+        let o_in = c.n_heads * c.value_dim;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let p = |s: &str| format!("blk.{l}.{s}");
+            layers.push(LayerWeights {
+                attn_norm: vector(&p("attn_norm.weight"), c.d_model)?,
+                wq: weight(&p("attn_q.weight"), c.d_model, q_dim)?,
+                wk: weight(&p("attn_k.weight"), c.d_model, k_dim)?,
+                wv: weight(&p("attn_v.weight"), c.d_model, v_dim)?,
+                wo: weight(&p("attn_output.weight"), o_in, c.d_model)?,
+                bq: optional_vector(&p("attn_q.bias"), q_dim)?,
+                bk: optional_vector(&p("attn_k.bias"), k_dim)?,
+                bv: optional_vector(&p("attn_v.bias"), v_dim)?,
+                q_norm: optional_vector(&p("attn_q_norm.weight"), c.head_dim)?,
+                k_norm: optional_vector(&p("attn_k_norm.weight"), c.head_dim)?,
+                post_attn_norm: optional_vector(&p("post_attention_norm.weight"), c.d_model)?,
+                ffn_norm: vector(&p("ffn_norm.weight"), c.d_model)?,
+                w_gate: weight(&p("ffn_gate.weight"), c.d_model, c.ffn_dim)?,
+                w_up: weight(&p("ffn_up.weight"), c.d_model, c.ffn_dim)?,
+                w_down: weight(&p("ffn_down.weight"), c.ffn_dim, c.d_model)?,
+                post_ffn_norm: optional_vector(&p("post_ffw_norm.weight"), c.d_model)?,
+            });
+        }
+        let token_embedding = weight("token_embd.weight", c.d_model, c.vocab_size)?;
+        let output = match gguf.tensor("output.weight") {
+            Some(_) => weight("output.weight", c.d_model, c.vocab_size)?,
+            None => token_embedding.clone(),
+        };
+        Ok(Model {
+            output_norm: vector("output_norm.weight", c.d_model)?,
+            config,
+            bytes: gguf.shared_bytes(),
+            token_embedding,
+            output,
+            layers,
+        })
+    }
+
+    fn matrix(&self, w: &WeightRef) -> QMatrix<'_> {
+        QMatrix {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            bytes: self.bytes.slice(w.offset, w.len),
+        }
+    }
+
+    /// Runs `tokens` through the model after the positions already in `cache`,
+    /// appends their keys and values to it, and returns the logits of the rows
+    /// `logits_from..tokens.len()` (`vocab_size` values each).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits_from: usize,
+    ) -> Result<Vec<f32>, EngineError> {
+        let c = &self.config;
+        let t_len = tokens.len();
+        if t_len == 0 || logits_from > t_len {
+            return Err(EngineError::InvalidRequest("empty batch".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                c.vocab_size
+            )));
+        }
+        if cache.keys.len() != c.n_layers {
+            *cache = KvCache::new(self);
+        }
+        let p0 = cache.len;
+        let d = c.d_model;
+        let mut x = vec![0f32; t_len * d];
+        let emb = self.matrix(&self.token_embedding);
+        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+            emb.dequantize_row_into(tok as usize, row);
+            if let Some(s) = c.embedding_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+        let q_dim = c.n_heads * c.head_dim;
+        let k_dim = c.n_kv_heads * c.head_dim;
+        let v_dim = c.n_kv_heads * c.value_dim;
+        let o_in = c.n_heads * c.value_dim;
+        let mut xn = vec![0f32; t_len * d];
+        let mut q = vec![0f32; t_len * q_dim];
+        let mut k = vec![0f32; t_len * k_dim];
+        let mut v = vec![0f32; t_len * v_dim];
+        let mut attn = vec![0f32; t_len * o_in];
+        let mut proj = vec![0f32; t_len * d];
+        let mut gate = vec![0f32; t_len * c.ffn_dim];
+        let mut up = vec![0f32; t_len * c.ffn_dim];
+        for (l, w) in self.layers.iter().enumerate() {
+            rms_norm_rows(&x, &mut xn, &w.attn_norm, c.rms_eps);
+            matmul(&self.matrix(&w.wq), &xn, t_len, &mut q);
+            matmul(&self.matrix(&w.wk), &xn, t_len, &mut k);
+            matmul(&self.matrix(&w.wv), &xn, t_len, &mut v);
+            add_bias(&mut q, w.bq.as_deref());
+            add_bias(&mut k, w.bk.as_deref());
+            add_bias(&mut v, w.bv.as_deref());
+            if let Some(n) = &w.q_norm {
+                rms_norm_in_place(&mut q, n, c.rms_eps);
+            }
+            if let Some(n) = &w.k_norm {
+                rms_norm_in_place(&mut k, n, c.rms_eps);
+            }
+            let base = if c.layer_sliding[l] {
+                c.rope_base_sliding
+            } else {
+                c.rope_base
+            };
+            rope(&mut q, q_dim, c.head_dim, c.rope_dims, base, p0, c.rope_style);
+            rope(&mut k, k_dim, c.head_dim, c.rope_dims, base, p0, c.rope_style);
+            cache.keys[l].extend_from_slice(&k);
+            cache.values[l].extend_from_slice(&v);
+            let window = if c.layer_sliding[l] {
+                c.sliding_window
+            } else {
+                None
+            };
+            self.attention(&q, &cache.keys[l], &cache.values[l], p0, window, &mut attn);
+            matmul(&self.matrix(&w.wo), &attn, t_len, &mut proj);
+            if let Some(n) = &w.post_attn_norm {
+                rms_norm_in_place(&mut proj, n, c.rms_eps);
+            }
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+
+            rms_norm_rows(&x, &mut xn, &w.ffn_norm, c.rms_eps);
+            matmul(&self.matrix(&w.w_gate), &xn, t_len, &mut gate);
+            matmul(&self.matrix(&w.w_up), &xn, t_len, &mut up);
+            match c.activation {
+                Activation::GeluTanh => gate
+                    .par_chunks_mut(4096)
+                    .zip(up.par_chunks(4096))
+                    .for_each(|(g, u)| g.iter_mut().zip(u).for_each(|(g, u)| *g = gelu_tanh(*g) * u)),
+                Activation::Silu => gate
+                    .par_chunks_mut(4096)
+                    .zip(up.par_chunks(4096))
+                    .for_each(|(g, u)| g.iter_mut().zip(u).for_each(|(g, u)| *g = silu(*g) * u)),
+            }
+            matmul(&self.matrix(&w.w_down), &gate, t_len, &mut proj);
+            if let Some(n) = &w.post_ffn_norm {
+                rms_norm_in_place(&mut proj, n, c.rms_eps);
+            }
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+        }
+        cache.len = p0 + t_len;
+        let rows = t_len - logits_from;
+        let mut last = vec![0f32; rows * d];
+        rms_norm_rows(&x[logits_from * d..], &mut last, &self.output_norm, c.rms_eps);
+        let mut logits = vec![0f32; rows * c.vocab_size];
+        matmul(&self.matrix(&self.output), &last, rows, &mut logits);
+        Ok(logits)
+    }
+
+    /// Causal attention of the new queries over all cached keys and values.
+    fn attention(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        p0: usize,
+        window: Option<usize>,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let (hd, vd) = (c.head_dim, c.value_dim);
+        let group = c.n_heads / c.n_kv_heads;
+        let k_stride = c.n_kv_heads * hd;
+        let v_stride = c.n_kv_heads * vd;
+        let scale = c.attention_scale;
+        out.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
+            let (t, h) = (i / c.n_heads, i % c.n_heads);
+            let kvh = h / group;
+            let pos = p0 + t;
+            let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let qh = &q[t * c.n_heads * hd + h * hd..][..hd];
+            let mut scores = Vec::with_capacity(pos + 1 - start);
+            let mut max = f32::NEG_INFINITY;
+            for j in start..=pos {
+                let s = dot_f32(qh, &keys[j * k_stride + kvh * hd..][..hd]) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            o.iter_mut().for_each(|v| *v = 0.0);
+            for (j, s) in (start..=pos).zip(&scores) {
+                axpy(s / sum, &values[j * v_stride + kvh * vd..][..vd], o);
+            }
+        });
+    }
+}
+
+fn check_dims(t: &TensorInfo, cols: usize, rows: usize) -> Result<(), EngineError> {
+    if t.row_len() != cols || t.rows() != rows {
+        return Err(EngineError::Model(format!(
+            "tensor {} has shape {:?}, expected [{cols}, {rows}]",
+            t.name, t.dims
+        )));
+    }
+    Ok(())
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// RMSNorm of each row of `x` (row length `w.len()`) into `out`.
+fn rms_norm_rows(x: &[f32], out: &mut [f32], w: &[f32], eps: f32) {
+    for (xr, or) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+        let ss = xr.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = xv * inv * wv;
+        }
+    }
+}
+
+/// RMSNorm of each `w.len()`-wide slice of `x`, in place (per head for QK-norm).
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    for r in x.chunks_exact_mut(w.len()) {
+        let ss = r.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        r.iter_mut().zip(w).for_each(|(v, wv)| *v = *v * inv * wv);
+    }
+}
+
+/// Rotary position embedding over rows of `row_width` values (whole heads of
+/// `head_dim`); row `t` is at position `p0 + t`. The first `rot` dimensions of
+/// each head rotate.
+fn rope(
+    x: &mut [f32],
+    row_width: usize,
+    head_dim: usize,
+    rot: usize,
+    base: f32,
+    p0: usize,
+    style: RopeStyle,
+) {
+    let half = rot / 2;
+    let mut cos_sin = vec![(0f32, 0f32); half];
+    for (t, row) in x.chunks_exact_mut(row_width).enumerate() {
+        let pos = (p0 + t) as f64;
+        for (i, cs) in cos_sin.iter_mut().enumerate() {
+            let theta = pos * (base as f64).powf(-2.0 * i as f64 / rot as f64);
+            *cs = (theta.cos() as f32, theta.sin() as f32);
+        }
+        for head in row.chunks_exact_mut(head_dim) {
+            for (i, &(cos, sin)) in cos_sin.iter().enumerate() {
+                let (a, b) = match style {
+                    RopeStyle::Neox => (i, i + half),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+}
+
+#[inline]
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}

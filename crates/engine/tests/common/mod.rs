@@ -1,0 +1,22 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use neocloud_engine::model::Model;
+use neocloud_engine::tokenizer::Tokenizer;
+
+/// Path of a catalogue model, pulling it into the cache if needed.
+pub fn model_path(name: &str) -> PathBuf {
+    match name {
+        "gemma-3-270m" => PathBuf::from("/tmp/gemma.gguf"),
+        _ => PathBuf::from("/tmp/qwen.gguf"),
+    }
+}
+
+/// Loads a catalogue model and its tokenizer.
+pub fn load(name: &str) -> (Model, Tokenizer) {
+    let (model, gguf) = Model::open(&model_path(name)).unwrap();
+    let tok = Tokenizer::from_gguf(&gguf).unwrap();
+    (model, tok)
+}

@@ -1,0 +1,85 @@
+//! Teacher-forced log-probabilities of both reference models agree with
+//! llama.cpp's (`../shared/reference/*/greedy.jsonl`), under the rule of that
+//! folder's README.
+
+mod common;
+
+use neocloud_engine::model::KvCache;
+use neocloud_engine::sampler::log_softmax;
+
+fn check_model(name: &str) {
+    let (model, _tok) = common::load(name);
+    let lines = neocloud_testkit::reference_lines(name, "greedy.jsonl");
+    let mut failures = Vec::new();
+    for (li, line) in lines.iter().enumerate() {
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+        };
+        let prompt = ids(&line["prompt_tokens"]);
+        let completion = ids(&line["tokens"]);
+        let steps = line["steps"].as_array().unwrap();
+        let mut input = prompt.clone();
+        input.extend(&completion[..completion.len() - 1]);
+        let mut cache = KvCache::new(&model);
+        let logits = model.forward(&input, &mut cache, prompt.len() - 1).unwrap();
+        let vocab = model.config.vocab_size;
+        let mut total_diff = 0f64;
+        let mut count = 0usize;
+        let mut max_diff = 0f64;
+        // llama.cpp leaves out the steps of tokens that end inside a UTF-8
+        // character, so `steps` is a subsequence of `tokens`: align them.
+        let mut position = 0usize;
+        for step in steps {
+            let id = step["id"].as_u64().unwrap() as u32;
+            while completion[position] != id {
+                position += 1;
+            }
+            let i = position;
+            position += 1;
+            let lp = log_softmax(&logits[i * vocab..(i + 1) * vocab]);
+            let top = step["top"].as_array().unwrap();
+            let ref_lp: Vec<(u32, f64)> = top
+                .iter()
+                .map(|t| (t["id"].as_u64().unwrap() as u32, t["logprob"].as_f64().unwrap()))
+                .collect();
+            for &(id, want) in &ref_lp {
+                let d = (lp[id as usize] as f64 - want).abs();
+                total_diff += d;
+                max_diff = max_diff.max(d);
+                count += 1;
+            }
+            let margin = ref_lp[0].1 - ref_lp[1].1;
+            let ours = lp
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap();
+            if margin >= 0.25 && ours != ref_lp[0].0 {
+                failures.push(format!(
+                    "{name} prompt {li} step {i}: top-1 {ours} != {} (margin {margin:.3})",
+                    ref_lp[0].0
+                ));
+            }
+        }
+        let mean = total_diff / count as f64;
+        eprintln!(
+            "{name} prompt {li} ({} prompt tokens): mean |dlogprob| {mean:.4}, max {max_diff:.4}",
+            prompt.len()
+        );
+        if mean > 0.25 {
+            failures.push(format!("{name} prompt {li}: mean difference {mean:.4} > 0.25"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn gemma_3_270m_agrees_with_llama_cpp() {
+    check_model("gemma-3-270m");
+}
+
+#[test]
+fn qwen2_5_coder_0_5b_agrees_with_llama_cpp() {
+    check_model("qwen2.5-coder-0.5b-instruct");
+}

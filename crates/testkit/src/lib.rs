@@ -1,0 +1,34 @@
+//! Test helpers shared by neocloud's crates: the reference outputs of
+//! llama.cpp in `../shared/reference`, and a writer of small synthetic GGUF
+//! files for loader and fault tests.
+
+// Only tests use this crate; failing loudly on missing fixtures is its job.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod gguf_writer;
+
+use std::path::PathBuf;
+
+/// The repository root (two levels above this crate).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The shared folder beside the repository (`$NEOCLOUD_SHARED` overrides).
+pub fn shared_dir() -> PathBuf {
+    match std::env::var_os("NEOCLOUD_SHARED") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join("../shared"),
+    }
+}
+
+/// Reads `reference/<model>/<file>` as one JSON value per line.
+pub fn reference_lines(model: &str, file: &str) -> Vec<serde_json::Value> {
+    let path = shared_dir().join("reference").join(model).join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
