@@ -243,6 +243,11 @@ impl Tokenizer {
         self.add_bos && self.bos.is_some()
     }
 
+    /// Whether SentencePiece encoding prefixes the text with a space.
+    pub fn adds_space_prefix(&self) -> bool {
+        self.add_space_prefix && matches!(self.algorithm, Algorithm::Spm)
+    }
+
     /// Tokens that end a generation (EOS, end of turn).
     pub fn end_of_generation(&self) -> &[u32] {
         &self.end_of_generation
