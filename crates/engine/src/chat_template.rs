@@ -50,9 +50,12 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", python_tojson);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| EngineError::Template(e.to_string()))?;
         Ok(ChatTemplate {
@@ -69,7 +72,10 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<Option<Self>, EngineError> {
-        if let Some(src) = gguf.meta("tokenizer.chat_template").and_then(|v| v.as_str()) {
+        if let Some(src) = gguf
+            .meta("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+        {
             return Self::new(src, bos_token, eos_token).map(Some);
         }
         let arch = gguf
@@ -203,8 +209,15 @@ mod tests {
     fn tojson_uses_python_separators_and_keeps_order() {
         let t = ChatTemplate::new("{{ messages[0] | tojson }}|{{ 'a,b'.split(',') | join('+') }}|{{ ' x '.strip() }}|{{ 'abc'.startswith('ab') }}", "", "").unwrap();
         let out = t
-            .render(&[json!({"role": "user", "content": "é\"", "b": [1, 2.5, null]})], None, false)
+            .render(
+                &[json!({"role": "user", "content": "é\"", "b": [1, 2.5, null]})],
+                None,
+                false,
+            )
             .unwrap();
-        assert_eq!(out, r#"{"role": "user", "content": "é\"", "b": [1, 2.5, null]}|a+b|x|True"#);
+        assert_eq!(
+            out,
+            r#"{"role": "user", "content": "é\"", "b": [1, 2.5, null]}|a+b|x|True"#
+        );
     }
 }

@@ -1,1 +1,233 @@
-//! generation
+//! A loaded model bundle and the single-sequence generation loop: prefill the
+//! prompt, then sample token by token until a stop token, a stop string, the
+//! token limit or the context limit, streaming UTF-8-safe text as it goes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::chat_template::ChatTemplate;
+use crate::error::EngineError;
+use crate::gguf::GgufFile;
+use crate::model::{KvCache, Model};
+use crate::sampler::{Sampled, Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// A model ready to serve: weights, tokenizer and chat template.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The network.
+    pub model: Model,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template, when it has one.
+    pub chat_template: Option<ChatTemplate>,
+    /// How long loading took.
+    pub load_time: Duration,
+}
+
+impl LoadedModel {
+    /// Opens a GGUF file and prepares everything needed to generate.
+    pub fn open(path: &Path) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let gguf = GgufFile::open(path)?;
+        let model = Model::load(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        if tokenizer.vocab_size() < model.config.vocab_size {
+            return Err(EngineError::Model(format!(
+                "the vocabulary has {} tokens but the output head {} rows",
+                tokenizer.vocab_size(),
+                model.config.vocab_size
+            )));
+        }
+        let text_of = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.token_text(i))
+                .unwrap_or("")
+                .to_string()
+        };
+        let chat_template =
+            ChatTemplate::from_gguf(&gguf, &text_of(tokenizer.bos), &text_of(tokenizer.eos))?;
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+            load_time: start.elapsed(),
+        })
+    }
+
+    /// Tokenises a rendered chat prompt: special tokens are parsed, and BOS is
+    /// added only when the template did not write it already.
+    pub fn encode_chat_prompt(&self, prompt: &str) -> Vec<u32> {
+        let tok = &self.tokenizer;
+        let bos_text = tok.bos.and_then(|b| tok.token_text(b)).unwrap_or("");
+        let starts_with_bos = !bos_text.is_empty() && prompt.starts_with(bos_text);
+        tok.encode(prompt, !starts_with_bos, true)
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// The token limit or the context limit.
+    Length,
+}
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Strings that end the generation; they are not part of the text.
+    pub stop: Vec<String>,
+    /// Extra token ids that end the generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    /// A greedy request for `max_tokens` tokens after `prompt`.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        GenerateRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated token ids (stop tokens excluded).
+    pub tokens: Vec<u32>,
+    /// Generated text, cut before any stop string.
+    pub text: String,
+    /// Per generated token: its log-probability and the top alternatives.
+    pub steps: Vec<Sampled>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Time spent on the prompt.
+    pub prefill_time: Duration,
+    /// Time spent generating after the prompt.
+    pub decode_time: Duration,
+}
+
+/// Generates a continuation of `req.prompt`; `on_text` receives text as soon
+/// as it can no longer be part of a stop string.
+pub fn generate(
+    lm: &LoadedModel,
+    req: &GenerateRequest,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation, EngineError> {
+    let model = &lm.model;
+    let tok = &lm.tokenizer;
+    let vocab = model.config.vocab_size;
+    req.sampling.validate(vocab)?;
+    if req.prompt.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    }
+    let ctx = model.config.context_length;
+    if req.prompt.len() >= ctx {
+        return Err(EngineError::InvalidRequest(format!(
+            "the prompt has {} tokens; the model's context is {ctx}",
+            req.prompt.len()
+        )));
+    }
+    if req.stop.iter().any(String::is_empty) {
+        return Err(EngineError::InvalidRequest(
+            "stop strings must not be empty".into(),
+        ));
+    }
+    let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt);
+    let mut cache = KvCache::new(model);
+    let mut decoder = StreamDecoder::new();
+    let hold_back = req.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
+    let mut out = Generation {
+        tokens: Vec::new(),
+        text: String::new(),
+        steps: Vec::new(),
+        finish_reason: FinishReason::Length,
+        prefill_time: Duration::ZERO,
+        decode_time: Duration::ZERO,
+    };
+    let mut emitted = 0usize;
+    let start = Instant::now();
+    let mut logits = model.forward(&req.prompt, &mut cache, req.prompt.len() - 1)?;
+    out.prefill_time = start.elapsed();
+    let decode_start = Instant::now();
+    let budget = req.max_tokens.min(ctx - req.prompt.len());
+    while out.tokens.len() < budget {
+        let sampled = sampler.sample(&mut logits);
+        let id = sampled.token.id;
+        let is_eog = tok.end_of_generation().contains(&id) && !req.ignore_eos;
+        if is_eog || req.stop_token_ids.contains(&id) {
+            out.finish_reason = FinishReason::Stop;
+            break;
+        }
+        out.tokens.push(id);
+        out.steps.push(sampled);
+        let search_from = out.text.len().saturating_sub(hold_back);
+        out.text.push_str(&decoder.push(tok, id));
+        if let Some(cut) = find_stop(&out.text, search_from, &req.stop) {
+            out.text.truncate(cut);
+            out.finish_reason = FinishReason::Stop;
+            break;
+        }
+        let safe = floor_char_boundary(&out.text, out.text.len().saturating_sub(hold_back));
+        if safe > emitted {
+            on_text(&out.text[emitted..safe]);
+            emitted = safe;
+        }
+        if out.tokens.len() == budget {
+            break;
+        }
+        logits = model.forward(&[id], &mut cache, 0)?;
+    }
+    if out.finish_reason == FinishReason::Length {
+        out.text.push_str(&decoder.finish());
+    }
+    if out.text.len() > emitted {
+        on_text(&out.text[emitted..]);
+    }
+    out.decode_time = decode_start.elapsed();
+    Ok(out)
+}
+
+/// Byte offset where the earliest stop string starts, searching from `from`.
+fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
+    let from = floor_char_boundary(text, from);
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .min()
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_search_finds_the_earliest_match() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(find_stop("abc\n\nxEND", 0, &stops), Some(3));
+        assert_eq!(find_stop("abcEN", 0, &stops), None);
+        assert_eq!(find_stop("héllo END", 2, &stops), Some(7));
+    }
+}

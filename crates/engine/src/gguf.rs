@@ -204,10 +204,14 @@ impl GgufFile {
         let kv_count = cur.u64()?;
         // Each key/value pair needs at least 12 bytes and each tensor info 24.
         if kv_count > (cur.remaining() / 12) as u64 {
-            return Err(gguf_err(format!("metadata count {kv_count} exceeds the file")));
+            return Err(gguf_err(format!(
+                "metadata count {kv_count} exceeds the file"
+            )));
         }
         if tensor_count > (cur.remaining() / 24) as u64 {
-            return Err(gguf_err(format!("tensor count {tensor_count} exceeds the file")));
+            return Err(gguf_err(format!(
+                "tensor count {tensor_count} exceeds the file"
+            )));
         }
         let mut metadata = HashMap::with_capacity(kv_count as usize);
         for _ in 0..kv_count {
@@ -254,7 +258,9 @@ impl GgufFile {
                 elements = elements
                     .checked_mul(d)
                     .filter(|&e| e <= MAX_TENSOR_ELEMENTS)
-                    .ok_or_else(|| gguf_err(format!("tensor {name}: absurd dimensions {dims:?}")))?;
+                    .ok_or_else(|| {
+                        gguf_err(format!("tensor {name}: absurd dimensions {dims:?}"))
+                    })?;
             }
             let block = ty.block_len() as u64;
             if dims[0] % block != 0 {
@@ -265,7 +271,9 @@ impl GgufFile {
             }
             let byte_len = elements / block * ty.block_bytes() as u64;
             if offset % alignment != 0 {
-                return Err(gguf_err(format!("tensor {name}: offset {offset} is not aligned")));
+                return Err(gguf_err(format!(
+                    "tensor {name}: offset {offset} is not aligned"
+                )));
             }
             let start = data_start
                 .checked_add(offset)
@@ -325,7 +333,9 @@ impl GgufFile {
 impl GgufBytes {
     /// The bytes in `range`, or an empty slice when out of bounds.
     pub fn slice(&self, start: usize, len: usize) -> &[u8] {
-        self.as_slice().get(start..start.saturating_add(len)).unwrap_or(&[])
+        self.as_slice()
+            .get(start..start.saturating_add(len))
+            .unwrap_or(&[])
     }
 }
 

@@ -487,8 +487,24 @@ impl Model {
             } else {
                 c.rope_base
             };
-            rope(&mut q, q_dim, c.head_dim, c.rope_dims, base, p0, c.rope_style);
-            rope(&mut k, k_dim, c.head_dim, c.rope_dims, base, p0, c.rope_style);
+            rope(
+                &mut q,
+                q_dim,
+                c.head_dim,
+                c.rope_dims,
+                base,
+                p0,
+                c.rope_style,
+            );
+            rope(
+                &mut k,
+                k_dim,
+                c.head_dim,
+                c.rope_dims,
+                base,
+                p0,
+                c.rope_style,
+            );
             cache.keys[l].extend_from_slice(&k);
             cache.values[l].extend_from_slice(&v);
             let window = if c.layer_sliding[l] {
@@ -510,7 +526,11 @@ impl Model {
                 Activation::GeluTanh => gate
                     .par_chunks_mut(4096)
                     .zip(up.par_chunks(4096))
-                    .for_each(|(g, u)| g.iter_mut().zip(u).for_each(|(g, u)| *g = gelu_tanh(*g) * u)),
+                    .for_each(|(g, u)| {
+                        g.iter_mut()
+                            .zip(u)
+                            .for_each(|(g, u)| *g = gelu_tanh(*g) * u)
+                    }),
                 Activation::Silu => gate
                     .par_chunks_mut(4096)
                     .zip(up.par_chunks(4096))
@@ -525,7 +545,12 @@ impl Model {
         cache.len = p0 + t_len;
         let rows = t_len - logits_from;
         let mut last = vec![0f32; rows * d];
-        rms_norm_rows(&x[logits_from * d..], &mut last, &self.output_norm, c.rms_eps);
+        rms_norm_rows(
+            &x[logits_from * d..],
+            &mut last,
+            &self.output_norm,
+            c.rms_eps,
+        );
         let mut logits = vec![0f32; rows * c.vocab_size];
         matmul(&self.matrix(&self.output), &last, rows, &mut logits);
         Ok(logits)

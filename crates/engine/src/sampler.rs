@@ -1,8 +1,502 @@
-//! Sampling
-/// log softmax
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+//! Turning logits into the next token: logit bias, repetition / presence /
+//! frequency penalties, temperature, top-k, top-p, min-p, a per-request
+//! seeded RNG, and the top log-probabilities of the model's raw distribution.
+
+use std::collections::HashMap;
+
+use crate::error::EngineError;
+
+/// Sampling parameters of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1: off).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0: off).
+    pub min_p: f32,
+    /// Divides positive logits (multiplies negative ones) of tokens already seen (1: off).
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every generated token seen so far.
+    pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit once per occurrence.
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given tokens.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Seed of the request's RNG; `None` draws one.
+    pub seed: Option<u64>,
+    /// How many top log-probabilities to report per step.
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the ranges, naming the offending parameter.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), EngineError> {
+        let bad = |msg: String| Err(EngineError::InvalidRequest(msg));
+        if !self.temperature.is_finite() || !(0.0..=2.0).contains(&self.temperature) {
+            return bad(format!(
+                "temperature must be within [0, 2], got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be within (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be within [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!(
+                "repetition_penalty must be positive, got {}",
+                self.repetition_penalty
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be within [-2, 2], got {v}"));
+            }
+        }
+        for &(id, b) in &self.logit_bias {
+            if id as usize >= vocab_size {
+                return bad(format!(
+                    "logit_bias names token {id}, outside the vocabulary"
+                ));
+            }
+            if !(-100.0..=100.0).contains(&b) {
+                return bad(format!(
+                    "logit_bias values must be within [-100, 100], got {b}"
+                ));
+            }
+        }
+        if self.top_logprobs > 20 {
+            return bad(format!(
+                "top_logprobs must be at most 20, got {}",
+                self.top_logprobs
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A token and its log-probability.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenLogprob {
+    /// Token id.
+    pub id: u32,
+    /// Natural-log probability under the raw distribution.
+    pub logprob: f32,
+}
+
+/// The outcome of one sampling step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    /// The chosen token and its raw log-probability.
+    pub token: TokenLogprob,
+    /// The most likely tokens under the raw distribution, best first.
+    pub top: Vec<TokenLogprob>,
+}
+
+/// xoshiro256** seeded through SplitMix64: small, fast, reproducible.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    /// An RNG whose stream depends only on `seed`.
+    pub fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            x ^ (x >> 31)
+        };
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform float in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Samples tokens for one sequence; keeps the counts the penalties need.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    /// Occurrences of each generated token.
+    generated: HashMap<u32, u32>,
+    /// Tokens of prompt and output, for the repetition penalty.
+    seen: HashMap<u32, ()>,
+    candidates: Vec<(u32, f32)>,
+    raw_logits: Vec<f32>,
+}
+
+impl Sampler {
+    /// A sampler for a sequence whose prompt is `prompt`.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(random_seed);
+        let seen = prompt.iter().map(|&t| (t, ())).collect();
+        Sampler {
+            rng: Rng::new(seed),
+            params,
+            generated: HashMap::new(),
+            seen,
+            candidates: Vec::new(),
+            raw_logits: Vec::new(),
+        }
+    }
+
+    /// The parameters in use.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (modified in place) and records it.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+        let top = top_logprobs(logits, self.params.top_logprobs);
+        let raw_lse = log_sum_exp(logits);
+        self.raw_logits.clear();
+        self.raw_logits.extend_from_slice(logits);
+        let p = &self.params;
+        for &(id, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            for &id in self.seen.keys() {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&id, &n) in &self.generated {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let id = if p.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.sample_stochastic(logits)
+        };
+        let logprob = (self.raw_logits[id as usize] as f64 - raw_lse) as f32;
+        self.accept(id);
+        Sampled {
+            token: TokenLogprob { id, logprob },
+            top,
+        }
+    }
+
+    fn sample_stochastic(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
+        if p.top_k > 0 && p.top_k < c.len() {
+            c.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+            c.truncate(p.top_k);
+        }
+        let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f64;
+        for x in c.iter_mut() {
+            x.1 = (x.1 - max).exp();
+            sum += x.1 as f64;
+        }
+        if p.min_p > 0.0 {
+            // The largest weight is exp(0) = 1.
+            let floor = p.min_p;
+            c.retain(|x| x.1 >= floor);
+            sum = c.iter().map(|x| x.1 as f64).sum();
+        }
+        if p.top_p < 1.0 {
+            c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+            let target = p.top_p as f64 * sum;
+            let mut acc = 0f64;
+            let mut keep = c.len();
+            for (i, x) in c.iter().enumerate() {
+                acc += x.1 as f64;
+                if acc >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+            sum = acc.min(sum);
+        }
+        let mut r = self.rng.next_f64() * sum;
+        for x in c.iter() {
+            r -= x.1 as f64;
+            if r < 0.0 {
+                return x.0;
+            }
+        }
+        c.last().map_or(0, |x| x.0)
+    }
+
+    fn accept(&mut self, id: u32) {
+        *self.generated.entry(id).or_insert(0) += 1;
+        self.seen.insert(id, ());
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// Index of the largest logit (first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    best as u32
+}
+
+/// log(sum(exp(logits))), computed stably in f64.
+pub fn log_sum_exp(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
+    max as f64 + sum.ln()
+}
+
+/// Log-probabilities of all tokens (softmax of the logits, in log space).
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(logits);
     logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
+}
+
+/// The `k` most likely tokens with their log-probabilities, best first,
+/// found by partial selection (the vocabulary is never sorted).
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<TokenLogprob> {
+    if k == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let lse = log_sum_exp(logits);
+    let k = k.min(logits.len());
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if best.len() < k || l > best[best.len() - 1].1 {
+            let pos = best.partition_point(|x| x.1 >= l);
+            best.insert(pos, (i as u32, l));
+            best.truncate(k);
+        }
+    }
+    best.into_iter()
+        .map(|(id, l)| TokenLogprob {
+            id,
+            logprob: (l as f64 - lse) as f32,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.5, -1.0, 0.0, 2.9]
+    }
+
+    fn draw(params: SamplingParams, n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params, &[]);
+        (0..n).map(|_| s.sample(&mut logits()).token.id).collect()
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_raw_logprob() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_logprobs: 3,
+                ..SamplingParams::greedy()
+            },
+            &[],
+        );
+        let out = s.sample(&mut logits());
+        let lp = log_softmax(&logits());
+        assert_eq!(out.token.id, 1);
+        assert!((out.token.logprob - lp[1]).abs() < 1e-6);
+        assert_eq!(
+            out.top.iter().map(|t| t.id).collect::<Vec<_>>(),
+            vec![1, 5, 2]
+        );
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_different_draws() {
+        let p = |seed| SamplingParams {
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        assert_eq!(draw(p(7), 64), draw(p(7), 64));
+        assert_ne!(draw(p(7), 64), draw(p(8), 64));
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_restrict_the_support() {
+        let base = SamplingParams {
+            seed: Some(1),
+            temperature: 1.5,
+            ..SamplingParams::default()
+        };
+        let k2 = draw(
+            SamplingParams {
+                top_k: 2,
+                ..base.clone()
+            },
+            200,
+        );
+        assert!(k2.iter().all(|&t| t == 1 || t == 5));
+        let p = draw(
+            SamplingParams {
+                top_p: 0.01,
+                ..base.clone()
+            },
+            50,
+        );
+        assert!(p.iter().all(|&t| t == 1));
+        let m = draw(
+            SamplingParams {
+                min_p: 0.5,
+                temperature: 1.0,
+                ..base.clone()
+            },
+            200,
+        );
+        assert!(m.iter().all(|&t| t == 1 || t == 5 || t == 2), "{m:?}");
+        let all = draw(base, 400);
+        assert!(
+            all.contains(&0) && all.contains(&4),
+            "high temperature reaches unlikely tokens"
+        );
+    }
+
+    #[test]
+    fn bias_and_penalties_move_the_choice() {
+        let biased = draw(
+            SamplingParams {
+                logit_bias: vec![(3, 100.0)],
+                ..SamplingParams::greedy()
+            },
+            3,
+        );
+        assert_eq!(biased, vec![3, 3, 3]);
+        // Presence penalty: each pick is penalised once, so greedy walks down the ranking.
+        let walk = draw(
+            SamplingParams {
+                presence_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            3,
+        );
+        assert_eq!(walk, vec![1, 5, 2]);
+        let freq = draw(
+            SamplingParams {
+                frequency_penalty: 0.6,
+                ..SamplingParams::greedy()
+            },
+            4,
+        );
+        assert_eq!(freq, vec![1, 5, 2, 1]);
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            &[1],
+        );
+        assert_eq!(s.sample(&mut logits()).token.id, 5);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let err = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        }
+        .validate(10)
+        .unwrap_err();
+        assert!(err.to_string().contains("top_p"));
+        let err = SamplingParams {
+            logit_bias: vec![(10, 1.0)],
+            ..SamplingParams::default()
+        }
+        .validate(10)
+        .unwrap_err();
+        assert!(err.to_string().contains("logit_bias"));
+        assert!(SamplingParams::default().validate(10).is_ok());
+    }
 }

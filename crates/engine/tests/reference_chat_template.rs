@@ -2,6 +2,9 @@
 //! (`../shared/reference/qwen2.5-coder-0.5b-instruct/chat_template.jsonl`),
 //! and their token counts equal what llama.cpp reports as prompt tokens.
 
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use neocloud_engine::chat_template::ChatTemplate;
@@ -13,16 +16,24 @@ fn qwen_chat_prompts_match_llama_cpp() {
     let name = "qwen2.5-coder-0.5b-instruct";
     let gguf = GgufFile::open(&common::model_path(name)).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let template = ChatTemplate::from_gguf(&gguf, "", "<|im_end|>").unwrap().unwrap();
+    let template = ChatTemplate::from_gguf(&gguf, "", "<|im_end|>")
+        .unwrap()
+        .unwrap();
     let lines = neocloud_testkit::reference_lines(name, "chat_template.jsonl");
     assert!(!lines.is_empty());
     for line in lines {
         let req = &line["request"];
         let messages = req["messages"].as_array().unwrap();
-        let tools = req.get("tools").and_then(|t| t.as_array()).map(|t| t.as_slice());
+        let tools = req
+            .get("tools")
+            .and_then(|t| t.as_array())
+            .map(|t| t.as_slice());
         let prompt = template.render(messages, tools, true).unwrap();
         assert_eq!(prompt, line["prompt"].as_str().unwrap(), "request {req}");
         let tokens = tok.encode(&prompt, true, true);
-        assert_eq!(tokens.len() as u64, line["prompt_token_count"].as_u64().unwrap());
+        assert_eq!(
+            tokens.len() as u64,
+            line["prompt_token_count"].as_u64().unwrap()
+        );
     }
 }

@@ -2,6 +2,9 @@
 //! llama.cpp's (`../shared/reference/*/greedy.jsonl`), under the rule of that
 //! folder's README.
 
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use neocloud_engine::model::KvCache;
@@ -13,7 +16,11 @@ fn check_model(name: &str) {
     let mut failures = Vec::new();
     for (li, line) in lines.iter().enumerate() {
         let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect()
         };
         let prompt = ids(&line["prompt_tokens"]);
         let completion = ids(&line["tokens"]);
@@ -40,7 +47,12 @@ fn check_model(name: &str) {
             let top = step["top"].as_array().unwrap();
             let ref_lp: Vec<(u32, f64)> = top
                 .iter()
-                .map(|t| (t["id"].as_u64().unwrap() as u32, t["logprob"].as_f64().unwrap()))
+                .map(|t| {
+                    (
+                        t["id"].as_u64().unwrap() as u32,
+                        t["logprob"].as_f64().unwrap(),
+                    )
+                })
                 .collect();
             for &(id, want) in &ref_lp {
                 let d = (lp[id as usize] as f64 - want).abs();
@@ -68,7 +80,9 @@ fn check_model(name: &str) {
             prompt.len()
         );
         if mean > 0.25 {
-            failures.push(format!("{name} prompt {li}: mean difference {mean:.4} > 0.25"));
+            failures.push(format!(
+                "{name} prompt {li}: mean difference {mean:.4} > 0.25"
+            ));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");

@@ -1,6 +1,9 @@
 //! Tokenisation equals llama.cpp's on every line of
 //! `../shared/reference/*/tokenize.jsonl`, for both models.
 
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use neocloud_engine::gguf::GgufFile;
@@ -32,13 +35,22 @@ fn check_model(name: &str) {
             let mut dec = StreamDecoder::new();
             let mut out: String = got.iter().map(|&id| dec.push(&tok, id)).collect();
             out.push_str(&dec.finish());
-            let out = out.strip_prefix(' ').filter(|_| tok.adds_space_prefix()).unwrap_or(&out);
+            let out = out
+                .strip_prefix(' ')
+                .filter(|_| tok.adds_space_prefix())
+                .unwrap_or(&out);
             if out != text {
                 failures.push(format!("detokenised {text:?} as {out:?}"));
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} lines differ:\n{}", failures.len(), lines.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} lines differ:\n{}",
+        failures.len(),
+        lines.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

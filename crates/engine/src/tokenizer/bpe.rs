@@ -112,7 +112,9 @@ pub(super) fn encode_word(
         add(&mut queue, &len, Some(i - 1), Some(i));
     }
     while let Some(m) = queue.pop() {
-        if len[m.left] == 0 || len[m.right] == 0 || len[m.left] + len[m.right] != m.merged_len
+        if len[m.left] == 0
+            || len[m.right] == 0
+            || len[m.left] + len[m.right] != m.merged_len
             || next[m.left] != Some(m.right)
         {
             continue;

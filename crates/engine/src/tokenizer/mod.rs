@@ -121,12 +121,22 @@ impl Tokenizer {
         if n == 0 || n > u32::MAX as usize {
             return Err(EngineError::Tokenizer("empty vocabulary".into()));
         }
-        let scores = match gguf.meta("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+        let scores = match gguf
+            .meta("tokenizer.ggml.scores")
+            .and_then(|v| v.as_array())
+        {
             Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-            Some(_) => return Err(EngineError::Tokenizer("scores and tokens differ in length".into())),
+            Some(_) => {
+                return Err(EngineError::Tokenizer(
+                    "scores and tokens differ in length".into(),
+                ))
+            }
             None => vec![0.0; n],
         };
-        let kinds = match gguf.meta("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+        let kinds = match gguf
+            .meta("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
             Some(a) if a.len() == n => a
                 .iter()
                 .map(|v| TokenKind::from_id(v.as_f64().unwrap_or(1.0) as i64))
@@ -142,9 +152,8 @@ impl Tokenizer {
         for (i, t) in tokens.iter().enumerate() {
             token_to_id.entry(t.clone()).or_insert(i as u32);
         }
-        let flag = |key: &str, default: bool| {
-            gguf.meta(key).and_then(|v| v.as_bool()).unwrap_or(default)
-        };
+        let flag =
+            |key: &str, default: bool| gguf.meta(key).and_then(|v| v.as_bool()).unwrap_or(default);
         let pre_name = gguf
             .meta("tokenizer.ggml.pre")
             .and_then(|v| v.as_str())
@@ -156,8 +165,9 @@ impl Tokenizer {
                 let pre = PreTokenizer::from_name(&pre_name).ok_or_else(|| {
                     EngineError::Tokenizer(format!("pre-tokenizer {pre_name:?} is not supported"))
                 })?;
-                let merges = string_array(gguf, "tokenizer.ggml.merges")?
-                    .ok_or_else(|| EngineError::Tokenizer("tokenizer.ggml.merges is missing".into()))?;
+                let merges = string_array(gguf, "tokenizer.ggml.merges")?.ok_or_else(|| {
+                    EngineError::Tokenizer("tokenizer.ggml.merges is missing".into())
+                })?;
                 let mut ranks = HashMap::with_capacity(merges.len());
                 for (rank, m) in merges.iter().enumerate() {
                     let Some((l, r)) = m.split_once(' ') else {
@@ -168,7 +178,15 @@ impl Tokenizer {
                     }
                 }
                 let ignore_merges = pre == PreTokenizer::Llama3;
-                (Algorithm::Bpe { pre, ranks, ignore_merges }, false, false)
+                (
+                    Algorithm::Bpe {
+                        pre,
+                        ranks,
+                        ignore_merges,
+                    },
+                    false,
+                    false,
+                )
             }
             other => {
                 return Err(EngineError::Tokenizer(format!(
@@ -393,7 +411,10 @@ impl Tokenizer {
 
     /// Text of a whole token sequence (control tokens omitted unless `special`).
     pub fn decode(&self, ids: &[u32], special: bool) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id, special)).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.token_bytes(id, special))
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 

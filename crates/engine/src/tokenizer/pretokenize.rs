@@ -8,6 +8,9 @@
 
 use unicode_general_category::{get_general_category, GeneralCategory as G};
 
+/// Length in chars of a match starting at a position, if any.
+type Matcher = fn(&[char], usize) -> Option<usize>;
+
 /// Which pre-tokenizer a vocabulary uses (`tokenizer.ggml.pre`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreTokenizer {
@@ -33,7 +36,7 @@ impl PreTokenizer {
     /// Splits `text` into words.
     pub fn split<'a>(&self, text: &'a str) -> Vec<&'a str> {
         let mut pieces = vec![text];
-        let matchers: &[fn(&[char], usize) -> Option<usize>] = match self {
+        let matchers: &[Matcher] = match self {
             PreTokenizer::Qwen2 => &[qwen2],
             PreTokenizer::Llama3 => &[llama3],
             PreTokenizer::Gpt2 => &[punctuation_run, gpt2, digit_run, digit_triple],
@@ -45,7 +48,7 @@ impl PreTokenizer {
     }
 }
 
-fn split_by(text: &str, matcher: fn(&[char], usize) -> Option<usize>) -> Vec<&str> {
+fn split_by(text: &str, matcher: Matcher) -> Vec<&str> {
     let chars: Vec<char> = text.chars().collect();
     let mut offsets: Vec<usize> = text.char_indices().map(|(o, _)| o).collect();
     offsets.push(text.len());
@@ -74,7 +77,11 @@ fn split_by(text: &str, matcher: fn(&[char], usize) -> Option<usize>) -> Vec<&st
 fn is_letter(c: char) -> bool {
     matches!(
         get_general_category(c),
-        G::UppercaseLetter | G::LowercaseLetter | G::TitlecaseLetter | G::ModifierLetter | G::OtherLetter
+        G::UppercaseLetter
+            | G::LowercaseLetter
+            | G::TitlecaseLetter
+            | G::ModifierLetter
+            | G::OtherLetter
     )
 }
 
@@ -123,7 +130,9 @@ fn contraction(chars: &[char], i: usize, any_case: bool) -> Option<usize> {
         return None;
     }
     let at = |k: usize| {
-        chars.get(i + k).map(|&c| if any_case { c.to_ascii_lowercase() } else { c })
+        chars
+            .get(i + k)
+            .map(|&c| if any_case { c.to_ascii_lowercase() } else { c })
     };
     match (at(1), at(2)) {
         (Some('s' | 't' | 'm' | 'd'), _) => Some(2),
@@ -218,7 +227,8 @@ fn gpt2(chars: &[char], i: usize) -> Option<usize> {
 
 /// `[\p{P}\$\+<=>\^~\|]+`
 fn punctuation_run(chars: &[char], i: usize) -> Option<usize> {
-    let p = |c: char| is_punctuation(c) || matches!(c, '$' | '+' | '<' | '=' | '>' | '^' | '~' | '|');
+    let p =
+        |c: char| is_punctuation(c) || matches!(c, '$' | '+' | '<' | '=' | '>' | '^' | '~' | '|');
     let end = run(chars, i, p);
     (end > i).then_some(end - i)
 }
@@ -261,6 +271,10 @@ mod tests {
 
     #[test]
     fn gpt2_default_splits_punctuation_first() {
-        check(PreTokenizer::Gpt2, "Hello, world 12345", &["Hello", ",", " world", " ", "123", "45"]);
+        check(
+            PreTokenizer::Gpt2,
+            "Hello, world 12345",
+            &["Hello", ",", " world", " ", "123", "45"],
+        );
     }
 }

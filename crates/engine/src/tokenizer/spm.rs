@@ -50,8 +50,8 @@ pub(super) fn encode<'a>(tok: &Tokenizer, text: &'a str, out: &mut Vec<u32>) {
         });
     }
     let n = symbols.len();
-    for i in 0..n.saturating_sub(1) {
-        symbols[i].next = Some(i + 1);
+    for (i, s) in symbols.iter_mut().enumerate() {
+        s.next = (i + 1 < n).then_some(i + 1);
     }
     let mut queue = BinaryHeap::new();
     let mut merged_from: HashMap<&'a str, (usize, usize)> = HashMap::new();
@@ -118,8 +118,24 @@ fn resegment(
     match merged_from.get(piece) {
         Some(&(l, r)) => {
             let (ls, rs) = (symbols[l], symbols[r]);
-            resegment(tok, text, symbols, merged_from, ls.start, rs.start - ls.start, out);
-            resegment(tok, text, symbols, merged_from, rs.start, start + len - rs.start, out);
+            resegment(
+                tok,
+                text,
+                symbols,
+                merged_from,
+                ls.start,
+                rs.start - ls.start,
+                out,
+            );
+            resegment(
+                tok,
+                text,
+                symbols,
+                merged_from,
+                rs.start,
+                start + len - rs.start,
+                out,
+            );
         }
         None => {
             for &b in piece.as_bytes() {

@@ -4,14 +4,14 @@
 use std::path::PathBuf;
 
 use neocloud_engine::model::Model;
+use neocloud_engine::model_source::ModelStore;
 use neocloud_engine::tokenizer::Tokenizer;
 
-/// Path of a catalogue model, pulling it into the cache if needed.
+/// Path of a catalogue model, pulling it into the cache (`$NEOCLOUD_HOME`) if needed.
 pub fn model_path(name: &str) -> PathBuf {
-    match name {
-        "gemma-3-270m" => PathBuf::from("/tmp/gemma.gguf"),
-        _ => PathBuf::from("/tmp/qwen.gguf"),
-    }
+    ModelStore::from_env()
+        .pull(name, &mut |msg| eprintln!("{msg}"))
+        .unwrap_or_else(|e| panic!("pulling {name}: {e}"))
 }
 
 /// Loads a catalogue model and its tokenizer.

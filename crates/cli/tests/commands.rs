@@ -1,0 +1,137 @@
+//! The `neocloud` binary end to end on the real models: pull, tokenize and
+//! generate, as a user runs them.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+fn neocloud(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_neocloud"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "neocloud {args:?} failed: {stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn pull_prints_the_cached_path_and_is_idempotent() {
+    let (first, _) = neocloud(&["pull", "gemma-3-270m"]);
+    let path = first.trim();
+    assert!(path.ends_with("gemma-3-270m-q4_k_m.gguf"), "{path}");
+    assert_eq!(std::fs::metadata(path).unwrap().len(), 253_113_024);
+    let (second, _) = neocloud(&["pull", "gemma-3-270m"]);
+    assert_eq!(first, second);
+}
+
+#[test]
+fn tokenize_matches_the_reference() {
+    let lines = neocloud_testkit::reference_lines("qwen2.5-coder-0.5b-instruct", "tokenize.jsonl");
+    let line = lines
+        .iter()
+        .find(|l| {
+            l["text"].as_str().unwrap().contains("<|im_start|>") && l["parse_special"] == true
+        })
+        .unwrap();
+    let (out, _) = neocloud(&[
+        "tokenize",
+        "--model",
+        "qwen2.5-coder-0.5b-instruct",
+        line["text"].as_str().unwrap(),
+    ]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["tokens"], line["tokens"]);
+    let plain = lines
+        .iter()
+        .find(|l| {
+            l["text"] == line["text"] && l["parse_special"] == false && l["add_special"] == false
+        })
+        .unwrap();
+    let (out, _) = neocloud(&[
+        "tokenize",
+        "--model",
+        "qwen2.5-coder-0.5b-instruct",
+        "--no-parse-special",
+        line["text"].as_str().unwrap(),
+    ]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["tokens"], plain["tokens"]);
+}
+
+#[test]
+fn greedy_generation_continues_like_the_reference() {
+    let reference = &neocloud_testkit::reference_lines("gemma-3-270m", "greedy.jsonl")[0];
+    assert_eq!(reference["prompt"], "The meaning of life is");
+    let (out, _) = neocloud(&[
+        "generate",
+        "--model",
+        "gemma-3-270m",
+        "--prompt",
+        "The meaning of life is",
+        "--max-tokens",
+        "32",
+        "--temperature",
+        "0",
+        "--logprobs",
+        "5",
+        "--json",
+    ]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["prompt_tokens"], reference["prompt_tokens"]);
+    let want_text = reference["completion"].as_str().unwrap();
+    let text = got["text"].as_str().unwrap();
+    let common = text
+        .chars()
+        .zip(want_text.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        common >= 20,
+        "continuation {text:?} does not start like {want_text:?}"
+    );
+    let steps = got["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), got["tokens"].as_array().unwrap().len());
+    assert_eq!(steps[0]["top"].as_array().unwrap().len(), 5);
+    let ref_lp = reference["steps"][0]["logprob"].as_f64().unwrap();
+    assert!((steps[0]["logprob"].as_f64().unwrap() - ref_lp).abs() < 0.25);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let run = |seed: &str| {
+        neocloud(&[
+            "generate",
+            "--model",
+            "gemma-3-270m",
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--json",
+        ])
+        .0
+    };
+    let a: serde_json::Value = serde_json::from_str(&run("42")).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&run("42")).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&run("43")).unwrap();
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert_ne!(a["tokens"], c["tokens"]);
+}
+
+#[test]
+fn a_bad_model_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_neocloud"))
+        .args(["generate", "--model", "/nonexistent.gguf", "--prompt", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("neither a catalogue model"), "{err}");
+}
