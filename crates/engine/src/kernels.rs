@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::integer_dot::{self, QuantizedRow};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
 /// The instruction set the kernels use on this CPU.
@@ -99,14 +100,22 @@ impl QMatrix<'_> {
 
     /// Expands row `r` into `out` (`out.len() == cols`).
     pub fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
-        dequantize_row_unchecked(self.ty, self.row(r), out);
+        match simd_level() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 and FMA were detected.
+            SimdLevel::Avx2 => unsafe { avx2::dequantize_row(self.ty, self.row(r), out) },
+            _ => dequantize_row_unchecked(self.ty, self.row(r), out),
+        }
     }
 }
 
 /// Weight rows dequantised together and reused across all activation rows.
 const TILE_ROWS: usize = 4;
-/// Activation rows handled per task when a product is split by rows.
-const ROWS_PER_TASK: usize = 8;
+/// Most activation rows handled per task when a product is split by rows:
+/// each task dequantises every weight tile once for all its rows, so larger
+/// blocks amortise dequantisation, while the block of activations stays in
+/// the core's L2 cache.
+const MAX_ROWS_PER_TASK: usize = 64;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -121,6 +130,10 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(out.len(), m * n);
+    if m <= MAX_INT8_ROWS && integer_dot::supports(w.ty) && k % integer_dot::ACT_BLOCK == 0 {
+        integer_product(w, x, m, out);
+        return;
+    }
     if m == 1 {
         let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
         out.par_chunks_mut(cols_per_task)
@@ -133,14 +146,64 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
             });
         return;
     }
-    out.par_chunks_mut(ROWS_PER_TASK * n)
-        .zip(x.par_chunks(ROWS_PER_TASK * k))
+    let rows_per_task = m
+        .div_ceil(rayon::current_num_threads())
+        .clamp(1, MAX_ROWS_PER_TASK);
+    out.par_chunks_mut(rows_per_task * n)
+        .zip(x.par_chunks(rows_per_task * k))
         .for_each(|(out_rows, x_rows)| {
             let rows = x_rows.len() / k;
             with_scratch(TILE_ROWS * k, |tile| {
                 tile_product(w, 0, n, x_rows, rows, out_rows, n, tile);
             });
         });
+}
+
+/// Small batches (decode, short prompts) multiply with integer activations:
+/// reading the weights dominates, and the integer path never expands them.
+const MAX_INT8_ROWS: usize = 8;
+
+fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    let rows: Vec<QuantizedRow> = x
+        .chunks_exact(k)
+        .map(|r| {
+            let mut q = QuantizedRow::default();
+            q.quantize(r);
+            q
+        })
+        .collect();
+    let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
+    if m == 1 {
+        out.par_chunks_mut(cols_per_task)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                let n0 = t * cols_per_task;
+                for (j, o) in chunk.iter_mut().enumerate() {
+                    *o = dot_row_q8(w.ty, w.row(n0 + j), &rows[0]);
+                }
+            });
+        return;
+    }
+    // Column-major scratch (n x m) so that tasks own disjoint slices.
+    let mut transposed = vec![0f32; n * m];
+    transposed
+        .par_chunks_mut(cols_per_task * m)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let n0 = t * cols_per_task;
+            for (j, col) in chunk.chunks_exact_mut(m).enumerate() {
+                let wr = w.row(n0 + j);
+                for (o, xr) in col.iter_mut().zip(&rows) {
+                    *o = dot_row_q8(w.ty, wr, xr);
+                }
+            }
+        });
+    for (j, col) in transposed.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
+        }
+    }
 }
 
 fn with_scratch(len: usize, f: impl FnOnce(&mut [f32])) {
@@ -195,6 +258,17 @@ fn tile_product(
     }
 }
 
+/// Dot of a quantised weight row with an integer-quantised activation row.
+#[inline]
+fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected.
+        SimdLevel::Avx2 => unsafe { avx2::dot_row_q8(ty, row, x) },
+        _ => integer_dot::dot_row_q8(ty, row, x),
+    }
+}
+
 /// Dots of two activation rows with four weight rows (`tile` holds 4 x `k`).
 #[inline]
 fn dot_2x4(x0: &[f32], x1: &[f32], tile: &[f32], k: usize) -> [[f32; 4]; 2] {
@@ -219,6 +293,31 @@ fn dot_2x4_portable(x0: &[f32], x1: &[f32], tile: &[f32], k: usize) -> [[f32; 4]
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    use crate::quant::{dequantize_row_unchecked, TensorType};
+
+    /// The integer dot product, compiled with AVX2 so its loops vectorise.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_row_q8(
+        ty: TensorType,
+        row: &[u8],
+        x: &crate::integer_dot::QuantizedRow,
+    ) -> f32 {
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        unsafe { crate::integer_dot_avx2::dot_row_q8(ty, row, x) }
+    }
+
+    /// The portable dequantisation, compiled with AVX2 so its loops vectorise.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dequantize_row(ty: TensorType, bytes: &[u8], out: &mut [f32]) {
+        dequantize_row_unchecked(ty, bytes, out)
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]

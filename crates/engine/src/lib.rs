@@ -10,6 +10,9 @@ pub mod chat_template;
 pub mod error;
 pub mod generation;
 pub mod gguf;
+pub mod integer_dot;
+#[cfg(target_arch = "x86_64")]
+mod integer_dot_avx2;
 pub mod kernels;
 pub mod model;
 pub mod model_source;

@@ -158,13 +158,13 @@ pub fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
-#[inline]
+#[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
 /// Expands one block of `ty` into `out` (`out.len() == ty.block_len()`).
-#[inline]
+#[inline(always)]
 fn dequantize_block(ty: TensorType, b: &[u8], out: &mut [f32]) {
     match ty {
         TensorType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
@@ -261,7 +261,7 @@ fn dequantize_block(ty: TensorType, b: &[u8], out: &mut [f32]) {
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K super-block.
-#[inline]
+#[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -296,7 +296,7 @@ pub fn dequantize_row(ty: TensorType, bytes: &[u8], out: &mut [f32]) -> Result<(
 }
 
 /// As [`dequantize_row`], for callers that validated the shapes already.
-#[inline]
+#[inline(always)]
 pub(crate) fn dequantize_row_unchecked(ty: TensorType, bytes: &[u8], out: &mut [f32]) {
     if ty == TensorType::F32 {
         for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {

@@ -10,7 +10,16 @@ mod common;
 use neocloud_engine::model::KvCache;
 use neocloud_engine::sampler::log_softmax;
 
-fn check_model(name: &str) {
+/// How the teacher-forced tokens go through the model.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Prompt and reference tokens in one batched forward pass (prefill path).
+    Batched,
+    /// The prompt first, then the reference tokens one at a time (decode path).
+    Incremental,
+}
+
+fn check_model(name: &str, mode: Mode) {
     let (model, _tok) = common::load(name);
     let lines = neocloud_testkit::reference_lines(name, "greedy.jsonl");
     let mut failures = Vec::new();
@@ -28,8 +37,20 @@ fn check_model(name: &str) {
         let mut input = prompt.clone();
         input.extend(&completion[..completion.len() - 1]);
         let mut cache = KvCache::new(&model);
-        let logits = model.forward(&input, &mut cache, prompt.len() - 1).unwrap();
         let vocab = model.config.vocab_size;
+        let logits = match mode {
+            Mode::Batched => model.forward(&input, &mut cache, prompt.len() - 1).unwrap(),
+            Mode::Incremental => {
+                let mut all = model
+                    .forward(&prompt, &mut cache, prompt.len() - 1)
+                    .unwrap();
+                for &t in &completion[..completion.len() - 1] {
+                    all.extend(model.forward(&[t], &mut cache, 0).unwrap());
+                }
+                all
+            }
+        };
+        assert_eq!(logits.len(), completion.len() * vocab);
         let mut total_diff = 0f64;
         let mut count = 0usize;
         let mut max_diff = 0f64;
@@ -69,14 +90,14 @@ fn check_model(name: &str) {
                 .unwrap();
             if margin >= 0.25 && ours != ref_lp[0].0 {
                 failures.push(format!(
-                    "{name} prompt {li} step {i}: top-1 {ours} != {} (margin {margin:.3})",
+                    "{name} {mode:?} prompt {li} step {i}: top-1 {ours} != {} (margin {margin:.3})",
                     ref_lp[0].0
                 ));
             }
         }
         let mean = total_diff / count as f64;
         eprintln!(
-            "{name} prompt {li} ({} prompt tokens): mean |dlogprob| {mean:.4}, max {max_diff:.4}",
+            "{name} {mode:?} prompt {li} ({} prompt tokens): mean |dlogprob| {mean:.4}, max {max_diff:.4}",
             prompt.len()
         );
         if mean > 0.25 {
@@ -89,11 +110,21 @@ fn check_model(name: &str) {
 }
 
 #[test]
-fn gemma_3_270m_agrees_with_llama_cpp() {
-    check_model("gemma-3-270m");
+fn gemma_3_270m_batched_agrees_with_llama_cpp() {
+    check_model("gemma-3-270m", Mode::Batched);
 }
 
 #[test]
-fn qwen2_5_coder_0_5b_agrees_with_llama_cpp() {
-    check_model("qwen2.5-coder-0.5b-instruct");
+fn gemma_3_270m_incremental_agrees_with_llama_cpp() {
+    check_model("gemma-3-270m", Mode::Incremental);
+}
+
+#[test]
+fn qwen2_5_coder_0_5b_batched_agrees_with_llama_cpp() {
+    check_model("qwen2.5-coder-0.5b-instruct", Mode::Batched);
+}
+
+#[test]
+fn qwen2_5_coder_0_5b_incremental_agrees_with_llama_cpp() {
+    check_model("qwen2.5-coder-0.5b-instruct", Mode::Incremental);
 }

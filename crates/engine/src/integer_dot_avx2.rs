@@ -1,0 +1,224 @@
+//! AVX2 versions of the integer dot products in [`crate::integer_dot`]: weight
+//! blocks are unpacked to bytes in registers, widened to 16 bits and
+//! multiplied with `madd`; scales apply once per group of 32 (or 16) values.
+
+use std::arch::x86_64::*;
+
+use crate::integer_dot::{QuantizedRow, ACT_BLOCK};
+use crate::quant::{f16_to_f32, TensorType, QK_K};
+
+#[inline(always)]
+fn f16(b: &[u8], i: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+/// Products of 32 weight bytes (signed, or unsigned below 128) with 32 int16
+/// activations: i32 lane `j` holds the sum over values `4j..4j+4`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn dot_i8_i16(w: __m256i, x: &[i16]) -> __m256i {
+    assert!(x.len() >= 32);
+    // SAFETY: the assertion guarantees 32 readable i16 values.
+    let (x0, x1) = unsafe {
+        (
+            _mm256_loadu_si256(x.as_ptr().cast()),
+            _mm256_loadu_si256(x.as_ptr().add(16).cast()),
+        )
+    };
+    let w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+    let w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
+    // Pair sums: p0 lane j covers values 2j, 2j+1; p1 the same from value 16.
+    let p0 = _mm256_madd_epi16(w0, x0);
+    let p1 = _mm256_madd_epi16(w1, x1);
+    // hadd works within 128-bit halves: [p0 0-7, p1 0-7 | p0 8-15, p1 8-15] in values.
+    let h = _mm256_hadd_epi32(p0, p1);
+    // Put the 64-bit chunks back in value order.
+    _mm256_permute4x64_epi64::<0b11_01_10_00>(h)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn load32(b: &[u8]) -> __m256i {
+    assert!(b.len() >= 32);
+    // SAFETY: the assertion guarantees 32 readable bytes; loadu has no alignment needs.
+    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
+}
+
+/// 16 packed nibble bytes -> 32 bytes: low nibbles first, then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn nibbles_16(b: &[u8]) -> __m256i {
+    assert!(b.len() >= 16);
+    // SAFETY: the assertion guarantees 16 readable bytes.
+    let v = unsafe { _mm_loadu_si128(b.as_ptr().cast()) };
+    let m = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(v, m);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Byte `e` is 0xFF when bit `e` of `bits` is set.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn bits_to_bytes(bits: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0x0000_0000_0000_0000,
+        ),
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+}
+
+/// Dot product of a weight row with a quantised activation row (AVX2).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
+    match ty {
+        TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q5_0 => dot_legacy(ty, row, x),
+        TensorType::Q4K | TensorType::Q5K => dot_q45k(ty, row, x),
+        TensorType::Q6K => dot_q6k(row, x),
+        TensorType::F32 | TensorType::F16 | TensorType::BF16 => 0.0,
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn dot_legacy(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (i, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
+        let w = match ty {
+            TensorType::Q8_0 => load32(&blk[2..]),
+            TensorType::Q4_0 => _mm256_sub_epi8(nibbles_16(&blk[2..]), _mm256_set1_epi8(8)),
+            _ => {
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let high = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+                let q = _mm256_or_si256(nibbles_16(&blk[6..]), high);
+                _mm256_sub_epi8(q, _mm256_set1_epi8(16))
+            }
+        };
+        let p = _mm256_cvtepi32_ps(dot_i8_i16(w, &x.q[i * ACT_BLOCK..]));
+        let scale = _mm256_set1_ps(f16(blk, 0) * x.d[i]);
+        acc = _mm256_fmadd_ps(scale, p, acc);
+    }
+    hsum(acc)
+}
+
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn dot_q45k(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
+    let five = ty == TensorType::Q5K;
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0f32;
+    let m4 = _mm256_set1_epi8(0x0f);
+    for (sb, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
+        let d = f16(blk, 0);
+        let dmin = f16(blk, 2);
+        let scales = &blk[4..16];
+        let (qs, qh) = if five {
+            (&blk[48..176], Some(load32(&blk[16..48])))
+        } else {
+            (&blk[16..144], None)
+        };
+        let a0 = sb * (QK_K / ACT_BLOCK);
+        for c in 0..4 {
+            let q = load32(&qs[c * 32..]);
+            let mut lo = _mm256_and_si256(q, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+            if let Some(qh) = qh {
+                let bit = |k: usize| {
+                    let mask = _mm256_set1_epi8((1u8 << k) as i8);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, mask), mask);
+                    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+                };
+                lo = _mm256_or_si256(lo, bit(2 * c));
+                hi = _mm256_or_si256(hi, bit(2 * c + 1));
+            }
+            for (s, w) in [(0, lo), (1, hi)] {
+                let sub = 2 * c + s;
+                let (sc, m) = scale_min_k4(sub, scales);
+                let ab = a0 + sub;
+                let dx = x.d[ab];
+                let p = _mm256_cvtepi32_ps(dot_i8_i16(w, &x.q[ab * ACT_BLOCK..]));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32 * dx), p, acc);
+                let xsum = x.sum16[2 * ab] + x.sum16[2 * ab + 1];
+                mins += dmin * m as f32 * dx * xsum as f32;
+            }
+        }
+    }
+    hsum(acc) - mins
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn dot_q6k(row: &[u8], x: &QuantizedRow) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut offset = 0f32;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(0x03);
+    for (sb, blk) in row.chunks_exact(TensorType::Q6K.block_bytes()).enumerate() {
+        let d = f16(blk, 208);
+        let sc = &blk[192..208];
+        for h in 0..2 {
+            let ql0 = load32(&blk[h * 64..]);
+            let ql1 = load32(&blk[h * 64 + 32..]);
+            let qh = load32(&blk[128 + h * 32..]);
+            let high = |shift: i32| {
+                let v = match shift {
+                    0 => qh,
+                    2 => _mm256_srli_epi16::<2>(qh),
+                    4 => _mm256_srli_epi16::<4>(qh),
+                    _ => _mm256_srli_epi16::<6>(qh),
+                };
+                _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3))
+            };
+            let groups = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), high(4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), high(6)),
+            ];
+            for (g, w) in groups.into_iter().enumerate() {
+                let ab = sb * (QK_K / ACT_BLOCK) + h * 4 + g;
+                let dx = x.d[ab];
+                let (s0, s1) = (
+                    sc[h * 8 + 2 * g] as i8 as i32,
+                    sc[h * 8 + 2 * g + 1] as i8 as i32,
+                );
+                // Lanes 0-3 hold values 0..16 of the group, lanes 4-7 values 16..32.
+                let p = _mm256_mullo_epi32(
+                    dot_i8_i16(w, &x.q[ab * ACT_BLOCK..]),
+                    _mm256_set_epi32(s1, s1, s1, s1, s0, s0, s0, s0),
+                );
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(p), acc);
+                let corr = s0 * x.sum16[2 * ab] + s1 * x.sum16[2 * ab + 1];
+                offset += d * dx * 32.0 * corr as f32;
+            }
+        }
+    }
+    hsum(acc) - offset
+}

@@ -1,0 +1,123 @@
+//! The `llama` architecture through the shared model description, on a small
+//! synthetic model: it loads with Llama's layout (interleaved RoPE, SiLU, no
+//! post-norms), and incremental decoding reproduces the batched forward pass.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use neocloud_engine::gguf::GgufFile;
+use neocloud_engine::model::{Activation, Architecture, KvCache, Model, RopeStyle};
+use neocloud_testkit::gguf_writer::{GgufBuilder, Tensor, Value};
+
+const D: u64 = 64;
+const FF: u64 = 96;
+const VOCAB: u64 = 40;
+const HEADS: u32 = 4;
+const KV_HEADS: u32 = 2;
+
+/// Deterministic pseudo-random weights in [-0.5, 0.5).
+fn weights(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn tiny_llama() -> Vec<u8> {
+    let hd = D / HEADS as u64;
+    let kv = hd * KV_HEADS as u64;
+    let mut b = GgufBuilder::new()
+        .meta("general.architecture", Value::Str("llama".into()))
+        .meta("llama.block_count", Value::U32(2))
+        .meta("llama.embedding_length", Value::U32(D as u32))
+        .meta("llama.feed_forward_length", Value::U32(FF as u32))
+        .meta("llama.attention.head_count", Value::U32(HEADS))
+        .meta("llama.attention.head_count_kv", Value::U32(KV_HEADS))
+        .meta("llama.context_length", Value::U32(128))
+        .meta("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
+    let mut seed = 1;
+    let mut t = |name: &str, dims: &[u64]| {
+        seed += 1;
+        let n = dims.iter().product::<u64>() as usize;
+        Tensor::f32(name, dims, &weights(seed, n))
+    };
+    let mut tensors = vec![
+        t("token_embd.weight", &[D, VOCAB]),
+        t("output_norm.weight", &[D]),
+    ];
+    for l in 0..2 {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        tensors.extend([
+            t(&p("attn_norm.weight"), &[D]),
+            t(&p("attn_q.weight"), &[D, D]),
+            t(&p("attn_k.weight"), &[D, kv]),
+            t(&p("attn_v.weight"), &[D, kv]),
+            t(&p("attn_output.weight"), &[D, D]),
+            t(&p("ffn_norm.weight"), &[D]),
+            t(&p("ffn_gate.weight"), &[D, FF]),
+            t(&p("ffn_up.weight"), &[D, FF]),
+            t(&p("ffn_down.weight"), &[FF, D]),
+        ]);
+    }
+    for tensor in tensors {
+        b = b.tensor(tensor);
+    }
+    b.build()
+}
+
+#[test]
+fn llama_layout_is_recognised() {
+    let gguf = GgufFile::from_bytes(tiny_llama()).unwrap();
+    let model = Model::load(&gguf).unwrap();
+    let c = &model.config;
+    assert_eq!(c.architecture, Architecture::Llama);
+    assert_eq!(c.rope_style, RopeStyle::Interleaved);
+    assert_eq!(c.activation, Activation::Silu);
+    assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim), (4, 2, 16));
+    assert_eq!(c.vocab_size, VOCAB as usize);
+    assert!(c.sliding_window.is_none() && c.embedding_scale.is_none());
+}
+
+#[test]
+fn incremental_decoding_matches_the_batched_pass() {
+    let gguf = GgufFile::from_bytes(tiny_llama()).unwrap();
+    let model = Model::load(&gguf).unwrap();
+    let tokens = [3u32, 17, 5, 39, 0, 22, 8, 8, 13];
+    let mut cache = KvCache::new(&model);
+    let batched = model.forward(&tokens, &mut cache, 0).unwrap();
+    assert!(batched.iter().all(|v| v.is_finite()));
+    let mut cache = KvCache::new(&model);
+    let mut incremental = model.forward(&tokens[..2], &mut cache, 0).unwrap();
+    for &t in &tokens[2..] {
+        incremental.extend(model.forward(&[t], &mut cache, 0).unwrap());
+    }
+    assert_eq!(cache.len(), tokens.len());
+    assert_eq!(batched.len(), incremental.len());
+    let max_diff = batched
+        .iter()
+        .zip(&incremental)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        max_diff < 1e-3,
+        "batched and incremental logits differ by {max_diff}"
+    );
+    // Position matters: the same token at two positions gives different logits.
+    let v = VOCAB as usize;
+    assert_ne!(&batched[6 * v..7 * v], &batched[7 * v..8 * v]);
+}
+
+#[test]
+fn out_of_vocabulary_tokens_are_rejected() {
+    let gguf = GgufFile::from_bytes(tiny_llama()).unwrap();
+    let model = Model::load(&gguf).unwrap();
+    let err = model
+        .forward(&[VOCAB as u32], &mut KvCache::new(&model), 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
