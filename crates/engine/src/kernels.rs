@@ -130,6 +130,10 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 || k == 0 {
+        out.iter_mut().for_each(|o| *o = 0.0);
+        return;
+    }
     if m <= MAX_INT8_ROWS && integer_dot::supports(w.ty) && k % integer_dot::ACT_BLOCK == 0 {
         integer_product(w, x, m, out);
         return;

@@ -434,8 +434,20 @@ impl Model {
     ) -> Result<Vec<f32>, EngineError> {
         let c = &self.config;
         let t_len = tokens.len();
-        if t_len == 0 || logits_from > t_len {
-            return Err(EngineError::InvalidRequest("empty batch".into()));
+        if t_len == 0 {
+            return Err(EngineError::InvalidRequest("no tokens to run".into()));
+        }
+        if logits_from > t_len {
+            return Err(EngineError::InvalidRequest(format!(
+                "logits asked from row {logits_from} of a batch of {t_len}"
+            )));
+        }
+        if cache.len + t_len > c.context_length {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} tokens exceed the model's context of {}",
+                cache.len + t_len,
+                c.context_length
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(EngineError::InvalidRequest(format!(

@@ -37,3 +37,29 @@ fn qwen_chat_prompts_match_llama_cpp() {
         );
     }
 }
+
+#[test]
+fn gemma_without_a_template_gets_the_builtin_turn_format() {
+    use neocloud_engine::generation::LoadedModel;
+    let lm = LoadedModel::open(&common::model_path("gemma-3-270m")).unwrap();
+    let template = lm.chat_template.as_ref().expect("built-in Gemma template");
+    let messages = [serde_json::json!({"role": "user", "content": "Hi"})];
+    let prompt = template.render(&messages, None, true).unwrap();
+    assert_eq!(
+        prompt,
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    );
+    let tokens = lm.encode_chat_prompt(&prompt);
+    let bos = lm.tokenizer.bos.unwrap();
+    assert_eq!(tokens[0], bos);
+    assert_ne!(
+        tokens[1], bos,
+        "BOS written by the template is not added twice"
+    );
+    let turn = lm.tokenizer.token_id("<start_of_turn>").unwrap();
+    assert_eq!(tokens[1], turn);
+    assert!(lm
+        .tokenizer
+        .end_of_generation()
+        .contains(&lm.tokenizer.token_id("<end_of_turn>").unwrap()));
+}

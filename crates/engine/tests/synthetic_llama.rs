@@ -121,3 +121,18 @@ fn out_of_vocabulary_tokens_are_rejected() {
         .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn bad_batches_are_errors_not_panics() {
+    let gguf = GgufFile::from_bytes(tiny_llama()).unwrap();
+    let model = Model::load(&gguf).unwrap();
+    let mut cache = KvCache::new(&model);
+    assert!(model.forward(&[], &mut cache, 0).is_err());
+    assert!(model.forward(&[1, 2], &mut cache, 3).is_err());
+    // No logits asked for: the cache still advances.
+    assert!(model.forward(&[1, 2], &mut cache, 2).unwrap().is_empty());
+    assert_eq!(cache.len(), 2);
+    let too_long = vec![1u32; 127];
+    let err = model.forward(&too_long, &mut cache, 126).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+}
