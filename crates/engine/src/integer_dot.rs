@@ -9,7 +9,7 @@
 //! one form, `w = a * q + b` per group of 16 values with integer `q`, so a
 //! single integer loop serves them all.
 
-use crate::quant::{f16_to_f32, TensorType, QK, QK_K};
+use crate::quant::{f16_at, scale_min_k4, TensorType, QK, QK_K};
 
 /// Values per activation block.
 pub const ACT_BLOCK: usize = 32;
@@ -58,29 +58,12 @@ struct Unpacked {
     b: [f32; QK_K / 16],
 }
 
-#[inline(always)]
-fn f16(b: &[u8], i: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
-}
-
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
-}
-
 /// Unpacks one block of `ty` (a quantised type). Returns the values it holds.
 #[inline(always)]
 fn unpack(ty: TensorType, blk: &[u8], u: &mut Unpacked) -> usize {
     match ty {
         TensorType::Q8_0 => {
-            let d = f16(blk, 0);
+            let d = f16_at(blk, 0);
             for j in 0..QK {
                 u.q[j] = blk[2 + j] as i8;
             }
@@ -89,7 +72,7 @@ fn unpack(ty: TensorType, blk: &[u8], u: &mut Unpacked) -> usize {
             QK
         }
         TensorType::Q4_0 => {
-            let d = f16(blk, 0);
+            let d = f16_at(blk, 0);
             let qs = &blk[2..18];
             for (j, &b) in qs.iter().enumerate() {
                 u.q[j] = (b & 0x0f) as i8 - 8;
@@ -100,7 +83,7 @@ fn unpack(ty: TensorType, blk: &[u8], u: &mut Unpacked) -> usize {
             QK
         }
         TensorType::Q5_0 => {
-            let d = f16(blk, 0);
+            let d = f16_at(blk, 0);
             let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
             let qs = &blk[6..22];
             for (j, &b) in qs.iter().enumerate() {
@@ -114,8 +97,8 @@ fn unpack(ty: TensorType, blk: &[u8], u: &mut Unpacked) -> usize {
             QK
         }
         TensorType::Q4K | TensorType::Q5K => {
-            let d = f16(blk, 0);
-            let dmin = f16(blk, 2);
+            let d = f16_at(blk, 0);
+            let dmin = f16_at(blk, 2);
             let scales = &blk[4..16];
             let (qh, qs) = if ty == TensorType::Q5K {
                 (Some(&blk[16..48]), &blk[48..176])
@@ -146,7 +129,7 @@ fn unpack(ty: TensorType, blk: &[u8], u: &mut Unpacked) -> usize {
             QK_K
         }
         TensorType::Q6K => {
-            let d = f16(blk, 208);
+            let d = f16_at(blk, 208);
             for h in 0..2 {
                 let ql = &blk[h * 64..h * 64 + 64];
                 let qh = &blk[128 + h * 32..128 + h * 32 + 32];

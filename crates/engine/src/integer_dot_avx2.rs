@@ -5,12 +5,7 @@
 use std::arch::x86_64::*;
 
 use crate::integer_dot::{QuantizedRow, ACT_BLOCK};
-use crate::quant::{f16_to_f32, TensorType, QK_K};
-
-#[inline(always)]
-fn f16(b: &[u8], i: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
-}
+use crate::quant::{f16_at, scale_min_k4, TensorType, QK_K};
 
 /// Products of 32 weight bytes (signed, or unsigned below 128) with 32 int16
 /// activations: i32 lane `j` holds the sum over values `4j..4j+4`.
@@ -112,22 +107,10 @@ fn dot_legacy(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
             }
         };
         let p = _mm256_cvtepi32_ps(dot_i8_i16(w, &x.q[i * ACT_BLOCK..]));
-        let scale = _mm256_set1_ps(f16(blk, 0) * x.d[i]);
+        let scale = _mm256_set1_ps(f16_at(blk, 0) * x.d[i]);
         acc = _mm256_fmadd_ps(scale, p, acc);
     }
     hsum(acc)
-}
-
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -137,8 +120,8 @@ fn dot_q45k(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
     let mut mins = 0f32;
     let m4 = _mm256_set1_epi8(0x0f);
     for (sb, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
-        let d = f16(blk, 0);
-        let dmin = f16(blk, 2);
+        let d = f16_at(blk, 0);
+        let dmin = f16_at(blk, 2);
         let scales = &blk[4..16];
         let (qs, qh) = if five {
             (&blk[48..176], Some(load32(&blk[16..48])))
@@ -181,7 +164,7 @@ fn dot_q6k(row: &[u8], x: &QuantizedRow) -> f32 {
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(0x03);
     for (sb, blk) in row.chunks_exact(TensorType::Q6K.block_bytes()).enumerate() {
-        let d = f16(blk, 208);
+        let d = f16_at(blk, 208);
         let sc = &blk[192..208];
         for h in 0..2 {
             let ql0 = load32(&blk[h * 64..]);
