@@ -135,3 +135,51 @@ fn a_bad_model_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("neither a catalogue model"), "{err}");
 }
+
+#[test]
+fn portable_kernels_agree_with_simd_kernels() {
+    let run = |portable: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_neocloud"));
+        cmd.args([
+            "generate",
+            "--model",
+            "gemma-3-270m",
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--logprobs",
+            "1",
+            "--json",
+        ]);
+        if portable {
+            cmd.env("NEOCLOUD_PORTABLE_KERNELS", "1");
+        } else {
+            cmd.env_remove("NEOCLOUD_PORTABLE_KERNELS");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let simd = run(false);
+    let portable = run(true);
+    assert_eq!(simd["tokens"], portable["tokens"]);
+    for (a, b) in simd["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(portable["steps"].as_array().unwrap())
+    {
+        let (a, b) = (
+            a["logprob"].as_f64().unwrap(),
+            b["logprob"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-3, "log-probabilities {a} and {b} differ");
+    }
+}

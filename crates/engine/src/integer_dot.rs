@@ -252,8 +252,8 @@ mod tests {
             let exact: f64 = w.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
             prop_assert!((got - exact).abs() <= 1e-4 * scale + 1e-5, "{ty:?}: {got} vs exact {exact}");
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: AVX2 and FMA were just detected.
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                // SAFETY: AVX2, FMA and F16C were just detected.
                 let simd = unsafe { crate::integer_dot_avx2::dot_row_q8(ty, &bytes, &qx) } as f64;
                 prop_assert!((simd - got).abs() <= 1e-4 * scale, "{ty:?}: AVX2 {simd} vs portable {got}");
             }

@@ -5,13 +5,14 @@
 use std::arch::x86_64::*;
 
 use crate::integer_dot::{QuantizedRow, ACT_BLOCK};
-use crate::quant::{f16_at, scale_min_k4, TensorType, QK_K};
+use crate::quant::{scale_min_k4, TensorType, QK_K};
 
 /// Products of 32 weight bytes (signed, or unsigned below 128) with 32 int16
-/// activations: i32 lane `j` holds the sum over values `4j..4j+4`.
+/// activations, as pair sums: the first vector covers values 0..16, the
+/// second values 16..32 (lane order within each does not matter to callers).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-fn dot_i8_i16(w: __m256i, x: &[i16]) -> __m256i {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn madd_halves(w: __m256i, x: &[i16]) -> (__m256i, __m256i) {
     assert!(x.len() >= 32);
     // SAFETY: the assertion guarantees 32 readable i16 values.
     let (x0, x1) = unsafe {
@@ -22,17 +23,28 @@ fn dot_i8_i16(w: __m256i, x: &[i16]) -> __m256i {
     };
     let w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
     let w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
-    // Pair sums: p0 lane j covers values 2j, 2j+1; p1 the same from value 16.
-    let p0 = _mm256_madd_epi16(w0, x0);
-    let p1 = _mm256_madd_epi16(w1, x1);
-    // hadd works within 128-bit halves: [p0 0-7, p1 0-7 | p0 8-15, p1 8-15] in values.
-    let h = _mm256_hadd_epi32(p0, p1);
-    // Put the 64-bit chunks back in value order.
-    _mm256_permute4x64_epi64::<0b11_01_10_00>(h)
+    (_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
+}
+
+/// The little-endian f16 at byte `i` of `b`, converted by the F16C unit.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_fast(b: &[u8], i: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Sum of the products of 32 weight bytes with 32 int16 activations, spread
+/// over eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot32(w: __m256i, x: &[i16]) -> __m256i {
+    let (a, b) = madd_halves(w, x);
+    _mm256_add_epi32(a, b)
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -41,7 +53,7 @@ fn hsum(v: __m256) -> f32 {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn load32(b: &[u8]) -> __m256i {
     assert!(b.len() >= 32);
     // SAFETY: the assertion guarantees 32 readable bytes; loadu has no alignment needs.
@@ -50,7 +62,7 @@ fn load32(b: &[u8]) -> __m256i {
 
 /// 16 packed nibble bytes -> 32 bytes: low nibbles first, then high nibbles.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn nibbles_16(b: &[u8]) -> __m256i {
     assert!(b.len() >= 16);
     // SAFETY: the assertion guarantees 16 readable bytes.
@@ -63,7 +75,7 @@ fn nibbles_16(b: &[u8]) -> __m256i {
 
 /// Byte `e` is 0xFF when bit `e` of `bits` is set.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn bits_to_bytes(bits: u32) -> __m256i {
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),
@@ -81,8 +93,8 @@ fn bits_to_bytes(bits: u32) -> __m256i {
 /// Dot product of a weight row with a quantised activation row (AVX2).
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
     match ty {
         TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q5_0 => dot_legacy(ty, row, x),
@@ -92,7 +104,7 @@ pub unsafe fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn dot_legacy(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (i, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
@@ -106,22 +118,22 @@ fn dot_legacy(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
                 _mm256_sub_epi8(q, _mm256_set1_epi8(16))
             }
         };
-        let p = _mm256_cvtepi32_ps(dot_i8_i16(w, &x.q[i * ACT_BLOCK..]));
-        let scale = _mm256_set1_ps(f16_at(blk, 0) * x.d[i]);
+        let p = _mm256_cvtepi32_ps(dot32(w, &x.q[i * ACT_BLOCK..]));
+        let scale = _mm256_set1_ps(f16_fast(blk, 0) * x.d[i]);
         acc = _mm256_fmadd_ps(scale, p, acc);
     }
     hsum(acc)
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q45k(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
     let five = ty == TensorType::Q5K;
     let mut acc = _mm256_setzero_ps();
     let mut mins = 0f32;
     let m4 = _mm256_set1_epi8(0x0f);
     for (sb, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
-        let d = f16_at(blk, 0);
-        let dmin = f16_at(blk, 2);
+        let d = f16_fast(blk, 0);
+        let dmin = f16_fast(blk, 2);
         let scales = &blk[4..16];
         let (qs, qh) = if five {
             (&blk[48..176], Some(load32(&blk[16..48])))
@@ -147,7 +159,7 @@ fn dot_q45k(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
                 let (sc, m) = scale_min_k4(sub, scales);
                 let ab = a0 + sub;
                 let dx = x.d[ab];
-                let p = _mm256_cvtepi32_ps(dot_i8_i16(w, &x.q[ab * ACT_BLOCK..]));
+                let p = _mm256_cvtepi32_ps(dot32(w, &x.q[ab * ACT_BLOCK..]));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32 * dx), p, acc);
                 let xsum = x.sum16[2 * ab] + x.sum16[2 * ab + 1];
                 mins += dmin * m as f32 * dx * xsum as f32;
@@ -157,14 +169,14 @@ fn dot_q45k(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
     hsum(acc) - mins
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q6k(row: &[u8], x: &QuantizedRow) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut offset = 0f32;
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(0x03);
     for (sb, blk) in row.chunks_exact(TensorType::Q6K.block_bytes()).enumerate() {
-        let d = f16_at(blk, 208);
+        let d = f16_fast(blk, 208);
         let sc = &blk[192..208];
         for h in 0..2 {
             let ql0 = load32(&blk[h * 64..]);
@@ -192,12 +204,10 @@ fn dot_q6k(row: &[u8], x: &QuantizedRow) -> f32 {
                     sc[h * 8 + 2 * g] as i8 as i32,
                     sc[h * 8 + 2 * g + 1] as i8 as i32,
                 );
-                // Lanes 0-3 hold values 0..16 of the group, lanes 4-7 values 16..32.
-                let p = _mm256_mullo_epi32(
-                    dot_i8_i16(w, &x.q[ab * ACT_BLOCK..]),
-                    _mm256_set_epi32(s1, s1, s1, s1, s0, s0, s0, s0),
-                );
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(p), acc);
+                let (p0, p1) = madd_halves(w, &x.q[ab * ACT_BLOCK..]);
+                let dd = d * dx;
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd * s0 as f32), _mm256_cvtepi32_ps(p0), acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd * s1 as f32), _mm256_cvtepi32_ps(p1), acc);
                 let corr = s0 * x.sum16[2 * ab] + s1 * x.sum16[2 * ab + 1];
                 offset += d * dx * 32.0 * corr as f32;
             }

@@ -19,7 +19,7 @@ use crate::quant::{dequantize_row_unchecked, TensorType};
 pub enum SimdLevel {
     /// Plain Rust, any CPU.
     Portable,
-    /// x86-64 AVX2 with FMA.
+    /// x86-64 AVX2 with FMA and F16C.
     Avx2,
 }
 
@@ -32,7 +32,10 @@ pub fn simd_level() -> SimdLevel {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 return SimdLevel::Avx2;
             }
         }
@@ -47,7 +50,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..n], &b[..n]);
     match simd_level() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: simd_level() returned Avx2 only after detecting AVX2 and FMA.
+        // SAFETY: simd_level() returned Avx2 only after detecting AVX2, FMA and F16C.
         SimdLevel::Avx2 => unsafe { avx2::dot(a, b) },
         _ => dot_portable(a, b),
     }
@@ -267,7 +270,7 @@ fn tile_product(
 fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
     match simd_level() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 and FMA were detected.
+        // SAFETY: AVX2, FMA and F16C were detected.
         SimdLevel::Avx2 => unsafe { avx2::dot_row_q8(ty, row, x) },
         _ => integer_dot::dot_row_q8(ty, row, x),
     }
@@ -300,17 +303,17 @@ mod avx2 {
 
     use crate::quant::{dequantize_row_unchecked, TensorType};
 
-    /// The integer dot product, compiled with AVX2 so its loops vectorise.
+    /// The integer dot product with AVX2 intrinsics.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_row_q8(
         ty: TensorType,
         row: &[u8],
         x: &crate::integer_dot::QuantizedRow,
     ) -> f32 {
-        // SAFETY: the caller guarantees AVX2 and FMA.
+        // SAFETY: the caller guarantees AVX2, FMA and F16C.
         unsafe { crate::integer_dot_avx2::dot_row_q8(ty, row, x) }
     }
 
