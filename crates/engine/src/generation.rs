@@ -2,6 +2,7 @@
 //! prompt, then sample token by token until a stop token, a stop string, the
 //! token limit or the context limit, streaming UTF-8-safe text as it goes.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,19 @@ pub enum FinishReason {
     Stop,
     /// The token limit or the context limit.
     Length,
+    /// The consumer of the text asked to stop (a client went away).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI name of the reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// What to generate.
@@ -122,11 +136,12 @@ pub struct Generation {
 }
 
 /// Generates a continuation of `req.prompt`; `on_text` receives text as soon
-/// as it can no longer be part of a stop string.
+/// as it can no longer be part of a stop string, and can cancel the
+/// generation by returning `ControlFlow::Break`.
 pub fn generate(
     lm: &LoadedModel,
     req: &GenerateRequest,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, EngineError> {
     let model = &lm.model;
     let tok = &lm.tokenizer;
@@ -184,8 +199,13 @@ pub fn generate(
         }
         let safe = floor_char_boundary(&out.text, out.text.len().saturating_sub(hold_back));
         if safe > emitted {
-            on_text(&out.text[emitted..safe]);
+            let flow = on_text(&out.text[emitted..safe]);
             emitted = safe;
+            if flow.is_break() {
+                out.finish_reason = FinishReason::Cancelled;
+                out.decode_time = decode_start.elapsed();
+                return Ok(out);
+            }
         }
         if out.tokens.len() == budget {
             break;
@@ -196,7 +216,8 @@ pub fn generate(
         out.text.push_str(&decoder.finish());
     }
     if out.text.len() > emitted {
-        on_text(&out.text[emitted..]);
+        // The generation is over: a request to stop changes nothing now.
+        let _ = on_text(&out.text[emitted..]);
     }
     out.decode_time = decode_start.elapsed();
     Ok(out)

@@ -1,10 +1,16 @@
-//! Wire types of the OpenAI API shared by neocloud's server and bench.
+//! Wire types of the OpenAI API shared by neocloud's server and bench:
+//! chat completions ([`chat`]), the model list ([`models`]), the SSE framing
+//! ([`sse`]) and errors.
 //!
 //! This crate depends on no other workspace crate. It owns the one place
 //! where an error becomes an HTTP status and an OpenAI-style JSON body:
 //! `{"error": {"message", "type", "param", "code"}}`.
 
 use serde::{Deserialize, Serialize};
+
+pub mod chat;
+pub mod models;
+pub mod sse;
 
 /// The kinds of error the API reports, each with its HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +88,12 @@ impl ApiError {
             param: Some(param.into()),
             ..Self::new(ErrorKind::InvalidRequestError, message)
         }
+    }
+
+    /// Sets the parameter at fault.
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
     }
 
     /// Sets the machine-readable code.

@@ -1,11 +1,13 @@
 //! Test helpers shared by neocloud's crates: the reference outputs of
 //! llama.cpp in `../shared/reference`, and a writer of small synthetic GGUF
-//! files for loader and fault tests.
+//! files for loader and fault tests, and a loopback HTTP client with a guard
+//! around a running `neocloud serve`.
 
 // Only tests use this crate; failing loudly on missing fixtures is its job.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod gguf_writer;
+pub mod http;
 
 use std::path::PathBuf;
 

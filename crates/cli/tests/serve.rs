@@ -1,0 +1,253 @@
+//! `neocloud serve` over real HTTP on loopback with the real models: the
+//! OpenAI chat API, streaming, and errors in OpenAI's shape.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use neocloud_openai::sse::SseDecoder;
+use neocloud_testkit::http::{post_json, request, Server};
+use serde_json::{json, Value};
+
+const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
+const GEMMA: &str = "gemma-3-270m";
+
+/// One server with both models runs every check in turn, and is stopped
+/// (by its PID) when the test ends, whatever happens.
+#[test]
+fn serve_answers_the_openai_chat_api() {
+    let server = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &["--model", GEMMA, "--model", QWEN],
+    );
+    let s = &server;
+    health_and_models(s);
+    chat_prompt_tokens_match_the_reference_template(s);
+    streaming_and_collected_answers_agree(s);
+    seeds_make_sampling_reproducible(s);
+    logprobs_come_with_top_alternatives(s);
+    bad_requests_get_openai_errors(s);
+}
+
+fn chat(s: &Server, body: Value) -> neocloud_testkit::http::Response {
+    post_json(s.addr, "/v1/chat/completions", &body)
+}
+
+fn assert_error(
+    resp: &neocloud_testkit::http::Response,
+    status: u16,
+    kind: &str,
+    param: Option<&str>,
+) {
+    assert_eq!(resp.status, status, "{}", resp.text());
+    let err = &resp.json()["error"];
+    assert_eq!(err["type"], kind, "{err}");
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+    match param {
+        Some(p) => assert_eq!(err["param"], p, "{err}"),
+        None => assert!(err.get("param").is_some()),
+    }
+}
+
+fn health_and_models(s: &Server) {
+    let health = request(s.addr, "GET", "/health", None);
+    assert_eq!(health.status, 200);
+    let models = request(s.addr, "GET", "/v1/models", None).json();
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![GEMMA, QWEN]);
+}
+
+fn chat_prompt_tokens_match_the_reference_template(s: &Server) {
+    for line in neocloud_testkit::reference_lines(QWEN, "chat_template.jsonl") {
+        let mut body = line["request"].clone();
+        body["model"] = json!(QWEN);
+        body["max_tokens"] = json!(1);
+        let resp = chat(s, body);
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let usage = &resp.json()["usage"];
+        assert_eq!(usage["prompt_tokens"], line["prompt_token_count"]);
+        assert_eq!(usage["completion_tokens"], 1);
+        assert_eq!(
+            usage["total_tokens"].as_u64().unwrap(),
+            line["prompt_token_count"].as_u64().unwrap() + 1
+        );
+    }
+}
+
+fn streaming_and_collected_answers_agree(s: &Server) {
+    let body = json!({
+        "model": QWEN,
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": [{"type": "text", "text": "Name three prime numbers."}]}],
+        "max_tokens": 24,
+        "temperature": 0,
+    });
+    let collected = chat(s, body.clone());
+    assert_eq!(collected.status, 200, "{}", collected.text());
+    let collected = collected.json();
+    let choice = &collected["choices"][0];
+    assert_eq!(collected["object"], "chat.completion");
+    assert_eq!(choice["message"]["role"], "assistant");
+    let text = choice["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty());
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
+
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    stream_body["stream_options"] = json!({"include_usage": true});
+    let streamed = chat(s, stream_body);
+    assert_eq!(streamed.status, 200);
+    assert!(streamed
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = SseDecoder::new().feed(&streamed.text());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let ids: std::collections::HashSet<&str> =
+        chunks.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 1, "one id for the whole stream");
+    let streamed_text: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"]
+                .get(0)
+                .and_then(|ch| ch["delta"]["content"].as_str())
+        })
+        .collect();
+    assert_eq!(streamed_text, text);
+    let usage_chunk = chunks.last().unwrap();
+    assert!(usage_chunk["choices"].as_array().unwrap().is_empty());
+    assert_eq!(usage_chunk["usage"], collected["usage"]);
+    let finish = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
+    assert_eq!(*finish, choice["finish_reason"]);
+}
+
+fn seeds_make_sampling_reproducible(s: &Server) {
+    let ask = |seed: u64| {
+        chat(
+            s,
+            json!({
+                "model": GEMMA,
+                "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": 16, "temperature": 1.0, "seed": seed,
+            }),
+        )
+        .json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(ask(7), ask(7));
+    assert_ne!(ask(7), ask(8));
+}
+
+fn logprobs_come_with_top_alternatives(s: &Server) {
+    let resp = chat(
+        s,
+        json!({
+            "model": QWEN,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 5, "temperature": 0, "logprobs": true, "top_logprobs": 3,
+        }),
+    )
+    .json();
+    let content = resp["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        content.len() as u64,
+        resp["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], entry["token"]);
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    }
+}
+
+fn bad_requests_get_openai_errors(s: &Server) {
+    let user = json!([{"role": "user", "content": "hi"}]);
+    assert_error(
+        &chat(s, json!({"model": "no-such-model", "messages": user})),
+        404,
+        "not_found_error",
+        Some("model"),
+    );
+    assert_error(
+        &chat(
+            s,
+            json!({"model": QWEN, "messages": user, "temperature": 3}),
+        ),
+        400,
+        "invalid_request_error",
+        Some("temperature"),
+    );
+    assert_error(
+        &chat(s, json!({"model": QWEN, "messages": user, "n": 2})),
+        400,
+        "invalid_request_error",
+        Some("n"),
+    );
+    assert_error(
+        &chat(s, json!({"model": QWEN, "messages": []})),
+        400,
+        "invalid_request_error",
+        Some("messages"),
+    );
+    assert_error(
+        &chat(
+            s,
+            json!({"model": QWEN, "messages": [{"role": "wizard", "content": "x"}]}),
+        ),
+        400,
+        "invalid_request_error",
+        Some("messages"),
+    );
+    assert_error(
+        &chat(
+            s,
+            json!({"model": QWEN, "messages": user, "response_format": {"type": "json_object"}}),
+        ),
+        400,
+        "invalid_request_error",
+        Some("response_format"),
+    );
+    assert_error(
+        &chat(
+            s,
+            json!({"model": QWEN, "messages": user, "logit_bias": {"999999999": 1}}),
+        ),
+        400,
+        "invalid_request_error",
+        Some("logit_bias"),
+    );
+    assert_error(
+        &chat(s, json!({"model": QWEN, "messages": user, "max_tokens": 0})),
+        400,
+        "invalid_request_error",
+        Some("max_tokens"),
+    );
+    let gemma_roles = json!([{"role": "assistant", "content": "I speak first"}]);
+    assert_error(
+        &chat(s, json!({"model": GEMMA, "messages": gemma_roles})),
+        400,
+        "invalid_request_error",
+        Some("messages"),
+    );
+    let not_json = request(s.addr, "POST", "/v1/chat/completions", Some(b"{not json"));
+    assert_error(&not_json, 400, "invalid_request_error", None);
+    let huge = vec![b' '; 3 * 1024 * 1024];
+    let too_large = request(s.addr, "POST", "/v1/chat/completions", Some(&huge));
+    assert_error(&too_large, 413, "request_too_large", None);
+}

@@ -1,0 +1,143 @@
+//! The engine's own thread: it loads the served models, then runs queued
+//! generation jobs one at a time, sending text to each job's channel. A job
+//! whose receiver is gone (the client left) is cancelled at its next token.
+//! The queue is bounded: when it is full, new requests are refused at once.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+
+use neocloud_engine::generation::{generate, GenerateRequest, Generation, LoadedModel};
+use neocloud_engine::EngineError;
+use tokio::sync::mpsc;
+
+use crate::error::ServerError;
+
+/// A model to serve: the name clients use and the file to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedModel {
+    /// Name in `/v1/models` and in requests.
+    pub name: String,
+    /// GGUF file.
+    pub path: PathBuf,
+}
+
+/// What the engine thread reports about a job.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// Text that is final (UTF-8 complete, clear of stop strings).
+    Text(String),
+    /// The job ended.
+    Done(Box<Generation>),
+    /// The job failed.
+    Failed(EngineError),
+}
+
+struct Job {
+    model: usize,
+    request: GenerateRequest,
+    events: mpsc::Sender<WorkerEvent>,
+}
+
+/// Shared view of the engine thread: its models once loaded, and its queue.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: SyncSender<Job>,
+    models: Arc<OnceLock<Vec<Arc<LoadedModel>>>>,
+    load_error: Arc<OnceLock<String>>,
+    names: Arc<Vec<String>>,
+}
+
+/// Events buffered per job between the engine thread and the HTTP side.
+const EVENTS_PER_JOB: usize = 64;
+
+impl EngineHandle {
+    /// Starts the engine thread; it loads `models` in the background.
+    /// At most `queue_capacity` jobs wait while one runs.
+    pub fn start(models: Vec<ServedModel>, queue_capacity: usize) -> Result<Self, ServerError> {
+        let (tx, rx) = sync_channel(queue_capacity);
+        let handle = EngineHandle {
+            jobs: tx,
+            models: Arc::new(OnceLock::new()),
+            load_error: Arc::new(OnceLock::new()),
+            names: Arc::new(models.iter().map(|m| m.name.clone()).collect()),
+        };
+        let shared = handle.clone();
+        std::thread::Builder::new()
+            .name("neocloud-engine".into())
+            .spawn(move || shared.run(models, rx))
+            .map_err(|e| ServerError::Unavailable(format!("cannot start the engine: {e}")))?;
+        Ok(handle)
+    }
+
+    fn run(self, served: Vec<ServedModel>, jobs: Receiver<Job>) {
+        let mut loaded = Vec::with_capacity(served.len());
+        for m in &served {
+            match LoadedModel::open(&m.path) {
+                Ok(lm) => loaded.push(Arc::new(lm)),
+                Err(e) => {
+                    let _ = self.load_error.set(format!("loading {}: {e}", m.name));
+                    return;
+                }
+            }
+        }
+        let models = self.models.get_or_init(|| loaded).clone();
+        drop(self);
+        for job in jobs {
+            let Some(lm) = models.get(job.model) else {
+                continue;
+            };
+            let events = &job.events;
+            let result = generate(lm, &job.request, &mut |text: &str| match events
+                .blocking_send(WorkerEvent::Text(text.to_owned()))
+            {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            });
+            let _ = events.blocking_send(match result {
+                Ok(g) => WorkerEvent::Done(Box::new(g)),
+                Err(e) => WorkerEvent::Failed(e),
+            });
+        }
+    }
+
+    /// Names of the served models, in order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The loaded models, or why they are not available yet.
+    pub fn models(&self) -> Result<&[Arc<LoadedModel>], ServerError> {
+        if let Some(m) = self.models.get() {
+            return Ok(m);
+        }
+        Err(ServerError::Unavailable(match self.load_error.get() {
+            Some(e) => format!("the model failed to load: {e}"),
+            None => "the model is still loading".into(),
+        }))
+    }
+
+    /// Queues a job; refuses at once when the queue is full.
+    pub fn submit(
+        &self,
+        model: usize,
+        request: GenerateRequest,
+    ) -> Result<mpsc::Receiver<WorkerEvent>, ServerError> {
+        let (tx, rx) = mpsc::channel(EVENTS_PER_JOB);
+        let job = Job {
+            model,
+            request,
+            events: tx,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(ServerError::Unavailable(
+                "the server is at capacity; retry shortly".into(),
+            )),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(ServerError::Unavailable("the engine has stopped".into()))
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! HTTP routes, one module per endpoint.
+
+pub mod chat_completions;
+pub mod health;
+pub mod models;
