@@ -251,3 +251,109 @@ fn bad_requests_get_openai_errors(s: &Server) {
     let too_large = request(s.addr, "POST", "/v1/chat/completions", Some(&huge));
     assert_error(&too_large, 413, "request_too_large", None);
 }
+
+fn metric(s: &Server, name: &str) -> u64 {
+    let text = request(s.addr, "GET", "/metrics", None).text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
+/// Polls until `cond` holds; the bound only keeps a broken build from hanging.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Opens a long streamed request and returns the connection once `chunks`
+/// events have arrived.
+fn open_stream(s: &Server, chunks: usize) -> (std::net::TcpStream, usize) {
+    use std::io::{Read, Write};
+    let body = json!({
+        "model": GEMMA, "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true,
+    })
+    .to_string();
+    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < chunks {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    (conn, seen.matches("data: ").count())
+}
+
+#[test]
+fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
+    let server = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &["--model", GEMMA, "--queue", "1"],
+    );
+    let s = &server;
+
+    // Disconnect mid-stream: the engine stops within a few tokens.
+    let (conn, received) = open_stream(s, 8);
+    assert_eq!(metric(s, "neocloud:num_requests_running"), 1);
+    drop(conn);
+    wait_for("the cancelled request to leave the engine", || {
+        metric(s, "neocloud:num_requests_running") == 0
+    });
+    assert_eq!(metric(s, "neocloud:request_cancelled_total"), 1);
+    let generated = metric(s, "neocloud:generation_tokens_total");
+    eprintln!("cancelled after {generated} tokens; the client read {received} events");
+    assert!(
+        generated as usize <= received + 4,
+        "{generated} tokens generated for a client that read {received} events before leaving"
+    );
+
+    // One running, one waiting: the next request gets 503 with Retry-After.
+    let (running, _) = open_stream(s, 2);
+    let (waiting, _) = {
+        use std::io::Write;
+        let body = json!({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            .to_string();
+        let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        (conn, ())
+    };
+    wait_for("the second request to queue", || {
+        metric(s, "neocloud:num_requests_waiting") == 1
+    });
+    let refused = chat(
+        s,
+        json!({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    );
+    assert_error(&refused, 503, "service_unavailable", None);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    drop(running);
+    drop(waiting);
+    wait_for("the engine to drain", || {
+        metric(s, "neocloud:num_requests_running") == 0
+            && metric(s, "neocloud:num_requests_waiting") == 0
+    });
+    // And it serves again.
+    let ok = chat(
+        s,
+        json!({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}

@@ -5,10 +5,13 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 
-use neocloud_engine::generation::{generate, GenerateRequest, Generation, LoadedModel};
+use neocloud_engine::generation::{
+    generate, FinishReason, GenerateRequest, Generation, LoadedModel,
+};
 use neocloud_engine::EngineError;
 use tokio::sync::mpsc;
 
@@ -40,6 +43,21 @@ struct Job {
     events: mpsc::Sender<WorkerEvent>,
 }
 
+/// Counters and gauges of the engine thread, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Jobs queued and not started.
+    pub waiting: AtomicUsize,
+    /// Jobs generating now.
+    pub running: AtomicUsize,
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated (cancelled jobs included).
+    pub generation_tokens: AtomicU64,
+    /// Jobs ended because their client went away.
+    pub cancelled: AtomicU64,
+}
+
 /// Shared view of the engine thread: its models once loaded, and its queue.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -47,6 +65,7 @@ pub struct EngineHandle {
     models: Arc<OnceLock<Vec<Arc<LoadedModel>>>>,
     load_error: Arc<OnceLock<String>>,
     names: Arc<Vec<String>>,
+    stats: Arc<EngineStats>,
 }
 
 /// Events buffered per job between the engine thread and the HTTP side.
@@ -62,6 +81,7 @@ impl EngineHandle {
             models: Arc::new(OnceLock::new()),
             load_error: Arc::new(OnceLock::new()),
             names: Arc::new(models.iter().map(|m| m.name.clone()).collect()),
+            stats: Arc::new(EngineStats::default()),
         };
         let shared = handle.clone();
         std::thread::Builder::new()
@@ -83,11 +103,15 @@ impl EngineHandle {
             }
         }
         let models = self.models.get_or_init(|| loaded).clone();
+        let stats = Arc::clone(&self.stats);
+        // Our own sender must go, or the loop below would never end.
         drop(self);
         for job in jobs {
+            stats.waiting.fetch_sub(1, Ordering::Relaxed);
             let Some(lm) = models.get(job.model) else {
                 continue;
             };
+            stats.running.fetch_add(1, Ordering::Relaxed);
             let events = &job.events;
             let result = generate(lm, &job.request, &mut |text: &str| match events
                 .blocking_send(WorkerEvent::Text(text.to_owned()))
@@ -95,11 +119,28 @@ impl EngineHandle {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             });
+            if let Ok(g) = &result {
+                let prompt = job.request.prompt.len() as u64;
+                stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+                let generated = g.tokens.len() as u64;
+                stats
+                    .generation_tokens
+                    .fetch_add(generated, Ordering::Relaxed);
+                if g.finish_reason == FinishReason::Cancelled {
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            stats.running.fetch_sub(1, Ordering::Relaxed);
             let _ = events.blocking_send(match result {
                 Ok(g) => WorkerEvent::Done(Box::new(g)),
                 Err(e) => WorkerEvent::Failed(e),
             });
         }
+    }
+
+    /// The engine's counters and gauges.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     /// Names of the served models, in order.
@@ -130,7 +171,13 @@ impl EngineHandle {
             request,
             events: tx,
         };
-        match self.jobs.try_send(job) {
+        // Counted before the send: the engine may pick the job up at once.
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let sent = self.jobs.try_send(job);
+        if sent.is_err() {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(ServerError::Unavailable(
                 "the server is at capacity; retry shortly".into(),

@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/models", get(routes::models::list_models))
         .route("/health", get(routes::health::health))
+        .route("/metrics", get(routes::metrics::metrics))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
