@@ -26,6 +26,8 @@ fn serve_answers_the_openai_chat_api() {
     seeds_make_sampling_reproducible(s);
     logprobs_come_with_top_alternatives(s);
     bad_requests_get_openai_errors(s);
+    completions_score_prompts_like_llama_cpp(s);
+    completions_generate_and_echo(s);
 }
 
 fn chat(s: &Server, body: Value) -> neocloud_testkit::http::Response {
@@ -356,4 +358,129 @@ fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
         json!({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
     );
     assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+/// Teacher-forced log-probabilities through `/v1/completions` (echo,
+/// max_tokens 0, token ids as names) agree with llama.cpp's, under the rule of
+/// `../shared/reference/README.md`. Asking for 20 alternatives puts every
+/// reference top-5 token in the answer, so the rule is checked in full.
+fn completions_score_prompts_like_llama_cpp(s: &Server) {
+    for model in [GEMMA, QWEN] {
+        for (li, line) in neocloud_testkit::reference_lines(model, "greedy.jsonl")
+            .iter()
+            .enumerate()
+        {
+            let prompt: Vec<u64> = line["prompt_tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap())
+                .collect();
+            let completion: Vec<u64> = line["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap())
+                .collect();
+            let all: Vec<u64> = prompt.iter().chain(&completion).copied().collect();
+            let resp = post_json(
+                s.addr,
+                "/v1/completions",
+                &json!({"model": model, "prompt": all, "echo": true, "logprobs": 20, "max_tokens": 0, "return_tokens_as_token_ids": true}),
+            );
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            let body = resp.json();
+            assert_eq!(
+                body["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+                all.len()
+            );
+            assert_eq!(body["usage"]["completion_tokens"], 0);
+            let lp = &body["choices"][0]["logprobs"];
+            let tokens = lp["tokens"].as_array().unwrap();
+            assert_eq!(tokens.len(), all.len());
+            assert_eq!(tokens[0], format!("token_id:{}", all[0]));
+            assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+            let mut position = 0usize;
+            let mut total = 0f64;
+            let mut count = 0usize;
+            for step in line["steps"].as_array().unwrap() {
+                let id = step["id"].as_u64().unwrap();
+                while completion[position] != id {
+                    position += 1;
+                }
+                let at = prompt.len() + position;
+                position += 1;
+                let top = lp["top_logprobs"][at].as_object().unwrap();
+                assert_eq!(top.len(), 20);
+                let ours = |id: u64| -> Option<f64> {
+                    top.get(&format!("token_id:{id}")).and_then(|v| v.as_f64())
+                };
+                let refs: Vec<(u64, f64)> = step["top"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+                    .collect();
+                let best = top
+                    .iter()
+                    .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+                    .unwrap()
+                    .0;
+                if refs[0].1 - refs[1].1 >= 0.25 {
+                    assert_eq!(
+                        *best,
+                        format!("token_id:{}", refs[0].0),
+                        "{model} prompt {li} step {position}"
+                    );
+                }
+                // The chosen token's own log-probability is always reported.
+                let chosen = lp["token_logprobs"][at].as_f64().unwrap();
+                assert!(
+                    (chosen - step["logprob"].as_f64().unwrap()).abs() < 1.5,
+                    "{model} prompt {li}"
+                );
+                for (rid, rlp) in refs {
+                    let v = ours(rid).unwrap_or_else(|| {
+                        panic!("{model} prompt {li}: reference token {rid} not in our top 20")
+                    });
+                    total += (v - rlp).abs();
+                    count += 1;
+                }
+            }
+            let mean = total / count as f64;
+            assert!(mean <= 0.25, "{model} prompt {li}: mean difference {mean}");
+        }
+    }
+}
+
+fn completions_generate_and_echo(s: &Server) {
+    let resp = post_json(s.addr, "/v1/completions", &json!({"model": GEMMA, "prompt": "The meaning of life is", "max_tokens": 8, "temperature": 0, "echo": true, "logprobs": 2})).json();
+    let choice = &resp["choices"][0];
+    let text = choice["text"].as_str().unwrap();
+    assert!(text.starts_with("The meaning of life is not"), "{text}");
+    let lp = &choice["logprobs"];
+    assert!(lp["top_logprobs"].as_array().unwrap()[1..].iter().all(|t| t
+        .as_object()
+        .unwrap()
+        .len()
+        == 2));
+    let n = resp["usage"]["prompt_tokens"].as_u64().unwrap()
+        + resp["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(lp["tokens"].as_array().unwrap().len() as u64, n);
+    assert_eq!(resp["usage"]["completion_tokens"], 8);
+    let several = post_json(s.addr, "/v1/completions", &json!({"model": QWEN, "prompt": ["def add(a, b):", "SELECT"], "max_tokens": 4, "temperature": 0})).json();
+    assert_eq!(several["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(several["choices"][1]["index"], 1);
+    let suffix = post_json(
+        s.addr,
+        "/v1/completions",
+        &json!({"model": QWEN, "prompt": "x", "suffix": "y"}),
+    );
+    assert_error(&suffix, 400, "invalid_request_error", Some("suffix"));
+    let bad = post_json(
+        s.addr,
+        "/v1/completions",
+        &json!({"model": QWEN, "prompt": [99999999]}),
+    );
+    assert_error(&bad, 400, "invalid_request_error", Some("prompt"));
 }

@@ -223,6 +223,54 @@ pub fn generate(
     Ok(out)
 }
 
+/// The log-probability a model gives one token of a sequence, with the most
+/// likely alternatives at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredToken {
+    /// Log-probability of the token that is there.
+    pub logprob: f32,
+    /// The `top` most likely tokens at that position, best first.
+    pub top: Vec<crate::sampler::TokenLogprob>,
+}
+
+/// Positions scored per forward pass: bounds the logits held at once.
+const SCORE_CHUNK: usize = 64;
+
+/// Teacher-forced scoring: for every token of `tokens` after the first, its
+/// log-probability given the tokens before it (raw distribution), with the
+/// `top` alternatives.
+pub fn score(
+    lm: &LoadedModel,
+    tokens: &[u32],
+    top: usize,
+) -> Result<Vec<ScoredToken>, EngineError> {
+    let model = &lm.model;
+    let vocab = model.config.vocab_size;
+    if tokens.len() > model.config.context_length {
+        return Err(EngineError::InvalidRequest(format!(
+            "the prompt has {} tokens; the model's context is {}",
+            tokens.len(),
+            model.config.context_length
+        )));
+    }
+    let mut cache = KvCache::new(model);
+    let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+    for (c, chunk) in tokens.chunks(SCORE_CHUNK).enumerate() {
+        let logits = model.forward(chunk, &mut cache, 0)?;
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            let Some(&next) = tokens.get(c * SCORE_CHUNK + i + 1) else {
+                break;
+            };
+            let lse = crate::sampler::log_sum_exp(row);
+            out.push(ScoredToken {
+                logprob: (row[next as usize] as f64 - lse) as f32,
+                top: crate::sampler::top_logprobs(row, top),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Byte offset where the earliest stop string starts, searching from `from`.
 fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
     let from = floor_char_boundary(text, from);

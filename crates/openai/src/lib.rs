@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod chat;
+pub mod completions;
 pub mod models;
 pub mod sse;
 

@@ -10,7 +10,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 
 use neocloud_engine::generation::{
-    generate, FinishReason, GenerateRequest, Generation, LoadedModel,
+    generate, score, FinishReason, GenerateRequest, Generation, LoadedModel, ScoredToken,
 };
 use neocloud_engine::EngineError;
 use tokio::sync::mpsc;
@@ -33,13 +33,29 @@ pub enum WorkerEvent {
     Text(String),
     /// The job ended.
     Done(Box<Generation>),
+    /// A scoring job ended.
+    Scored(Vec<ScoredToken>),
     /// The job failed.
     Failed(EngineError),
 }
 
+/// What a job asks of the engine.
+#[derive(Debug)]
+pub enum JobKind {
+    /// Generate a continuation.
+    Generate(GenerateRequest),
+    /// Score a token sequence (teacher-forced log-probabilities).
+    Score {
+        /// The sequence.
+        tokens: Vec<u32>,
+        /// Alternatives per position.
+        top: usize,
+    },
+}
+
 struct Job {
     model: usize,
-    request: GenerateRequest,
+    kind: JobKind,
     events: mpsc::Sender<WorkerEvent>,
 }
 
@@ -113,14 +129,31 @@ impl EngineHandle {
             };
             stats.running.fetch_add(1, Ordering::Relaxed);
             let events = &job.events;
-            let result = generate(lm, &job.request, &mut |text: &str| match events
+            let request = match job.kind {
+                JobKind::Generate(r) => r,
+                JobKind::Score { tokens, top } => {
+                    let result = score(lm, &tokens, top);
+                    if result.is_ok() {
+                        stats
+                            .prompt_tokens
+                            .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+                    }
+                    stats.running.fetch_sub(1, Ordering::Relaxed);
+                    let _ = events.blocking_send(match result {
+                        Ok(s) => WorkerEvent::Scored(s),
+                        Err(e) => WorkerEvent::Failed(e),
+                    });
+                    continue;
+                }
+            };
+            let result = generate(lm, &request, &mut |text: &str| match events
                 .blocking_send(WorkerEvent::Text(text.to_owned()))
             {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             });
             if let Ok(g) = &result {
-                let prompt = job.request.prompt.len() as u64;
+                let prompt = request.prompt.len() as u64;
                 stats.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
                 let generated = g.tokens.len() as u64;
                 stats
@@ -159,16 +192,25 @@ impl EngineHandle {
         }))
     }
 
-    /// Queues a job; refuses at once when the queue is full.
+    /// Queues a generation; refuses at once when the queue is full.
     pub fn submit(
         &self,
         model: usize,
         request: GenerateRequest,
     ) -> Result<mpsc::Receiver<WorkerEvent>, ServerError> {
+        self.submit_job(model, JobKind::Generate(request))
+    }
+
+    /// Queues a job of any kind; refuses at once when the queue is full.
+    pub fn submit_job(
+        &self,
+        model: usize,
+        kind: JobKind,
+    ) -> Result<mpsc::Receiver<WorkerEvent>, ServerError> {
         let (tx, rx) = mpsc::channel(EVENTS_PER_JOB);
         let job = Job {
             model,
-            request,
+            kind,
             events: tx,
         };
         // Counted before the send: the engine may pick the job up at once.

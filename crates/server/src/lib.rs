@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/chat/completions",
             post(routes::chat_completions::chat_completions),
         )
+        .route("/v1/completions", post(routes::completions::completions))
         .route("/v1/models", get(routes::models::list_models))
         .route("/health", get(routes::health::health))
         .route("/metrics", get(routes::metrics::metrics))

@@ -12,7 +12,6 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use neocloud_engine::generation::{GenerateRequest, Generation, LoadedModel};
-use neocloud_engine::sampler::SamplingParams;
 use neocloud_openai::chat::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, ChoiceLogprobs, TokenLogprob, Usage,
@@ -22,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::engine_worker::WorkerEvent;
 use crate::error::ServerError;
+use crate::routes::sampling::{sampling_params, stop_strings, SamplingFields};
 use crate::AppState;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -145,70 +145,22 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
             "logprobs with stream: true are not supported yet",
         ));
     }
-    let f = |name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32| {
-        let v = v.unwrap_or(default);
-        if v.is_finite() && (lo..=hi).contains(&v) {
-            Ok(v)
-        } else {
-            Err(ServerError::param(
-                name,
-                format!("{name} must be within [{lo}, {hi}], got {v}"),
-            ))
-        }
-    };
-    let temperature = f("temperature", req.temperature, 1.0, 0.0, 2.0)?;
-    let top_p = f("top_p", req.top_p, 1.0, 0.0, 1.0)?;
-    if top_p == 0.0 {
-        return Err(ServerError::param("top_p", "top_p must be greater than 0"));
-    }
-    let min_p = f("min_p", req.min_p, 0.0, 0.0, 1.0)?;
-    let presence_penalty = f("presence_penalty", req.presence_penalty, 0.0, -2.0, 2.0)?;
-    let frequency_penalty = f("frequency_penalty", req.frequency_penalty, 0.0, -2.0, 2.0)?;
-    let repetition_penalty = f(
-        "repetition_penalty",
-        req.repetition_penalty,
-        1.0,
-        0.01,
-        10.0,
+    let sampling = sampling_params(
+        SamplingFields {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: req.min_p,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            repetition_penalty: req.repetition_penalty,
+            logit_bias: req.logit_bias.as_ref(),
+            seed: req.seed,
+            top_logprobs: logprobs.unwrap_or(0),
+        },
+        lm.model.config.vocab_size,
     )?;
-    let top_k = match req.top_k {
-        None | Some(-1) | Some(0) => 0,
-        Some(k) if k > 0 => k as usize,
-        Some(k) => {
-            return Err(ServerError::param(
-                "top_k",
-                format!("top_k must be -1 or positive, got {k}"),
-            ))
-        }
-    };
-    let vocab = lm.model.config.vocab_size;
-    let mut logit_bias = Vec::new();
-    for (k, &v) in req.logit_bias.iter().flatten() {
-        let id: u32 = k
-            .parse()
-            .ok()
-            .filter(|&id: &u32| (id as usize) < vocab)
-            .ok_or_else(|| {
-                ServerError::param(
-                    "logit_bias",
-                    format!("{k:?} is not a token id of this model"),
-                )
-            })?;
-        if !(-100.0..=100.0).contains(&v) {
-            return Err(ServerError::param(
-                "logit_bias",
-                "bias values must be within [-100, 100]",
-            ));
-        }
-        logit_bias.push((id, v));
-    }
-    let stop = req.stop.map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > 4 || stop.iter().any(String::is_empty) {
-        return Err(ServerError::param(
-            "stop",
-            "stop takes up to 4 non-empty strings",
-        ));
-    }
+    let stop = stop_strings(req.stop)?;
     let template = lm.chat_template.as_ref().ok_or_else(|| {
         ServerError::param(
             "messages",
@@ -247,18 +199,7 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
         generate: GenerateRequest {
             prompt,
             max_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                repetition_penalty,
-                presence_penalty,
-                frequency_penalty,
-                logit_bias,
-                seed: req.seed.map(|s| s as u64),
-                top_logprobs: logprobs.unwrap_or(0),
-            },
+            sampling,
             stop,
             stop_token_ids: Vec::new(),
             ignore_eos: req.ignore_eos.unwrap_or(false),
@@ -269,7 +210,7 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
     })
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -354,12 +295,15 @@ fn token_logprob(lm: &LoadedModel, id: u32, logprob: f32) -> TokenLogprob {
     }
 }
 
-async fn collect(mut events: mpsc::Receiver<WorkerEvent>) -> Result<Generation, ServerError> {
+pub(crate) async fn collect(
+    mut events: mpsc::Receiver<WorkerEvent>,
+) -> Result<Generation, ServerError> {
     while let Some(ev) = events.recv().await {
         match ev {
             WorkerEvent::Text(_) => {}
             WorkerEvent::Done(g) => return Ok(*g),
             WorkerEvent::Failed(e) => return Err(e.into()),
+            WorkerEvent::Scored(_) => break,
         }
     }
     Err(ServerError::Unavailable(
@@ -432,6 +376,7 @@ fn stream_response(
                     let _ = tx.send(Ok(Event::default().data(err.to_json()))).await;
                     break;
                 }
+                WorkerEvent::Scored(_) => break,
             }
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;

@@ -1,6 +1,8 @@
 //! HTTP routes, one module per endpoint.
 
 pub mod chat_completions;
+pub mod completions;
 pub mod health;
 pub mod metrics;
 pub mod models;
+mod sampling;

@@ -1,0 +1,122 @@
+//! `POST /v1/completions` (the legacy text completion API).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{StopSequences, StreamOptions, Usage};
+
+/// A text completion request.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct CompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// A string, a list of strings, a list of token ids, or a list of lists of ids.
+    pub prompt: serde_json::Value,
+    /// Text after the insertion point (not supported).
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Limit on generated tokens (default 16).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Top-k (extension).
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    /// Min-p (extension).
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    /// Choices per prompt.
+    #[serde(default)]
+    pub n: Option<u32>,
+    /// Candidates to pick from (only 1 is supported).
+    #[serde(default)]
+    pub best_of: Option<u32>,
+    /// Stream the answer.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    /// Number of top log-probabilities per token (0..=20).
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    /// Return the prompt before the completion.
+    #[serde(default)]
+    pub echo: bool,
+    /// Stop strings.
+    #[serde(default)]
+    pub stop: Option<StopSequences>,
+    /// Seed.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// Presence penalty.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Repetition penalty (extension).
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) to bias.
+    #[serde(default)]
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// Keep going past end-of-sequence (extension).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
+    /// Name tokens `token_id:N` in log-probabilities (extension, as vLLM).
+    #[serde(default)]
+    pub return_tokens_as_token_ids: Option<bool>,
+    /// End-user identifier.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// Legacy log-probabilities: parallel lists, one entry per token.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    /// Token texts.
+    pub tokens: Vec<String>,
+    /// Log-probability of each token (`null` for the first prompt token).
+    pub token_logprobs: Vec<Option<f32>>,
+    /// Alternatives at each position (`null` for the first prompt token).
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+    /// Character offset of each token in the returned text.
+    pub text_offset: Vec<usize>,
+}
+
+/// One choice.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct CompletionChoice {
+    /// The text (with the prompt first when `echo`).
+    pub text: String,
+    /// Position among the choices.
+    pub index: u32,
+    /// Log-probabilities when asked for.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+/// A text completion.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Completion {
+    /// `cmpl-...`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model.
+    pub model: String,
+    /// The choices.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts.
+    pub usage: Usage,
+}

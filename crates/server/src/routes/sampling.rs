@@ -1,0 +1,108 @@
+//! Sampling parameters shared by the chat and text completion endpoints,
+//! validated with the offending parameter named.
+
+use std::collections::BTreeMap;
+
+use neocloud_engine::sampler::SamplingParams;
+
+use crate::error::ServerError;
+
+/// The sampling fields of a request, as sent.
+pub(crate) struct SamplingFields<'a> {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub logit_bias: Option<&'a BTreeMap<String, f32>>,
+    pub seed: Option<i64>,
+    pub top_logprobs: usize,
+}
+
+fn within(name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32) -> Result<f32, ServerError> {
+    let v = v.unwrap_or(default);
+    if v.is_finite() && (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ServerError::param(
+            name,
+            format!("{name} must be within [{lo}, {hi}], got {v}"),
+        ))
+    }
+}
+
+/// Checks every field and builds the engine's parameters.
+pub(crate) fn sampling_params(
+    f: SamplingFields<'_>,
+    vocab: usize,
+) -> Result<SamplingParams, ServerError> {
+    let temperature = within("temperature", f.temperature, 1.0, 0.0, 2.0)?;
+    let top_p = within("top_p", f.top_p, 1.0, 0.0, 1.0)?;
+    if top_p == 0.0 {
+        return Err(ServerError::param("top_p", "top_p must be greater than 0"));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => {
+            return Err(ServerError::param(
+                "top_k",
+                format!("top_k must be -1 or positive, got {k}"),
+            ))
+        }
+    };
+    let mut logit_bias = Vec::new();
+    for (k, &v) in f.logit_bias.into_iter().flatten() {
+        let id: u32 = k
+            .parse()
+            .ok()
+            .filter(|&id: &u32| (id as usize) < vocab)
+            .ok_or_else(|| {
+                ServerError::param(
+                    "logit_bias",
+                    format!("{k:?} is not a token id of this model"),
+                )
+            })?;
+        if !(-100.0..=100.0).contains(&v) {
+            return Err(ServerError::param(
+                "logit_bias",
+                "bias values must be within [-100, 100]",
+            ));
+        }
+        logit_bias.push((id, v));
+    }
+    if f.top_logprobs > 20 {
+        return Err(ServerError::param(
+            "top_logprobs",
+            "at most 20 alternatives per token",
+        ));
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        min_p: within("min_p", f.min_p, 0.0, 0.0, 1.0)?,
+        repetition_penalty: within("repetition_penalty", f.repetition_penalty, 1.0, 0.01, 10.0)?,
+        presence_penalty: within("presence_penalty", f.presence_penalty, 0.0, -2.0, 2.0)?,
+        frequency_penalty: within("frequency_penalty", f.frequency_penalty, 0.0, -2.0, 2.0)?,
+        logit_bias,
+        seed: f.seed.map(|s| s as u64),
+        top_logprobs: f.top_logprobs,
+    })
+}
+
+/// Validates `stop`: up to four non-empty strings.
+pub(crate) fn stop_strings(
+    stop: Option<neocloud_openai::chat::StopSequences>,
+) -> Result<Vec<String>, ServerError> {
+    let stop = stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(ServerError::param(
+            "stop",
+            "stop takes up to 4 non-empty strings",
+        ));
+    }
+    Ok(stop)
+}
