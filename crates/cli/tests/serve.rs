@@ -28,6 +28,7 @@ fn serve_answers_the_openai_chat_api() {
     bad_requests_get_openai_errors(s);
     completions_score_prompts_like_llama_cpp(s);
     completions_generate_and_echo(s);
+    tokenize_and_detokenize(s);
 }
 
 fn chat(s: &Server, body: Value) -> neocloud_testkit::http::Response {
@@ -483,4 +484,63 @@ fn completions_generate_and_echo(s: &Server) {
         &json!({"model": QWEN, "prompt": [99999999]}),
     );
     assert_error(&bad, 400, "invalid_request_error", Some("prompt"));
+}
+
+fn tokenize_and_detokenize(s: &Server) {
+    let line = &neocloud_testkit::reference_lines(QWEN, "tokenize.jsonl")
+        .into_iter()
+        .find(|l| {
+            l["add_special"] == true
+                && l["parse_special"] == true
+                && l["text"].as_str().is_some_and(|t| t.len() > 10)
+        })
+        .unwrap();
+    let resp = post_json(
+        s.addr,
+        "/tokenize",
+        &json!({"model": QWEN, "prompt": line["text"]}),
+    )
+    .json();
+    assert_eq!(resp["tokens"], line["tokens"]);
+    assert_eq!(
+        resp["count"].as_u64().unwrap() as usize,
+        line["tokens"].as_array().unwrap().len()
+    );
+    let chat_line = &neocloud_testkit::reference_lines(QWEN, "chat_template.jsonl")[0];
+    let chat = post_json(
+        s.addr,
+        "/tokenize",
+        &json!({"model": QWEN, "messages": chat_line["request"]["messages"]}),
+    )
+    .json();
+    assert_eq!(chat["count"], chat_line["prompt_token_count"]);
+    let back = post_json(
+        s.addr,
+        "/detokenize",
+        &json!({"model": QWEN, "tokens": resp["tokens"]}),
+    )
+    .json();
+    assert_eq!(back["prompt"], line["text"]);
+    let bad = post_json(
+        s.addr,
+        "/detokenize",
+        &json!({"model": QWEN, "tokens": [u32::MAX]}),
+    );
+    assert_error(&bad, 400, "invalid_request_error", Some("tokens"));
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let server = Server::start(env!("CARGO_BIN_EXE_neocloud"), &["--model", GEMMA]);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = server.wait();
+    assert_eq!(
+        code,
+        Some(0),
+        "neocloud serve exits with success on SIGTERM"
+    );
 }

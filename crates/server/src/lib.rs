@@ -51,6 +51,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/completions", post(routes::completions::completions))
         .route("/v1/models", get(routes::models::list_models))
+        .route("/tokenize", post(routes::tokenize::tokenize))
+        .route("/detokenize", post(routes::tokenize::detokenize))
         .route("/health", get(routes::health::health))
         .route("/metrics", get(routes::metrics::metrics))
         .layer(DefaultBodyLimit::max(limit))

@@ -6,3 +6,4 @@ pub mod health;
 pub mod metrics;
 pub mod models;
 mod sampling;
+pub mod tokenize;

@@ -1,0 +1,92 @@
+//! `POST /tokenize` and `POST /detokenize`, in vLLM's shape.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ServerError;
+use crate::routes::chat_completions::parse_body;
+use crate::AppState;
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    model: String,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<Value>>,
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
+    #[serde(default)]
+    add_generation_prompt: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    model: String,
+    tokens: Vec<u64>,
+}
+
+fn model_index(state: &AppState, name: &str) -> Result<usize, ServerError> {
+    state
+        .engine
+        .names()
+        .iter()
+        .position(|n| n == name)
+        .ok_or_else(|| ServerError::ModelNotFound(name.to_owned()))
+}
+
+/// Tokenises a prompt, or chat messages through the model's template.
+pub async fn tokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ServerError> {
+    let req: TokenizeRequest = parse_body(body, state.body_limit)?;
+    let lm = &state.engine.models()?[model_index(&state, &req.model)?];
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(p), None) => lm
+            .tokenizer
+            .encode(p, req.add_special_tokens.unwrap_or(true), true),
+        (None, Some(messages)) => {
+            let template = lm
+                .chat_template
+                .as_ref()
+                .ok_or_else(|| ServerError::param("messages", "this model has no chat template"))?;
+            let text =
+                template.render(messages, None, req.add_generation_prompt.unwrap_or(true))?;
+            lm.encode_chat_prompt(&text)
+        }
+        _ => {
+            return Err(ServerError::param(
+                "prompt",
+                "give either prompt or messages",
+            ))
+        }
+    };
+    Ok(Json(json!({
+        "tokens": tokens,
+        "count": tokens.len(),
+        "max_model_len": lm.model.config.context_length,
+    })))
+}
+
+/// Turns token ids back into text.
+pub async fn detokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ServerError> {
+    let req: DetokenizeRequest = parse_body(body, state.body_limit)?;
+    let lm = &state.engine.models()?[model_index(&state, &req.model)?];
+    let vocab = lm.tokenizer.vocab_size() as u64;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
+        return Err(ServerError::param(
+            "tokens",
+            format!("{bad} is not a token id of this model"),
+        ));
+    }
+    let ids: Vec<u32> = req.tokens.iter().map(|&t| t as u32).collect();
+    Ok(Json(json!({ "prompt": lm.tokenizer.decode(&ids, true) })))
+}
