@@ -274,15 +274,10 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Opens a long streamed request and returns the connection once `chunks`
-/// events have arrived.
-fn open_stream(s: &Server, chunks: usize) -> (std::net::TcpStream, usize) {
-    use std::io::{Read, Write};
-    let body = json!({
-        "model": GEMMA, "messages": [{"role": "user", "content": "Count to a thousand."}],
-        "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true,
-    })
-    .to_string();
+/// Writes a chat request on a fresh connection without reading the answer.
+fn send_raw(s: &Server, body: &Value) -> std::net::TcpStream {
+    use std::io::Write;
+    let body = body.to_string();
     let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
     write!(
         conn,
@@ -290,6 +285,20 @@ fn open_stream(s: &Server, chunks: usize) -> (std::net::TcpStream, usize) {
         body.len()
     )
     .unwrap();
+    conn
+}
+
+/// Opens a long streamed request and returns the connection once `chunks`
+/// events have arrived.
+fn open_stream(s: &Server, chunks: usize) -> (std::net::TcpStream, usize) {
+    use std::io::Read;
+    let mut conn = send_raw(
+        s,
+        &json!({
+            "model": GEMMA, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true,
+        }),
+    );
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
     while seen.matches("data: ").count() < chunks {
@@ -325,19 +334,10 @@ fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
 
     // One running, one waiting: the next request gets 503 with Retry-After.
     let (running, _) = open_stream(s, 2);
-    let (waiting, _) = {
-        use std::io::Write;
-        let body = json!({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-            .to_string();
-        let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
-        write!(
-            conn,
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        (conn, ())
-    };
+    let waiting = send_raw(
+        s,
+        &json!({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    );
     wait_for("the second request to queue", || {
         metric(s, "neocloud:num_requests_waiting") == 1
     });

@@ -31,36 +31,12 @@ pub struct ChatCompletionRequest {
     /// Limit on generated tokens.
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    /// Sampling temperature.
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    /// Nucleus sampling.
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    /// Top-k (extension, as vLLM).
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    /// Min-p (extension, as vLLM).
-    #[serde(default)]
-    pub min_p: Option<f32>,
     /// Stop strings.
     #[serde(default)]
     pub stop: Option<StopSequences>,
-    /// Seed for reproducible sampling.
-    #[serde(default)]
-    pub seed: Option<i64>,
-    /// Presence penalty.
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    /// Frequency penalty.
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    /// Repetition penalty (extension, as vLLM).
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    /// Token id (as a string) to bias.
-    #[serde(default)]
-    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// Sampling parameters shared with the completions API.
+    #[serde(flatten)]
+    pub sampling: SamplingOptions,
     /// Return log-probabilities of the chosen tokens.
     #[serde(default)]
     pub logprobs: Option<bool>,
@@ -79,6 +55,38 @@ pub struct ChatCompletionRequest {
     /// End-user identifier.
     #[serde(default)]
     pub user: Option<String>,
+}
+
+/// Sampling parameters common to chat and text completions.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct SamplingOptions {
+    /// Sampling temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Top-k (extension, as vLLM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    /// Min-p (extension, as vLLM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// Seed for reproducible sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// Presence penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// Repetition penalty (extension, as vLLM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) to bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 /// `stream_options`.

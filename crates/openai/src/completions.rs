@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{StopSequences, StreamOptions, Usage};
+use crate::chat::{SamplingOptions, StopSequences, StreamOptions, Usage};
 
 /// A text completion request.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -19,18 +19,6 @@ pub struct CompletionRequest {
     /// Limit on generated tokens (default 16).
     #[serde(default)]
     pub max_tokens: Option<u32>,
-    /// Sampling temperature.
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    /// Nucleus sampling.
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    /// Top-k (extension).
-    #[serde(default)]
-    pub top_k: Option<i64>,
-    /// Min-p (extension).
-    #[serde(default)]
-    pub min_p: Option<f32>,
     /// Choices per prompt.
     #[serde(default)]
     pub n: Option<u32>,
@@ -52,21 +40,9 @@ pub struct CompletionRequest {
     /// Stop strings.
     #[serde(default)]
     pub stop: Option<StopSequences>,
-    /// Seed.
-    #[serde(default)]
-    pub seed: Option<i64>,
-    /// Presence penalty.
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    /// Frequency penalty.
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    /// Repetition penalty (extension).
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    /// Token id (as a string) to bias.
-    #[serde(default)]
-    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// Sampling parameters shared with the chat API.
+    #[serde(flatten)]
+    pub sampling: SamplingOptions,
     /// Keep going past end-of-sequence (extension).
     #[serde(default)]
     pub ignore_eos: Option<bool>,

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::engine_worker::WorkerEvent;
 use crate::error::ServerError;
-use crate::routes::sampling::{sampling_params, stop_strings, SamplingFields};
+use crate::routes::sampling::{sampling_params, stop_strings};
 use crate::AppState;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -146,18 +146,8 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
         ));
     }
     let sampling = sampling_params(
-        SamplingFields {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            repetition_penalty: req.repetition_penalty,
-            logit_bias: req.logit_bias.as_ref(),
-            seed: req.seed,
-            top_logprobs: logprobs.unwrap_or(0),
-        },
+        &req.sampling,
+        logprobs.unwrap_or(0),
         lm.model.config.vocab_size,
     )?;
     let stop = stop_strings(req.stop)?;

@@ -19,7 +19,7 @@ use neocloud_openai::completions::{
 use crate::engine_worker::{JobKind, WorkerEvent};
 use crate::error::ServerError;
 use crate::routes::chat_completions::{collect, now, parse_body};
-use crate::routes::sampling::{sampling_params, stop_strings, SamplingFields};
+use crate::routes::sampling::{sampling_params, stop_strings};
 use crate::AppState;
 
 /// Default `max_tokens` of the completions API.
@@ -103,30 +103,16 @@ pub async fn completions(
         ));
     }
     let top = req.logprobs.map(|k| k as usize);
-    let sampling = sampling_params(
-        SamplingFields {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            repetition_penalty: req.repetition_penalty,
-            logit_bias: req.logit_bias.as_ref(),
-            seed: req.seed,
-            top_logprobs: top.unwrap_or(0),
-        },
-        lm.model.config.vocab_size,
-    )
-    .map_err(|e| match e {
-        ServerError::InvalidParam { param, message } if param == "top_logprobs" => {
-            ServerError::InvalidParam {
-                param: "logprobs".into(),
-                message,
+    let sampling = sampling_params(&req.sampling, top.unwrap_or(0), lm.model.config.vocab_size)
+        .map_err(|e| match e {
+            ServerError::InvalidParam { param, message } if param == "top_logprobs" => {
+                ServerError::InvalidParam {
+                    param: "logprobs".into(),
+                    message,
+                }
             }
-        }
-        other => other,
-    })?;
+            other => other,
+        })?;
     let stop = stop_strings(req.stop.clone())?;
     let as_ids = req.return_tokens_as_token_ids.unwrap_or(false);
     let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;

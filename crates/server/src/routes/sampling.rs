@@ -1,25 +1,10 @@
 //! Sampling parameters shared by the chat and text completion endpoints,
 //! validated with the offending parameter named.
 
-use std::collections::BTreeMap;
-
 use neocloud_engine::sampler::SamplingParams;
+use neocloud_openai::chat::SamplingOptions;
 
 use crate::error::ServerError;
-
-/// The sampling fields of a request, as sent.
-pub(crate) struct SamplingFields<'a> {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub logit_bias: Option<&'a BTreeMap<String, f32>>,
-    pub seed: Option<i64>,
-    pub top_logprobs: usize,
-}
 
 fn within(name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32) -> Result<f32, ServerError> {
     let v = v.unwrap_or(default);
@@ -35,7 +20,8 @@ fn within(name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32) -> Result<
 
 /// Checks every field and builds the engine's parameters.
 pub(crate) fn sampling_params(
-    f: SamplingFields<'_>,
+    f: &SamplingOptions,
+    top_logprobs: usize,
     vocab: usize,
 ) -> Result<SamplingParams, ServerError> {
     let temperature = within("temperature", f.temperature, 1.0, 0.0, 2.0)?;
@@ -54,7 +40,7 @@ pub(crate) fn sampling_params(
         }
     };
     let mut logit_bias = Vec::new();
-    for (k, &v) in f.logit_bias.into_iter().flatten() {
+    for (k, &v) in f.logit_bias.iter().flatten() {
         let id: u32 = k
             .parse()
             .ok()
@@ -73,7 +59,7 @@ pub(crate) fn sampling_params(
         }
         logit_bias.push((id, v));
     }
-    if f.top_logprobs > 20 {
+    if top_logprobs > 20 {
         return Err(ServerError::param(
             "top_logprobs",
             "at most 20 alternatives per token",
@@ -89,7 +75,7 @@ pub(crate) fn sampling_params(
         frequency_penalty: within("frequency_penalty", f.frequency_penalty, 0.0, -2.0, 2.0)?,
         logit_bias,
         seed: f.seed.map(|s| s as u64),
-        top_logprobs: f.top_logprobs,
+        top_logprobs,
     })
 }
 
