@@ -480,6 +480,12 @@ impl Model {
         let mut proj = vec![0f32; t_len * d];
         let mut gate = vec![0f32; t_len * c.ffn_dim];
         let mut up = vec![0f32; t_len * c.ffn_dim];
+        let rope_global = rope_table(c.rope_base, c.rope_dims, p0, t_len);
+        let rope_sliding = if c.rope_base_sliding == c.rope_base {
+            rope_global.clone()
+        } else {
+            rope_table(c.rope_base_sliding, c.rope_dims, p0, t_len)
+        };
         for (l, w) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &mut xn, &w.attn_norm, c.rms_eps);
             matmul(&self.matrix(&w.wq), &xn, t_len, &mut q);
@@ -494,29 +500,13 @@ impl Model {
             if let Some(n) = &w.k_norm {
                 rms_norm_in_place(&mut k, n, c.rms_eps);
             }
-            let base = if c.layer_sliding[l] {
-                c.rope_base_sliding
+            let angles = if c.layer_sliding[l] {
+                &rope_sliding
             } else {
-                c.rope_base
+                &rope_global
             };
-            rope(
-                &mut q,
-                q_dim,
-                c.head_dim,
-                c.rope_dims,
-                base,
-                p0,
-                c.rope_style,
-            );
-            rope(
-                &mut k,
-                k_dim,
-                c.head_dim,
-                c.rope_dims,
-                base,
-                p0,
-                c.rope_style,
-            );
+            rope(&mut q, q_dim, c.head_dim, angles, c.rope_style);
+            rope(&mut k, k_dim, c.head_dim, angles, c.rope_style);
             cache.keys[l].extend_from_slice(&k);
             cache.values[l].extend_from_slice(&v);
             let window = if c.layer_sliding[l] {
@@ -648,28 +638,36 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// Rotary position embedding over rows of `row_width` values (whole heads of
-/// `head_dim`); row `t` is at position `p0 + t`. The first `rot` dimensions of
-/// each head rotate.
-fn rope(
-    x: &mut [f32],
-    row_width: usize,
-    head_dim: usize,
-    rot: usize,
-    base: f32,
-    p0: usize,
-    style: RopeStyle,
-) {
+/// RoPE angles for `t_len` positions from `p0`: `(cos, sin)` for each of the
+/// `rot / 2` dimension pairs, row after row. Computed once per forward pass
+/// and base, and shared by every layer's queries and keys.
+fn rope_table(base: f32, rot: usize, p0: usize, t_len: usize) -> Vec<(f32, f32)> {
     let half = rot / 2;
-    let mut cos_sin = vec![(0f32, 0f32); half];
-    for (t, row) in x.chunks_exact_mut(row_width).enumerate() {
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| (base as f64).powf(-2.0 * i as f64 / rot as f64))
+        .collect();
+    let mut table = Vec::with_capacity(t_len * half);
+    for t in 0..t_len {
         let pos = (p0 + t) as f64;
-        for (i, cs) in cos_sin.iter_mut().enumerate() {
-            let theta = pos * (base as f64).powf(-2.0 * i as f64 / rot as f64);
-            *cs = (theta.cos() as f32, theta.sin() as f32);
-        }
+        table.extend(inv_freq.iter().map(|f| {
+            let theta = pos * f;
+            (theta.cos() as f32, theta.sin() as f32)
+        }));
+    }
+    table
+}
+
+/// Rotary position embedding over rows of `row_width` values (whole heads of
+/// `head_dim`), row `t` rotated by row `t` of `table` (see [`rope_table`]).
+fn rope(x: &mut [f32], row_width: usize, head_dim: usize, table: &[(f32, f32)], style: RopeStyle) {
+    let rows = x.len() / row_width;
+    let half = table.len() / rows.max(1);
+    for (row, angles) in x
+        .chunks_exact_mut(row_width)
+        .zip(table.chunks_exact(half.max(1)))
+    {
         for head in row.chunks_exact_mut(head_dim) {
-            for (i, &(cos, sin)) in cos_sin.iter().enumerate() {
+            for (i, &(cos, sin)) in angles.iter().enumerate() {
                 let (a, b) = match style {
                     RopeStyle::Neox => (i, i + half),
                     RopeStyle::Interleaved => (2 * i, 2 * i + 1),

@@ -176,6 +176,14 @@ impl EngineHandle {
         &self.stats
     }
 
+    /// Index of the served model called `name`; 404 when none is.
+    pub fn model_index(&self, name: &str) -> Result<usize, ServerError> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .ok_or_else(|| ServerError::ModelNotFound(name.to_owned()))
+    }
+
     /// Names of the served models, in order.
     pub fn names(&self) -> &[String] {
         &self.names

@@ -52,12 +52,7 @@ struct Plan {
 }
 
 fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, ServerError> {
-    let model = state
-        .engine
-        .names()
-        .iter()
-        .position(|n| *n == req.model)
-        .ok_or_else(|| ServerError::ModelNotFound(req.model.clone()))?;
+    let model = state.engine.model_index(&req.model)?;
     let lm: &LoadedModel = &state.engine.models()?[model];
     if req.messages.is_empty() {
         return Err(ServerError::param("messages", "messages must not be empty"));

@@ -75,12 +75,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ServerError> {
     let req: CompletionRequest = parse_body(body, state.body_limit)?;
-    let model = state
-        .engine
-        .names()
-        .iter()
-        .position(|n| *n == req.model)
-        .ok_or_else(|| ServerError::ModelNotFound(req.model.clone()))?;
+    let model = state.engine.model_index(&req.model)?;
     let lm = state.engine.models()?[model].clone();
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ServerError::param("suffix", "suffix is not supported"));

@@ -30,22 +30,13 @@ struct DetokenizeRequest {
     tokens: Vec<u64>,
 }
 
-fn model_index(state: &AppState, name: &str) -> Result<usize, ServerError> {
-    state
-        .engine
-        .names()
-        .iter()
-        .position(|n| n == name)
-        .ok_or_else(|| ServerError::ModelNotFound(name.to_owned()))
-}
-
 /// Tokenises a prompt, or chat messages through the model's template.
 pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ServerError> {
     let req: TokenizeRequest = parse_body(body, state.body_limit)?;
-    let lm = &state.engine.models()?[model_index(&state, &req.model)?];
+    let lm = &state.engine.models()?[state.engine.model_index(&req.model)?];
     let tokens = match (&req.prompt, &req.messages) {
         (Some(p), None) => lm
             .tokenizer
@@ -79,7 +70,7 @@ pub async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ServerError> {
     let req: DetokenizeRequest = parse_body(body, state.body_limit)?;
-    let lm = &state.engine.models()?[model_index(&state, &req.model)?];
+    let lm = &state.engine.models()?[state.engine.model_index(&req.model)?];
     let vocab = lm.tokenizer.vocab_size() as u64;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
         return Err(ServerError::param(
