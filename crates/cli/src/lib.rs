@@ -7,10 +7,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use neocloud_engine::generation::{generate, GenerateRequest, LoadedModel};
-use neocloud_engine::model_source::ModelStore;
+use neocloud_engine::generation::{generate, GenerateRequest, LoadedModel, Progress};
+use neocloud_engine::model_source::{ModelStore, PullProgress};
 use neocloud_engine::sampler::SamplingParams;
 use serde::Serialize;
+
+pub mod config;
 
 /// neocloud: one OpenAI-compatible service over mixed accelerator fleets.
 #[derive(Debug, Parser)]
@@ -43,24 +45,32 @@ pub enum Command {
 /// The model served when none is named.
 pub const DEFAULT_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
 
-/// Arguments of `neocloud serve`.
+/// Arguments of `neocloud serve`. Each setting comes from the flag, else
+/// its `NEOCLOUD_*` variable, else the `--config` file, else the default.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model to serve (repeatable); pulled on first use.
+    /// TOML file with serve settings (unknown keys are errors).
+    #[arg(long, env = "NEOCLOUD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Model to serve (repeatable; default qwen2.5-coder-0.5b-instruct);
+    /// pulled on first use.
     #[arg(long = "model", env = "NEOCLOUD_MODEL", value_delimiter = ',')]
     pub models: Vec<String>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1", env = "NEOCLOUD_HOST")]
-    pub host: String,
-    /// Port to listen on (0 picks a free one).
-    #[arg(long, default_value_t = 8080, env = "NEOCLOUD_PORT")]
-    pub port: u16,
-    /// Requests that may wait while one runs; beyond that, 503.
-    #[arg(long, default_value_t = 64, env = "NEOCLOUD_QUEUE")]
-    pub queue: usize,
-    /// Largest request body in bytes; beyond that, 413.
-    #[arg(long, default_value_t = 2 * 1024 * 1024, env = "NEOCLOUD_BODY_LIMIT")]
-    pub body_limit: usize,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "NEOCLOUD_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on, 0 picks a free one [default: 8080].
+    #[arg(long, env = "NEOCLOUD_PORT")]
+    pub port: Option<u16>,
+    /// Requests that may wait while one runs; beyond that, 503 [default: 64].
+    #[arg(long, env = "NEOCLOUD_QUEUE")]
+    pub queue: Option<usize>,
+    /// Largest request body in bytes; beyond that, 413 [default: 2 MiB].
+    #[arg(long, env = "NEOCLOUD_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
+    /// Seconds open requests may run on after SIGTERM [default: 30].
+    #[arg(long, env = "NEOCLOUD_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout_secs: Option<u64>,
 }
 
 /// Arguments of `neocloud tokenize`.
@@ -120,11 +130,15 @@ pub struct GenerateArgs {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build_global()
-            .context("configuring worker threads")?;
+        set_threads(n)?;
     }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEOCLOUD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
     let store = ModelStore::from_env();
     match cli.command {
         Command::Pull { model } => {
@@ -139,16 +153,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "tokens": tokens }));
         }
         Command::Generate(args) => run_generate(&store, args)?,
-        Command::Serve(args) => run_serve(&store, args)?,
+        Command::Serve(args) => run_serve(&store, args, cli.threads)?,
     }
     Ok(())
 }
 
-fn run_serve(store: &ModelStore, args: ServeArgs) -> anyhow::Result<()> {
-    let names = if args.models.is_empty() {
-        vec![DEFAULT_MODEL.to_string()]
-    } else {
+fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => config::ServeFile::load(path)?,
+        None => config::ServeFile::default(),
+    };
+    if threads.is_none() {
+        if let Some(n) = file.threads {
+            set_threads(n)?;
+        }
+    }
+    let names = if !args.models.is_empty() {
         args.models
+    } else {
+        file.models
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| vec![DEFAULT_MODEL.to_string()])
     };
     let mut models = Vec::with_capacity(names.len());
     for name in names {
@@ -158,21 +183,34 @@ fn run_serve(store: &ModelStore, args: ServeArgs) -> anyhow::Result<()> {
         };
         models.push(neocloud_server::ServedModel { name, path });
     }
-    let listen: std::net::SocketAddr = format!("{}:{}", args.host, args.port)
+    let host = args
+        .host
+        .or(file.host)
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let port = args.port.or(file.port).unwrap_or(8080);
+    let listen: std::net::SocketAddr = format!("{host}:{port}")
         .parse()
         .or_else(|_| {
             use std::net::ToSocketAddrs;
-            (args.host.as_str(), args.port)
+            (host.as_str(), port)
                 .to_socket_addrs()?
                 .next()
                 .ok_or_else(|| std::io::Error::other("no address"))
         })
-        .with_context(|| format!("bad listen address {}:{}", args.host, args.port))?;
+        .with_context(|| format!("bad listen address {host}:{port}"))?;
+    let shutdown_secs = args
+        .shutdown_timeout_secs
+        .or(file.shutdown_timeout_secs)
+        .unwrap_or(30);
     let config = neocloud_server::ServerConfig {
         models,
         listen,
-        queue_capacity: args.queue.max(1),
-        body_limit: args.body_limit,
+        queue_capacity: args.queue.or(file.queue).unwrap_or(64).max(1),
+        body_limit: args
+            .body_limit
+            .or(file.body_limit)
+            .unwrap_or(2 * 1024 * 1024),
+        shutdown_timeout: std::time::Duration::from_secs(shutdown_secs),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -185,10 +223,46 @@ fn run_serve(store: &ModelStore, args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn set_threads(n: usize) -> anyhow::Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .build_global()
+        .context("configuring worker threads")
+}
+
+/// Pulls a model, drawing a progress bar on a terminal (status lines
+/// otherwise).
 fn pull(store: &ModelStore, model: &str) -> anyhow::Result<PathBuf> {
-    store
-        .pull(model, &mut |msg| eprintln!("{msg}"))
-        .with_context(|| format!("pulling {model}"))
+    let bar = indicatif::ProgressBar::hidden();
+    let mut started = false;
+    let result = store.pull(model, &mut |p| match p {
+        PullProgress::Status(msg) => {
+            if bar.is_hidden() {
+                eprintln!("{msg}");
+            } else {
+                bar.println(msg);
+            }
+        }
+        PullProgress::Assembled { bytes, total } => {
+            if !started {
+                started = true;
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                if let Some(t) = total {
+                    bar.set_length(t);
+                }
+                let style = indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
+                )
+                .map(|s| s.progress_chars("=> "))
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+                bar.set_style(style);
+                bar.set_message(format!("assembling {model}"));
+            }
+            bar.set_position(bytes);
+        }
+    });
+    bar.finish_and_clear();
+    result.with_context(|| format!("pulling {model}"))
 }
 
 fn open(store: &ModelStore, model: &str) -> anyhow::Result<LoadedModel> {
@@ -239,17 +313,23 @@ fn run_generate(store: &ModelStore, args: GenerateArgs) -> anyhow::Result<()> {
         stop: args.stop.clone(),
         stop_token_ids: Vec::new(),
         ignore_eos: false,
+        min_tokens: 0,
+        grammar: None,
     };
     let stdout = std::io::stdout();
-    let mut on_text = |s: &str| {
-        if !args.json {
+    let mut on_progress = |p: Progress<'_>| {
+        let s = match p {
+            Progress::Token { text, .. } | Progress::Finished { text } => text,
+            Progress::Prefilled { .. } => "",
+        };
+        if !args.json && !s.is_empty() {
             let mut out = stdout.lock();
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
         }
         std::ops::ControlFlow::Continue(())
     };
-    let g = generate(&lm, &req, &mut on_text)?;
+    let g = generate(&lm, &req, &mut on_progress)?;
     let decode_s = g.decode_time.as_secs_f64();
     let generated_after_first = g.tokens.len().saturating_sub(1) as f64;
     eprintln!(

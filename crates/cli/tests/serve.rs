@@ -25,10 +25,15 @@ fn serve_answers_the_openai_chat_api() {
     streaming_and_collected_answers_agree(s);
     seeds_make_sampling_reproducible(s);
     logprobs_come_with_top_alternatives(s);
-    bad_requests_get_openai_errors(s);
     completions_score_prompts_like_llama_cpp(s);
     completions_generate_and_echo(s);
     tokenize_and_detokenize(s);
+    several_choices_differ_by_seed(s);
+    streamed_logprobs_match_collected_ones(s);
+    streamed_completions_match_collected_ones(s);
+    tool_calls_round_trip_with_qwen(s);
+    json_mode_answers_are_json_objects(s);
+    metrics_report_latency_histograms(s);
 }
 
 fn chat(s: &Server, body: Value) -> neocloud_testkit::http::Response {
@@ -179,82 +184,6 @@ fn logprobs_come_with_top_alternatives(s: &Server) {
     }
 }
 
-fn bad_requests_get_openai_errors(s: &Server) {
-    let user = json!([{"role": "user", "content": "hi"}]);
-    assert_error(
-        &chat(s, json!({"model": "no-such-model", "messages": user})),
-        404,
-        "not_found_error",
-        Some("model"),
-    );
-    assert_error(
-        &chat(
-            s,
-            json!({"model": QWEN, "messages": user, "temperature": 3}),
-        ),
-        400,
-        "invalid_request_error",
-        Some("temperature"),
-    );
-    assert_error(
-        &chat(s, json!({"model": QWEN, "messages": user, "n": 2})),
-        400,
-        "invalid_request_error",
-        Some("n"),
-    );
-    assert_error(
-        &chat(s, json!({"model": QWEN, "messages": []})),
-        400,
-        "invalid_request_error",
-        Some("messages"),
-    );
-    assert_error(
-        &chat(
-            s,
-            json!({"model": QWEN, "messages": [{"role": "wizard", "content": "x"}]}),
-        ),
-        400,
-        "invalid_request_error",
-        Some("messages"),
-    );
-    assert_error(
-        &chat(
-            s,
-            json!({"model": QWEN, "messages": user, "response_format": {"type": "json_object"}}),
-        ),
-        400,
-        "invalid_request_error",
-        Some("response_format"),
-    );
-    assert_error(
-        &chat(
-            s,
-            json!({"model": QWEN, "messages": user, "logit_bias": {"999999999": 1}}),
-        ),
-        400,
-        "invalid_request_error",
-        Some("logit_bias"),
-    );
-    assert_error(
-        &chat(s, json!({"model": QWEN, "messages": user, "max_tokens": 0})),
-        400,
-        "invalid_request_error",
-        Some("max_tokens"),
-    );
-    let gemma_roles = json!([{"role": "assistant", "content": "I speak first"}]);
-    assert_error(
-        &chat(s, json!({"model": GEMMA, "messages": gemma_roles})),
-        400,
-        "invalid_request_error",
-        Some("messages"),
-    );
-    let not_json = request(s.addr, "POST", "/v1/chat/completions", Some(b"{not json"));
-    assert_error(&not_json, 400, "invalid_request_error", None);
-    let huge = vec![b' '; 3 * 1024 * 1024];
-    let too_large = request(s.addr, "POST", "/v1/chat/completions", Some(&huge));
-    assert_error(&too_large, 413, "request_too_large", None);
-}
-
 fn metric(s: &Server, name: &str) -> u64 {
     let text = request(s.addr, "GET", "/metrics", None).text();
     text.lines()
@@ -324,7 +253,13 @@ fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
     wait_for("the cancelled request to leave the engine", || {
         metric(s, "neocloud:num_requests_running") == 0
     });
-    assert_eq!(metric(s, "neocloud:request_cancelled_total"), 1);
+    assert_eq!(
+        metric(
+            s,
+            "neocloud:request_success_total{finished_reason=\"abort\"}"
+        ),
+        1
+    );
     let generated = metric(s, "neocloud:generation_tokens_total");
     eprintln!("cancelled after {generated} tokens; the client read {received} events");
     assert!(
@@ -347,12 +282,25 @@ fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
     );
     assert_error(&refused, 503, "service_unavailable", None);
     assert_eq!(refused.header("retry-after"), Some("1"));
-    drop(running);
+    // The waiting client leaves first: its request never starts.
     drop(waiting);
+    drop(running);
     wait_for("the engine to drain", || {
         metric(s, "neocloud:num_requests_running") == 0
             && metric(s, "neocloud:num_requests_waiting") == 0
     });
+    assert_eq!(
+        metric(
+            s,
+            "neocloud:request_success_total{finished_reason=\"abort\"}"
+        ),
+        3
+    );
+    assert_eq!(
+        metric(s, "neocloud:request_queue_time_seconds_count"),
+        2,
+        "the abandoned request never left the queue for the engine"
+    );
     // And it serves again.
     let ok = chat(
         s,
@@ -542,5 +490,258 @@ fn sigterm_stops_the_server_cleanly() {
         code,
         Some(0),
         "neocloud serve exits with success on SIGTERM"
+    );
+}
+
+fn choice_texts(resp: &Value) -> Vec<String> {
+    resp["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn several_choices_differ_by_seed(s: &Server) {
+    let body = json!({
+        "model": GEMMA, "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 12, "temperature": 1.0, "seed": 11, "n": 3,
+    });
+    let resp = chat(s, body.clone());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let resp = resp.json();
+    let texts = choice_texts(&resp);
+    assert_eq!(texts.len(), 3);
+    let indices: Vec<u64> = resp["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, vec![0, 1, 2]);
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "{texts:?}");
+    // Reproducible as a whole, and choice 0 is the n = 1 answer.
+    assert_eq!(choice_texts(&chat(s, body.clone()).json()), texts);
+    let mut one = body;
+    one["n"] = json!(1);
+    assert_eq!(choice_texts(&chat(s, one).json())[0], texts[0]);
+    let completion_tokens = resp["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        completion_tokens > 12 * 2,
+        "usage sums the choices: {completion_tokens}"
+    );
+}
+
+fn sse_chunks(resp: &neocloud_testkit::http::Response) -> Vec<Value> {
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let events = SseDecoder::new().feed(&resp.text());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+fn streamed_logprobs_match_collected_ones(s: &Server) {
+    let body = json!({
+        "model": QWEN, "messages": [{"role": "user", "content": "Write a haiku about rust."}],
+        "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+    });
+    let collected = chat(s, body.clone()).json();
+    let want = collected["choices"][0]["logprobs"]["content"].clone();
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let chunks = sse_chunks(&chat(s, stream_body));
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .filter_map(|c| c["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(Value::Array(streamed), want);
+}
+
+fn streamed_completions_match_collected_ones(s: &Server) {
+    let body = json!({
+        "model": GEMMA, "prompt": "The meaning of life is", "max_tokens": 10,
+        "temperature": 0, "logprobs": 1, "echo": true,
+    });
+    let collected = post_json(s.addr, "/v1/completions", &body).json();
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    stream_body["stream_options"] = json!({"include_usage": true});
+    let chunks = sse_chunks(&post_json(s.addr, "/v1/completions", &stream_body));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, collected["choices"][0]["text"].as_str().unwrap());
+    let tokens: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .flat_map(|c| c["logprobs"]["tokens"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(
+        Value::Array(tokens),
+        collected["choices"][0]["logprobs"]["tokens"]
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(last["usage"], collected["usage"]);
+    let finish = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .filter_map(|c| c["finish_reason"].as_str())
+        .collect::<Vec<_>>();
+    assert_eq!(finish, vec!["length"]);
+}
+
+fn tool_calls_round_trip_with_qwen(s: &Server) {
+    let tools = json!([{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }]);
+    let question = json!({"role": "user", "content": "What is the weather in Seoul?"});
+    let body = json!({
+        "model": QWEN, "messages": [question], "tools": tools,
+        "temperature": 0, "max_tokens": 64,
+    });
+    let first = chat(s, body.clone()).json();
+    let choice = &first["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{first}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args["city"], "Seoul");
+
+    // Streamed, the same call arrives in one delta before the finish.
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let chunks = sse_chunks(&chat(s, stream_body));
+    let streamed_call = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .find_map(|c| c["delta"].get("tool_calls"))
+        .unwrap();
+    assert_eq!(streamed_call[0]["function"], call["function"]);
+    let finish = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .find_map(|c| c["finish_reason"].as_str());
+    assert_eq!(finish, Some("tool_calls"));
+
+    // The result goes back; the template renders the call and the result.
+    let result =
+        json!({"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature_c\": 21}"});
+    let messages = json!([question, choice["message"], result]);
+    let rendered = post_json(
+        s.addr,
+        "/tokenize",
+        &json!({"model": QWEN, "messages": messages, "tools": tools}),
+    );
+    assert_eq!(rendered.status, 200, "{}", rendered.text());
+    let second = chat(
+        s,
+        json!({"model": QWEN, "messages": messages, "tools": tools, "temperature": 0, "max_tokens": 32}),
+    );
+    assert_eq!(second.status, 200, "{}", second.text());
+    let second = second.json();
+    let prompt_growth = second["usage"]["prompt_tokens"].as_u64().unwrap()
+        - first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_growth >= 20,
+        "the call and its result are in the prompt: {prompt_growth}"
+    );
+}
+
+fn metrics_report_latency_histograms(s: &Server) {
+    let text = request(s.addr, "GET", "/metrics", None).text();
+    for name in [
+        "neocloud:time_to_first_token_seconds",
+        "neocloud:inter_token_latency_seconds",
+        "neocloud:e2e_request_latency_seconds",
+        "neocloud:request_queue_time_seconds",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} histogram")), "{name}");
+        let count: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let inf: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"+Inf\"}} ")))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(count > 0.0 && count == inf, "{name}: {count} vs {inf}");
+    }
+    assert!(text.contains(
+        "neocloud:http_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}"
+    ));
+    assert!(text.contains("neocloud:kv_cache_usage_perc "));
+    // Generated tokens add up: the counter equals the histogram's sum.
+    let total: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("neocloud:generation_tokens_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let summed: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("neocloud:request_generation_tokens_sum "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(total, summed);
+}
+
+fn json_mode_answers_are_json_objects(s: &Server) {
+    for model in [GEMMA, QWEN] {
+        for (temperature, seed) in [(0.0, 1), (1.0, 5)] {
+            let resp = chat(
+                s,
+                json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": "Describe a cat as JSON with name, age and colors."}],
+                    "response_format": {"type": "json_object"},
+                    "temperature": temperature, "seed": seed, "max_tokens": 160,
+                }),
+            );
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            let resp = resp.json();
+            let choice = &resp["choices"][0];
+            let text = choice["message"]["content"].as_str().unwrap();
+            if choice["finish_reason"] == "stop" {
+                let value: Value =
+                    serde_json::from_str(text).unwrap_or_else(|e| panic!("{model}: {e}: {text}"));
+                assert!(value.is_object(), "{model}: {text}");
+            } else {
+                // Cut by max_tokens: still the start of one object.
+                assert_eq!(choice["finish_reason"], "length");
+                assert!(text.trim_start().starts_with('{'), "{model}: {text}");
+            }
+        }
+    }
+    let schema = chat(
+        s,
+        json!({
+            "model": QWEN, "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+        }),
+    );
+    assert_error(
+        &schema,
+        400,
+        "invalid_request_error",
+        Some("response_format"),
     );
 }

@@ -38,6 +38,7 @@ const TEMPLATE_NAME: &str = "chat";
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -60,9 +61,15 @@ impl ChatTemplate {
             .map_err(|e| EngineError::Template(e.to_string()))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_owned(),
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })
+    }
+
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The template a GGUF file carries, or the built-in Gemma template for
@@ -89,14 +96,15 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (OpenAI-style JSON objects) and optional `tools`.
-    /// Text-part arrays in `content` are joined into one string first.
+    /// Text-part arrays in `content` are joined into one string first, and
+    /// tool-call arguments are parsed from JSON text.
     pub fn render(
         &self,
         messages: &[serde_json::Value],
         tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
-        let messages: Vec<serde_json::Value> = messages.iter().map(flatten_content).collect();
+        let messages: Vec<serde_json::Value> = messages.iter().map(normalize_message).collect();
         let tmpl = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -118,8 +126,11 @@ impl ChatTemplate {
     }
 }
 
-/// Joins `[{"type":"text","text":...}, ...]` content into a single string.
-fn flatten_content(message: &serde_json::Value) -> serde_json::Value {
+/// Puts a message in the shape templates expect: text-part arrays in
+/// `content` are joined into one string, and tool-call arguments, which the
+/// API carries as JSON text, become objects again (templates write them
+/// with `tojson`).
+fn normalize_message(message: &serde_json::Value) -> serde_json::Value {
     let mut m = message.clone();
     if let Some(parts) = m.get("content").and_then(|c| c.as_array()) {
         let text: String = parts
@@ -128,6 +139,19 @@ fn flatten_content(message: &serde_json::Value) -> serde_json::Value {
             .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
             .collect();
         m["content"] = serde_json::Value::String(text);
+    }
+    if let Some(calls) = m.get_mut("tool_calls").and_then(|c| c.as_array_mut()) {
+        for call in calls {
+            let Some(args) = call.pointer_mut("/function/arguments") else {
+                continue;
+            };
+            if let Some(parsed) = args
+                .as_str()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            {
+                *args = parsed;
+            }
+        }
     }
     m
 }

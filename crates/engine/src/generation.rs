@@ -4,11 +4,13 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::chat_template::ChatTemplate;
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
+use crate::json_grammar::{Grammar, JsonPrefix};
 use crate::model::{KvCache, Model};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -24,6 +26,9 @@ pub struct LoadedModel {
     pub chat_template: Option<ChatTemplate>,
     /// How long loading took.
     pub load_time: Duration,
+    /// Text bytes of every token (empty for control tokens), built on the
+    /// first constrained generation.
+    token_bytes: OnceLock<Vec<Box<[u8]>>>,
 }
 
 impl LoadedModel {
@@ -52,6 +57,17 @@ impl LoadedModel {
             tokenizer,
             chat_template,
             load_time: start.elapsed(),
+            token_bytes: OnceLock::new(),
+        })
+    }
+
+    /// The text bytes of every token of the output head (empty for control
+    /// tokens), computed once.
+    pub fn token_bytes_table(&self) -> &[Box<[u8]>] {
+        self.token_bytes.get_or_init(|| {
+            (0..self.model.config.vocab_size as u32)
+                .map(|id| self.tokenizer.token_bytes(id, false).into_boxed_slice())
+                .collect()
         })
     }
 
@@ -102,6 +118,11 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// End-of-generation and stop tokens are not sampled before this many
+    /// tokens were generated.
+    pub min_tokens: usize,
+    /// A constraint on the text; the generation stops when it is complete.
+    pub grammar: Option<Grammar>,
 }
 
 impl GenerateRequest {
@@ -114,6 +135,8 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            min_tokens: 0,
+            grammar: None,
         }
     }
 }
@@ -135,13 +158,42 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
-/// Generates a continuation of `req.prompt`; `on_text` receives text as soon
-/// as it can no longer be part of a stop string, and can cancel the
-/// generation by returning `ControlFlow::Break`.
+/// What a generation reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// A chunk of the prompt went through the model.
+    Prefilled {
+        /// Prompt tokens processed so far.
+        done: usize,
+        /// Prompt tokens in all.
+        total: usize,
+    },
+    /// A token was generated. `text` is what became final with it: clear
+    /// of every stop string and UTF-8 complete (often empty).
+    Token {
+        /// The token and its log-probabilities.
+        sampled: &'a Sampled,
+        /// Text that became final.
+        text: &'a str,
+    },
+    /// The generation ended; `text` is the rest of the answer.
+    Finished {
+        /// Text not reported before.
+        text: &'a str,
+    },
+}
+
+/// Prompt tokens per forward pass during prefill: a consumer can cancel
+/// between chunks, and activations stay bounded.
+const PREFILL_CHUNK: usize = 512;
+
+/// Generates a continuation of `req.prompt`, reporting each step to
+/// `on_progress`; returning `ControlFlow::Break` from it cancels the
+/// generation before the next forward pass.
 pub fn generate(
     lm: &LoadedModel,
     req: &GenerateRequest,
-    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, EngineError> {
     let model = &lm.model;
     let tok = &lm.tokenizer;
@@ -163,6 +215,7 @@ pub fn generate(
         ));
     }
     let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt);
+    let mut json = req.grammar.map(|Grammar::JsonObject| JsonPrefix::default());
     let mut cache = KvCache::new(model);
     let mut decoder = StreamDecoder::new();
     let hold_back = req.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
@@ -176,12 +229,51 @@ pub fn generate(
     };
     let mut emitted = 0usize;
     let start = Instant::now();
-    let mut logits = model.forward(&req.prompt, &mut cache, req.prompt.len() - 1)?;
+    let total = req.prompt.len();
+    let mut logits = Vec::new();
+    let mut done = 0;
+    for chunk in req.prompt.chunks(PREFILL_CHUNK) {
+        done += chunk.len();
+        logits = model.forward(chunk, &mut cache, chunk.len() - 1)?;
+        if on_progress(Progress::Prefilled { done, total }).is_break() {
+            out.finish_reason = FinishReason::Cancelled;
+            out.prefill_time = start.elapsed();
+            return Ok(out);
+        }
+    }
     out.prefill_time = start.elapsed();
     let decode_start = Instant::now();
     let budget = req.max_tokens.min(ctx - req.prompt.len());
     while out.tokens.len() < budget {
-        let sampled = sampler.sample(&mut logits);
+        if out.tokens.len() < req.min_tokens {
+            let enders = tok.end_of_generation().iter().chain(&req.stop_token_ids);
+            for &id in enders {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let sampled = match (&mut json, req.grammar) {
+            (Some(state), Some(Grammar::JsonObject)) => {
+                let table = lm.token_bytes_table();
+                let current = *state;
+                let allowed = |id: u32| {
+                    table
+                        .get(id as usize)
+                        .is_some_and(|b| !b.is_empty() && current.accepts(b))
+                };
+                let Some(sampled) = sampler.sample_allowed(&mut logits, &allowed) else {
+                    // Nothing can continue the text: end it here.
+                    out.finish_reason = FinishReason::Stop;
+                    break;
+                };
+                if let Some(bytes) = table.get(sampled.token.id as usize) {
+                    state.feed(bytes);
+                }
+                sampled
+            }
+            _ => sampler.sample(&mut logits),
+        };
         let id = sampled.token.id;
         let is_eog = tok.end_of_generation().contains(&id) && !req.ignore_eos;
         if is_eog || req.stop_token_ids.contains(&id) {
@@ -189,23 +281,35 @@ pub fn generate(
             break;
         }
         out.tokens.push(id);
-        out.steps.push(sampled);
         let search_from = out.text.len().saturating_sub(hold_back);
         out.text.push_str(&decoder.push(tok, id));
-        if let Some(cut) = find_stop(&out.text, search_from, &req.stop) {
+        let stopped = find_stop(&out.text, search_from, &req.stop);
+        if let Some(cut) = stopped {
             out.text.truncate(cut);
             out.finish_reason = FinishReason::Stop;
+        }
+        let safe = match stopped {
+            // The rest goes out with `Finished`.
+            Some(_) => emitted,
+            None => floor_char_boundary(&out.text, out.text.len().saturating_sub(hold_back)),
+        };
+        let flow = on_progress(Progress::Token {
+            sampled: &sampled,
+            text: &out.text[emitted..safe],
+        });
+        emitted = safe;
+        out.steps.push(sampled);
+        if stopped.is_some() {
             break;
         }
-        let safe = floor_char_boundary(&out.text, out.text.len().saturating_sub(hold_back));
-        if safe > emitted {
-            let flow = on_text(&out.text[emitted..safe]);
-            emitted = safe;
-            if flow.is_break() {
-                out.finish_reason = FinishReason::Cancelled;
-                out.decode_time = decode_start.elapsed();
-                return Ok(out);
-            }
+        if flow.is_break() {
+            out.finish_reason = FinishReason::Cancelled;
+            out.decode_time = decode_start.elapsed();
+            return Ok(out);
+        }
+        if json.is_some_and(|state| state.is_done()) {
+            out.finish_reason = FinishReason::Stop;
+            break;
         }
         if out.tokens.len() == budget {
             break;
@@ -215,10 +319,10 @@ pub fn generate(
     if out.finish_reason == FinishReason::Length {
         out.text.push_str(&decoder.finish());
     }
-    if out.text.len() > emitted {
-        // The generation is over: a request to stop changes nothing now.
-        let _ = on_text(&out.text[emitted..]);
-    }
+    // The generation is over: a request to stop changes nothing now.
+    let _ = on_progress(Progress::Finished {
+        text: &out.text[emitted..],
+    });
     out.decode_time = decode_start.elapsed();
     Ok(out)
 }

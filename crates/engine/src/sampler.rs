@@ -204,6 +204,41 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         let top = top_logprobs(logits, self.params.top_logprobs);
         let raw_lse = log_sum_exp(logits);
+        self.process(logits);
+        let id = self.pick(logits);
+        self.finish(id, raw_lse, top)
+    }
+
+    /// Like [`Sampler::sample`], among the tokens `allowed` accepts: the
+    /// token drawn is kept when allowed; otherwise every token not allowed is
+    /// masked and the draw repeated, which samples exactly the masked
+    /// distribution while testing the whole vocabulary only when needed.
+    /// `None` when no token is allowed.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &mut [f32],
+        allowed: &dyn Fn(u32) -> bool,
+    ) -> Option<Sampled> {
+        let top = top_logprobs(logits, self.params.top_logprobs);
+        let raw_lse = log_sum_exp(logits);
+        self.process(logits);
+        let mut id = self.pick(logits);
+        if !allowed(id) {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if !allowed(i as u32) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            id = self.pick(logits);
+            if !allowed(id) {
+                return None;
+            }
+        }
+        Some(self.finish(id, raw_lse, top))
+    }
+
+    /// Keeps the raw logits, then applies bias and penalties in place.
+    fn process(&mut self, logits: &mut [f32]) {
         self.raw_logits.clear();
         self.raw_logits.extend_from_slice(logits);
         let p = &self.params;
@@ -230,11 +265,17 @@ impl Sampler {
                 }
             }
         }
-        let id = if p.temperature == 0.0 {
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature == 0.0 {
             argmax(logits)
         } else {
             self.sample_stochastic(logits)
-        };
+        }
+    }
+
+    fn finish(&mut self, id: u32, raw_lse: f64, top: Vec<TokenLogprob>) -> Sampled {
         let logprob = (self.raw_logits[id as usize] as f64 - raw_lse) as f32;
         self.accept(id);
         Sampled {

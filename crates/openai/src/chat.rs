@@ -144,8 +144,46 @@ impl Usage {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: String,
-    /// The text.
+    /// The text (`null` when the answer is only tool calls).
     pub content: Option<String>,
+    /// Functions the model calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A call the model makes to one of the request's tools.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ToolCall {
+    /// `call_...`, echoed back in the `tool` message with the result.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function and its arguments.
+    pub function: FunctionCall,
+}
+
+/// The function of a tool call.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, as JSON text.
+    pub arguments: String,
+}
+
+/// A tool call in a stream chunk: the whole call in one delta here.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ToolCallDelta {
+    /// Position of the call among the choice's calls.
+    pub index: u32,
+    /// The call's id.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function and its arguments.
+    pub function: FunctionCall,
 }
 
 /// Log-probability of one token, with alternatives.
@@ -178,7 +216,7 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     /// Log-probabilities when asked for.
     pub logprobs: Option<ChoiceLogprobs>,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: String,
 }
 
@@ -208,6 +246,9 @@ pub struct ChatDelta {
     /// New text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool calls, once the model has finished writing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One choice of a stream chunk.
@@ -217,6 +258,9 @@ pub struct ChatChunkChoice {
     pub index: u32,
     /// What is new.
     pub delta: ChatDelta,
+    /// Log-probabilities of the tokens new in this chunk, when asked for.
+    #[serde(default)]
+    pub logprobs: Option<ChoiceLogprobs>,
     /// Set on the last chunk of the choice.
     pub finish_reason: Option<String>,
 }

@@ -46,6 +46,9 @@ pub struct CompletionRequest {
     /// Keep going past end-of-sequence (extension).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// Generate at least this many tokens (extension, as vLLM).
+    #[serde(default)]
+    pub min_tokens: Option<u32>,
     /// Name tokens `token_id:N` in log-probabilities (extension, as vLLM).
     #[serde(default)]
     pub return_tokens_as_token_ids: Option<bool>,
@@ -76,8 +79,8 @@ pub struct CompletionChoice {
     pub index: u32,
     /// Log-probabilities when asked for.
     pub logprobs: Option<CompletionLogprobs>,
-    /// `stop` or `length`.
-    pub finish_reason: String,
+    /// `stop` or `length`; `null` in stream chunks before the last.
+    pub finish_reason: Option<String>,
 }
 
 /// A text completion.
@@ -95,4 +98,22 @@ pub struct Completion {
     pub choices: Vec<CompletionChoice>,
     /// Token counts.
     pub usage: Usage,
+}
+
+/// A streamed text completion event.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct CompletionChunk {
+    /// Same id for every chunk of a response.
+    pub id: String,
+    /// `text_completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model.
+    pub model: String,
+    /// Choice deltas (empty in the usage chunk).
+    pub choices: Vec<CompletionChoice>,
+    /// Usage, in the last chunk when `include_usage` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }

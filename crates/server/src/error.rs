@@ -19,6 +19,17 @@ pub enum ServerError {
     /// The body is not a valid request.
     #[error("{0}")]
     InvalidBody(String),
+    /// The prompt, with the tokens asked for, does not fit the context.
+    #[error("{message}")]
+    ContextLengthExceeded {
+        /// `messages` or `prompt`.
+        param: String,
+        /// The counts.
+        message: String,
+    },
+    /// No route answers this method and path.
+    #[error("no route for {0}")]
+    NoRoute(String),
     /// No served model has this name.
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
@@ -31,11 +42,14 @@ pub enum ServerError {
     /// The engine failed.
     #[error("engine error: {0}")]
     Engine(#[from] EngineError),
+    /// A fault on our side (a panic while serving); the detail is logged.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ServerError {
     /// A 400 naming `param`.
-    pub fn param(param: &str, message: impl Into<String>) -> Self {
+    pub fn param(param: impl Into<String>, message: impl Into<String>) -> Self {
         ServerError::InvalidParam {
             param: param.into(),
             message: message.into(),
@@ -47,11 +61,15 @@ impl ServerError {
         match self {
             ServerError::InvalidParam { param, message } => ApiError::invalid_param(param, message),
             ServerError::InvalidBody(m) => ApiError::new(ErrorKind::InvalidRequestError, m),
+            ServerError::ContextLengthExceeded { param, message } => {
+                ApiError::invalid_param(param, message).with_code("context_length_exceeded")
+            }
             ServerError::ModelNotFound(_) => {
                 ApiError::new(ErrorKind::NotFoundError, self.to_string())
                     .with_param("model")
                     .with_code("model_not_found")
             }
+            ServerError::NoRoute(_) => ApiError::new(ErrorKind::NotFoundError, self.to_string()),
             ServerError::TooLarge(_) => ApiError::new(ErrorKind::RequestTooLarge, self.to_string()),
             ServerError::Unavailable(m) => ApiError::new(ErrorKind::ServiceUnavailable, m),
             ServerError::Engine(EngineError::InvalidRequest(m)) => {
@@ -62,8 +80,8 @@ impl ServerError {
                 format!("the chat template rejected the messages: {m}"),
             )
             .with_param("messages"),
-            ServerError::Engine(_) => {
-                ApiError::new(ErrorKind::ServerError, "internal engine error")
+            ServerError::Engine(_) | ServerError::Internal(_) => {
+                ApiError::new(ErrorKind::ServerError, "internal server error")
             }
         }
     }
@@ -71,6 +89,9 @@ impl ServerError {
 
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
+        if matches!(self, ServerError::Engine(_) | ServerError::Internal(_)) {
+            tracing::error!(error = %self, "request failed");
+        }
         let api = self.to_api_error();
         let status =
             StatusCode::from_u16(api.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -45,18 +45,47 @@ impl Response {
 
 /// Sends one request and reads the whole response.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> Response {
+    request_with_headers(
+        addr,
+        method,
+        path,
+        &[("content-type", "application/json")],
+        body,
+    )
+}
+
+/// Sends one request with the given headers (`host`, `content-length` and
+/// `connection: close` are added) and reads the whole response.
+pub fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Response {
+    let body = body.unwrap_or(&[]);
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    ));
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    exchange(addr, &bytes)
+}
+
+/// Writes raw bytes (a whole request, framed by the caller) and reads the
+/// response.
+pub fn exchange(addr: SocketAddr, raw: &[u8]) -> Response {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(300)))
         .unwrap();
-    let body = body.unwrap_or(&[]);
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
     // A server may answer (413) before reading everything: ignore write errors.
-    let _ = stream.write_all(body);
+    let _ = stream.write_all(raw);
     read_response(stream)
 }
 

@@ -1,72 +1,64 @@
 //! `POST /v1/chat/completions`: validation, prompt rendering, and the
-//! streamed or collected answer.
+//! streamed or collected answer, with `n` choices and tool calls.
 
 use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use neocloud_engine::generation::{GenerateRequest, Generation, LoadedModel};
+use neocloud_engine::generation::{GenerateRequest, LoadedModel};
+use neocloud_engine::json_grammar::Grammar;
+use neocloud_engine::sampler::Sampled;
 use neocloud_openai::chat::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatDelta, ChoiceLogprobs, TokenLogprob, Usage,
+    ChatCompletionRequest, ChatDelta, ChoiceLogprobs, TokenLogprob, ToolCallDelta, Usage,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::engine_worker::WorkerEvent;
 use crate::error::ServerError;
+use crate::json_body::JsonBody;
+use crate::routes::choices::{
+    choices_of, collect_all, merge, now, response_id, submit_all, MAX_CHOICES,
+};
 use crate::routes::sampling::{sampling_params, stop_strings};
+use crate::tool_calls::{self, ToolCallStream};
 use crate::AppState;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
-
-/// Parses the body, mapping every failure to an OpenAI-style error.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<T, ServerError> {
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServerError::TooLarge(limit)
-        } else {
-            ServerError::InvalidBody(format!("could not read the body: {r}"))
-        }
-    })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ServerError::InvalidBody(format!("the body is not a valid request: {e}")))
-}
 
 /// What a validated request asks for.
 struct Plan {
     model: usize,
     generate: GenerateRequest,
-    logprobs: Option<usize>,
+    n: usize,
+    logprobs: bool,
+    /// Names of the tools offered, when answers are parsed for calls.
+    tool_names: Option<Vec<String>>,
     stream: bool,
     include_usage: bool,
 }
 
-fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, ServerError> {
-    let model = state.engine.model_index(&req.model)?;
-    let lm: &LoadedModel = &state.engine.models()?[model];
-    if req.messages.is_empty() {
+fn check_messages(messages: &[serde_json::Value]) -> Result<(), ServerError> {
+    if messages.is_empty() {
         return Err(ServerError::param("messages", "messages must not be empty"));
     }
-    for (i, m) in req.messages.iter().enumerate() {
+    for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(|r| r.as_str());
         if !role.is_some_and(|r| ROLES.contains(&r)) {
             return Err(ServerError::param(
-                "messages",
+                format!("messages[{i}].role"),
                 format!("messages[{i}].role must be one of {}", ROLES.join(", ")),
             ));
         }
+        let has_tool_calls = m
+            .get("tool_calls")
+            .is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()));
         match m.get("content") {
-            None | Some(serde_json::Value::Null) if role == Some("assistant") => {}
+            None | Some(serde_json::Value::Null) if role == Some("assistant") && has_tool_calls => {
+            }
             Some(serde_json::Value::String(_)) => {}
             Some(serde_json::Value::Array(parts))
                 if parts.iter().all(|p| {
@@ -75,22 +67,65 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
                 }) => {}
             _ => {
                 return Err(ServerError::param(
-                    "messages",
+                    format!("messages[{i}].content"),
                     format!("messages[{i}].content must be a string or a list of text parts"),
                 ))
             }
         }
+        if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
+            let well_formed = role == Some("assistant")
+                && calls.as_array().is_some_and(|a| {
+                    a.iter().all(|c| {
+                        c.pointer("/function/name").is_some_and(|n| n.is_string())
+                            && c.pointer("/function/arguments")
+                                .is_some_and(|a| a.is_string())
+                    })
+                });
+            if !well_formed {
+                return Err(ServerError::param(
+                    format!("messages[{i}].tool_calls"),
+                    "tool_calls belong to assistant messages, each with function.name and function.arguments as strings",
+                ));
+            }
+        }
     }
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(ServerError::param("n", "only n = 1 is supported"));
+    Ok(())
+}
+
+fn check_tools(tools: &[serde_json::Value]) -> Result<(), ServerError> {
+    for (i, t) in tools.iter().enumerate() {
+        let ok = t.get("type").and_then(|t| t.as_str()) == Some("function")
+            && t.pointer("/function/name").is_some_and(|n| n.is_string());
+        if !ok {
+            return Err(ServerError::param(
+                format!("tools[{i}]"),
+                "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            ));
+        }
     }
-    if let Some(rf) = &req.response_format {
-        match rf.get("type").and_then(|t| t.as_str()) {
-            Some("text") => {}
-            Some(t @ ("json_object" | "json_schema")) => {
+    Ok(())
+}
+
+fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, ServerError> {
+    let model = state.engine.model_index(&req.model)?;
+    let lm: &LoadedModel = &state.engine.models()?[model];
+    check_messages(&req.messages)?;
+    let n = req.n.unwrap_or(1) as usize;
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ServerError::param(
+            "n",
+            format!("n must be between 1 and {MAX_CHOICES}"),
+        ));
+    }
+    let grammar = match &req.response_format {
+        None => None,
+        Some(rf) => match rf.get("type").and_then(|t| t.as_str()) {
+            Some("text") => None,
+            Some("json_object") => Some(Grammar::JsonObject),
+            Some("json_schema") => {
                 return Err(ServerError::param(
                     "response_format",
-                    format!("response_format {t} is not supported yet"),
+                    "response_format json_schema is not supported yet; json_object is",
                 ))
             }
             _ => {
@@ -99,52 +134,30 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
                     "response_format.type must be text, json_object or json_schema",
                 ))
             }
-        }
-    }
-    match req.tool_choice.as_ref().and_then(|t| t.as_str()) {
-        None if req.tool_choice.is_none() => {}
-        Some("auto" | "none") => {}
-        _ => {
+        },
+    };
+    let tool_choice = match &req.tool_choice {
+        None => "auto",
+        Some(serde_json::Value::String(s)) if s == "auto" || s == "none" => s.as_str(),
+        Some(_) => {
             return Err(ServerError::param(
                 "tool_choice",
                 "tool_choice must be auto or none (forced tool calls are not supported yet)",
             ))
         }
-    }
-    if req.min_tokens.is_some_and(|m| m > 0) {
-        return Err(ServerError::param(
-            "min_tokens",
-            "min_tokens is not supported yet",
-        ));
+    };
+    if let Some(tools) = &req.tools {
+        check_tools(tools)?;
     }
     let top_logprobs = req.top_logprobs.unwrap_or(0) as usize;
-    let logprobs = match req.logprobs {
-        Some(true) => Some(top_logprobs),
-        _ if top_logprobs > 0 => {
-            return Err(ServerError::param(
-                "top_logprobs",
-                "top_logprobs needs logprobs: true",
-            ))
-        }
-        _ => None,
-    };
-    if top_logprobs > 20 {
+    let logprobs = req.logprobs.unwrap_or(false);
+    if top_logprobs > 0 && !logprobs {
         return Err(ServerError::param(
             "top_logprobs",
-            "top_logprobs must be at most 20",
+            "top_logprobs needs logprobs: true",
         ));
     }
-    if req.stream && logprobs.is_some() {
-        return Err(ServerError::param(
-            "logprobs",
-            "logprobs with stream: true are not supported yet",
-        ));
-    }
-    let sampling = sampling_params(
-        &req.sampling,
-        logprobs.unwrap_or(0),
-        lm.model.config.vocab_size,
-    )?;
+    let sampling = sampling_params(&req.sampling, top_logprobs, lm.model.config.vocab_size)?;
     let stop = stop_strings(req.stop)?;
     let template = lm.chat_template.as_ref().ok_or_else(|| {
         ServerError::param(
@@ -152,33 +165,52 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
             "this model has no chat template; use /v1/completions",
         )
     })?;
-    let tools = match req.tool_choice.as_ref().and_then(|t| t.as_str()) {
-        Some("none") => None,
+    let tools = match tool_choice {
+        "none" => None,
         _ => req.tools.as_deref().filter(|t| !t.is_empty()),
     };
+    let tool_names = tools
+        .filter(|_| tool_calls::template_uses_tool_call_tags(template.source()))
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| t.pointer("/function/name").and_then(|n| n.as_str()))
+                .map(str::to_owned)
+                .collect()
+        });
     let prompt_text = template.render(&req.messages, tools, true)?;
     let prompt = lm.encode_chat_prompt(&prompt_text);
     let context = lm.model.config.context_length;
-    if prompt.len() >= context {
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let param = if req.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    if max_tokens == Some(0) {
         return Err(ServerError::param(
-            "messages",
-            format!(
-                "the prompt has {} tokens; the context is {context}",
-                prompt.len()
-            ),
+            param,
+            format!("{param} must be at least 1"),
         ));
     }
-    let room = context - prompt.len();
-    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        Some(0) => {
-            return Err(ServerError::param(
-                "max_tokens",
-                "max_tokens must be at least 1",
-            ))
-        }
-        Some(n) => (n as usize).min(room),
-        None => room,
-    };
+    let asked = max_tokens.map(|m| m as usize).unwrap_or(1);
+    if prompt.len() + asked > context {
+        return Err(ServerError::ContextLengthExceeded {
+            param: "messages".into(),
+            message: format!(
+                "this model's context is {context} tokens; the messages take {} and {param} asks for {asked} more",
+                prompt.len()
+            ),
+        });
+    }
+    let max_tokens = max_tokens.map_or(context - prompt.len(), |m| m as usize);
+    let min_tokens = req.min_tokens.unwrap_or(0) as usize;
+    if min_tokens > max_tokens {
+        return Err(ServerError::param(
+            "min_tokens",
+            format!("min_tokens ({min_tokens}) exceeds {param} ({max_tokens})"),
+        ));
+    }
     Ok(Plan {
         model,
         generate: GenerateRequest {
@@ -188,86 +220,106 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
             stop,
             stop_token_ids: Vec::new(),
             ignore_eos: req.ignore_eos.unwrap_or(false),
+            min_tokens,
+            grammar,
         },
+        n,
         logprobs,
+        tool_names,
         stream: req.stream,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     })
 }
 
-pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// What every choice of a response shares.
+struct Answer {
+    id: String,
+    model: String,
+    lm: std::sync::Arc<LoadedModel>,
+    prompt_tokens: u32,
+    logprobs: bool,
+    tool_names: Option<Vec<String>>,
 }
 
-fn request_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("chatcmpl-{t:x}{n:04x}")
+impl Answer {
+    fn logprobs_of(&self, steps: &[Sampled]) -> Option<ChoiceLogprobs> {
+        self.logprobs.then(|| ChoiceLogprobs {
+            content: steps.iter().map(|s| step_logprob(&self.lm, s)).collect(),
+        })
+    }
+
+    fn call_id_prefix(&self, choice: usize) -> String {
+        let suffix = self.id.strip_prefix("chatcmpl-").unwrap_or(&self.id);
+        format!("call_{suffix}_{choice}")
+    }
 }
 
 /// The handler.
 pub async fn chat_completions(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ServerError> {
-    let req: ChatCompletionRequest = parse_body(body, state.body_limit)?;
-    let model_name = req.model.clone();
+    let model = req.model.clone();
     let plan = validate(req, &state)?;
-    let prompt_tokens = plan.generate.prompt.len() as u32;
-    let events = state.engine.submit(plan.model, plan.generate)?;
-    let id = request_id();
+    let answer = Answer {
+        id: response_id("chatcmpl"),
+        model,
+        lm: state.engine.models()?[plan.model].clone(),
+        prompt_tokens: plan.generate.prompt.len() as u32,
+        logprobs: plan.logprobs,
+        tool_names: plan.tool_names,
+    };
+    let jobs = submit_all(&state, plan.model, choices_of(&plan.generate, plan.n))?;
     if plan.stream {
-        return Ok(stream_response(
-            events,
-            id,
-            model_name,
-            prompt_tokens,
-            plan.include_usage,
-        ));
+        return Ok(stream_response(jobs, answer, plan.include_usage));
     }
-    let lm = state.engine.models()?[plan.model].clone();
-    let generation = collect(events).await?;
-    let logprobs = plan.logprobs.map(|_| ChoiceLogprobs {
-        content: generation
-            .steps
-            .iter()
-            .map(|s| {
-                let mut entry = token_logprob(&lm, s.token.id, s.token.logprob);
-                entry.top_logprobs = Some(
-                    s.top
-                        .iter()
-                        .map(|t| token_logprob(&lm, t.id, t.logprob))
-                        .collect(),
-                );
-                entry
-            })
-            .collect(),
-    });
+    let generations = collect_all(jobs).await?;
+    let mut completion_tokens = 0;
+    let choices = generations
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            completion_tokens += g.tokens.len() as u32;
+            let parsed = answer
+                .tool_names
+                .as_ref()
+                .and_then(|names| tool_calls::parse(&g.text, names, &answer.call_id_prefix(i)));
+            let (content, calls, finish) = match parsed {
+                Some(p) => (p.content, Some(p.calls), "tool_calls"),
+                None => (Some(g.text), None, g.finish_reason.as_str()),
+            };
+            ChatChoice {
+                index: i as u32,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content,
+                    tool_calls: calls,
+                },
+                logprobs: answer.logprobs_of(&g.steps),
+                finish_reason: finish.into(),
+            }
+        })
+        .collect();
     let body = ChatCompletion {
-        id,
+        id: answer.id,
         object: "chat.completion".into(),
         created: now(),
-        model: model_name,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content: Some(generation.text.clone()),
-            },
-            logprobs,
-            finish_reason: generation.finish_reason.as_str().into(),
-        }],
-        usage: Usage::new(prompt_tokens, generation.tokens.len() as u32),
+        model: answer.model,
+        choices,
+        usage: Usage::new(answer.prompt_tokens, completion_tokens),
     };
     Ok(Json(body).into_response())
+}
+
+fn step_logprob(lm: &LoadedModel, s: &Sampled) -> TokenLogprob {
+    let mut entry = token_logprob(lm, s.token.id, s.token.logprob);
+    entry.top_logprobs = Some(
+        s.top
+            .iter()
+            .map(|t| token_logprob(lm, t.id, t.logprob))
+            .collect(),
+    );
+    entry
 }
 
 fn token_logprob(lm: &LoadedModel, id: u32, logprob: f32) -> TokenLogprob {
@@ -280,49 +332,31 @@ fn token_logprob(lm: &LoadedModel, id: u32, logprob: f32) -> TokenLogprob {
     }
 }
 
-pub(crate) async fn collect(
-    mut events: mpsc::Receiver<WorkerEvent>,
-) -> Result<Generation, ServerError> {
-    while let Some(ev) = events.recv().await {
-        match ev {
-            WorkerEvent::Text(_) => {}
-            WorkerEvent::Done(g) => return Ok(*g),
-            WorkerEvent::Failed(e) => return Err(e.into()),
-            WorkerEvent::Scored(_) => break,
-        }
-    }
-    Err(ServerError::Unavailable(
-        "the engine stopped mid-request".into(),
-    ))
+/// Per-choice progress of a stream.
+#[derive(Default)]
+struct ChoiceStream {
+    text_sent: usize,
+    steps_sent: usize,
+    tool_calls: Option<ToolCallStream>,
 }
 
 fn stream_response(
-    mut events: mpsc::Receiver<WorkerEvent>,
-    id: String,
-    model: String,
-    prompt_tokens: u32,
+    jobs: Vec<mpsc::Receiver<WorkerEvent>>,
+    answer: Answer,
     include_usage: bool,
 ) -> Response {
+    let n = jobs.len();
+    let mut events = merge(jobs);
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(async move {
         let created = now();
         let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
-            id: id.clone(),
+            id: answer.id.clone(),
             object: "chat.completion.chunk".into(),
             created,
-            model: model.clone(),
+            model: answer.model.clone(),
             choices,
             usage,
-        };
-        let delta = |role: Option<&str>, content: Option<String>, finish: Option<&str>| {
-            vec![ChatChunkChoice {
-                index: 0,
-                delta: ChatDelta {
-                    role: role.map(str::to_owned),
-                    content,
-                },
-                finish_reason: finish.map(str::to_owned),
-            }]
         };
         let send = |c: ChatCompletionChunk| {
             let tx = tx.clone();
@@ -331,38 +365,119 @@ fn stream_response(
                 tx.send(Ok(Event::default().data(data))).await.is_ok()
             }
         };
-        if !send(chunk(
-            delta(Some("assistant"), Some(String::new()), None),
-            None,
-        ))
-        .await
-        {
-            return;
+        let choice = |index: usize, delta: ChatDelta, logprobs, finish: Option<&str>| {
+            vec![ChatChunkChoice {
+                index: index as u32,
+                delta,
+                logprobs,
+                finish_reason: finish.map(str::to_owned),
+            }]
+        };
+        let mut states: Vec<ChoiceStream> = (0..n)
+            .map(|_| ChoiceStream {
+                tool_calls: answer.tool_names.clone().map(ToolCallStream::new),
+                ..ChoiceStream::default()
+            })
+            .collect();
+        for i in 0..n {
+            let delta = ChatDelta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+                tool_calls: None,
+            };
+            if !send(chunk(choice(i, delta, None, None), None)).await {
+                return;
+            }
         }
-        while let Some(ev) = events.recv().await {
+        let mut finished = 0;
+        let mut completion_tokens = 0;
+        while let Some((i, ev)) = events.recv().await {
+            let state = &mut states[i];
             match ev {
-                WorkerEvent::Text(t) => {
-                    if !send(chunk(delta(None, Some(t), None), None)).await {
-                        // Client gone: dropping `events` cancels the job.
+                WorkerEvent::Text { text, steps } => {
+                    state.text_sent += text.len();
+                    state.steps_sent += steps.len();
+                    let content = match state.tool_calls.as_mut() {
+                        Some(t) => t.push(&text),
+                        None => text,
+                    };
+                    let logprobs = answer.logprobs_of(&steps);
+                    if content.is_empty() && logprobs.is_none() {
+                        continue;
+                    }
+                    let delta = ChatDelta {
+                        content: Some(content),
+                        ..ChatDelta::default()
+                    };
+                    if !send(chunk(choice(i, delta, logprobs, None), None)).await {
+                        // Client gone: dropping `events` cancels the jobs.
                         return;
                     }
                 }
                 WorkerEvent::Done(g) => {
-                    let finish = g.finish_reason.as_str();
-                    let _ = send(chunk(delta(None, None, Some(finish)), None)).await;
-                    if include_usage {
-                        let usage = Usage::new(prompt_tokens, g.tokens.len() as u32);
-                        let _ = send(chunk(Vec::new(), Some(usage))).await;
+                    completion_tokens += g.tokens.len() as u32;
+                    let rest = g.text.get(state.text_sent..).unwrap_or("");
+                    let steps = g.steps.get(state.steps_sent..).unwrap_or(&[]);
+                    let (content, calls) = match state.tool_calls.take() {
+                        Some(mut t) => {
+                            let mut content = t.push(rest);
+                            let (tail, calls) = t.finish(&answer.call_id_prefix(i));
+                            content.push_str(&tail);
+                            (content, calls)
+                        }
+                        None => (rest.to_owned(), Vec::new()),
+                    };
+                    let logprobs = answer.logprobs_of(steps);
+                    if !content.is_empty()
+                        || logprobs.as_ref().is_some_and(|l| !l.content.is_empty())
+                    {
+                        let delta = ChatDelta {
+                            content: Some(content),
+                            ..ChatDelta::default()
+                        };
+                        let _ = send(chunk(choice(i, delta, logprobs, None), None)).await;
                     }
-                    break;
+                    let finish = if calls.is_empty() {
+                        g.finish_reason.as_str()
+                    } else {
+                        let deltas = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(k, c)| ToolCallDelta {
+                                index: k as u32,
+                                id: c.id,
+                                kind: c.kind,
+                                function: c.function,
+                            })
+                            .collect();
+                        let delta = ChatDelta {
+                            tool_calls: Some(deltas),
+                            ..ChatDelta::default()
+                        };
+                        let _ = send(chunk(choice(i, delta, None, None), None)).await;
+                        "tool_calls"
+                    };
+                    let _ = send(chunk(
+                        choice(i, ChatDelta::default(), None, Some(finish)),
+                        None,
+                    ))
+                    .await;
+                    finished += 1;
+                    if finished == n {
+                        break;
+                    }
                 }
                 WorkerEvent::Failed(e) => {
-                    let err = ServerError::from(e).to_api_error();
+                    let err = e.to_api_error();
                     let _ = tx.send(Ok(Event::default().data(err.to_json()))).await;
                     break;
                 }
-                WorkerEvent::Scored(_) => break,
+                WorkerEvent::Scored(_) => {}
             }
+        }
+        if finished == n && include_usage {
+            let usage = Usage::new(answer.prompt_tokens, completion_tokens);
+            let _ = send(chunk(Vec::new(), Some(usage))).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });

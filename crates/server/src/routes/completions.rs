@@ -1,24 +1,31 @@
-//! `POST /v1/completions`: text completion, echo, and prompt scoring
-//! (`echo` with `logprobs` and `max_tokens: 0` returns the prompt's
-//! teacher-forced log-probabilities, as vLLM does).
+//! `POST /v1/completions`: text completion, collected or streamed, with
+//! `n` choices per prompt, echo, and prompt scoring (`echo` with `logprobs`
+//! and `max_tokens: 0` returns the prompt's teacher-forced
+//! log-probabilities, as vLLM does).
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use neocloud_engine::generation::{GenerateRequest, LoadedModel, ScoredToken};
-use neocloud_engine::sampler::TokenLogprob;
+use neocloud_engine::sampler::{Sampled, TokenLogprob};
 use neocloud_openai::chat::Usage;
 use neocloud_openai::completions::{
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::engine_worker::{JobKind, WorkerEvent};
 use crate::error::ServerError;
-use crate::routes::chat_completions::{collect, now, parse_body};
+use crate::json_body::JsonBody;
+use crate::routes::choices::{
+    choices_of, collect_all, merge, now, response_id, submit_all, MAX_CHOICES,
+};
 use crate::routes::sampling::{sampling_params, stop_strings};
 use crate::AppState;
 
@@ -69,32 +76,39 @@ fn prompts(value: &serde_json::Value, lm: &LoadedModel) -> Result<Vec<Vec<u32>>,
     Ok(out)
 }
 
-/// The handler.
-pub async fn completions(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ServerError> {
-    let req: CompletionRequest = parse_body(body, state.body_limit)?;
+/// What a validated request asks for.
+struct Plan {
+    model: usize,
+    lm: Arc<LoadedModel>,
+    /// One entry per prompt.
+    prompts: Vec<Vec<u32>>,
+    /// Generation of one choice, without its prompt.
+    generate: GenerateRequest,
+    n: usize,
+    top: Option<usize>,
+    echo: bool,
+    as_ids: bool,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn validate(req: CompletionRequest, state: &AppState) -> Result<Plan, ServerError> {
     let model = state.engine.model_index(&req.model)?;
     let lm = state.engine.models()?[model].clone();
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ServerError::param("suffix", "suffix is not supported"));
     }
-    if req.n.is_some_and(|n| n != 1) || req.best_of.is_some_and(|n| n != 1) {
-        let param = if req.n.is_some_and(|n| n != 1) {
-            "n"
-        } else {
-            "best_of"
-        };
+    let n = req.n.unwrap_or(1) as usize;
+    if !(1..=MAX_CHOICES).contains(&n) {
         return Err(ServerError::param(
-            param,
-            format!("only {param} = 1 is supported"),
+            "n",
+            format!("n must be between 1 and {MAX_CHOICES}"),
         ));
     }
-    if req.stream {
+    if req.best_of.is_some_and(|b| b as usize != n) {
         return Err(ServerError::param(
-            "stream",
-            "streaming /v1/completions is not supported yet; use /v1/chat/completions",
+            "best_of",
+            "best_of is supported only equal to n",
         ));
     }
     let top = req.logprobs.map(|k| k as usize);
@@ -109,83 +123,280 @@ pub async fn completions(
             other => other,
         })?;
     let stop = stop_strings(req.stop.clone())?;
-    let as_ids = req.return_tokens_as_token_ids.unwrap_or(false);
     let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
+    let min_tokens = req.min_tokens.unwrap_or(0) as usize;
+    if min_tokens > max_tokens {
+        return Err(ServerError::param(
+            "min_tokens",
+            format!("min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})"),
+        ));
+    }
     let context = lm.model.config.context_length;
-    let mut choices = Vec::new();
-    let mut usage = Usage::default();
-    for (index, prompt) in prompts(&req.prompt, &lm)?.into_iter().enumerate() {
-        if prompt.len() + max_tokens.min(1) > context {
-            return Err(ServerError::param(
-                "prompt",
-                format!(
-                    "the prompt has {} tokens; the context is {context}",
-                    prompt.len()
+    let prompts = prompts(&req.prompt, &lm)?;
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(ServerError::param(
+            "prompt",
+            format!("prompts times n must be at most {MAX_CHOICES}"),
+        ));
+    }
+    for p in &prompts {
+        if p.len() + max_tokens > context {
+            return Err(ServerError::ContextLengthExceeded {
+                param: "prompt".into(),
+                message: format!(
+                    "this model's context is {context} tokens; the prompt takes {} and max_tokens asks for {max_tokens} more",
+                    p.len()
                 ),
-            ));
+            });
         }
-        let mut text = String::new();
-        let mut logprobs = top.map(|_| CompletionLogprobs::default());
-        if req.echo {
+    }
+    Ok(Plan {
+        model,
+        lm,
+        prompts,
+        generate: GenerateRequest {
+            prompt: Vec::new(),
+            max_tokens,
+            sampling,
+            stop,
+            stop_token_ids: Vec::new(),
+            ignore_eos: req.ignore_eos.unwrap_or(false),
+            min_tokens,
+            grammar: None,
+        },
+        n,
+        top,
+        echo: req.echo,
+        as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
+        stream: req.stream,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The text and log-probabilities an answer starts with: the prompt when
+/// `echo` is set, else nothing.
+async fn echoed(
+    state: &AppState,
+    plan: &Plan,
+    prompt: &[u32],
+) -> Result<(String, Option<CompletionLogprobs>), ServerError> {
+    let mut text = String::new();
+    let mut logprobs = plan.top.map(|_| CompletionLogprobs::default());
+    if plan.echo {
+        match logprobs.as_mut() {
+            Some(lp) => {
+                let scored = score(state, plan.model, prompt, plan.top.unwrap_or(0)).await?;
+                push_logprobs(lp, &plan.lm, prompt, &scored, true, plan.as_ids, &mut text);
+            }
+            None => text.push_str(&plan.lm.tokenizer.decode(prompt, false)),
+        }
+    }
+    Ok((text, logprobs))
+}
+
+fn scored_steps(steps: &[Sampled]) -> Vec<ScoredToken> {
+    steps
+        .iter()
+        .map(|s| ScoredToken {
+            logprob: s.token.logprob,
+            top: s.top.clone(),
+        })
+        .collect()
+}
+
+/// The handler.
+pub async fn completions(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> Result<Response, ServerError> {
+    let model_name = req.model.clone();
+    let plan = validate(req, &state)?;
+    let id = response_id("cmpl");
+    // Echoed prompts (scored first when asked for), one per prompt.
+    let mut heads = Vec::with_capacity(plan.prompts.len());
+    for prompt in &plan.prompts {
+        heads.push(echoed(&state, &plan, prompt).await?);
+    }
+    let requests: Vec<GenerateRequest> = if plan.generate.max_tokens == 0 {
+        Vec::new()
+    } else {
+        plan.prompts
+            .iter()
+            .flat_map(|p| {
+                let mut r = plan.generate.clone();
+                r.prompt = p.clone();
+                choices_of(&r, plan.n)
+            })
+            .collect()
+    };
+    let jobs = submit_all(&state, plan.model, requests)?;
+    if plan.stream {
+        return Ok(stream_response(plan, jobs, heads, id, model_name));
+    }
+    let generations = if jobs.is_empty() {
+        Vec::new()
+    } else {
+        collect_all(jobs).await?
+    };
+    let prompt_tokens: usize = plan.prompts.iter().map(Vec::len).sum();
+    let mut completion_tokens = 0;
+    let mut choices = Vec::new();
+    for index in 0..plan.prompts.len() * plan.n {
+        let (mut text, mut logprobs) = heads[index / plan.n].clone();
+        let mut finish_reason = "length";
+        if let Some(g) = generations.get(index) {
+            completion_tokens += g.tokens.len();
+            finish_reason = g.finish_reason.as_str();
             if let Some(lp) = logprobs.as_mut() {
-                let scored = score(&state, model, &prompt, top.unwrap_or(0)).await?;
-                push_logprobs(lp, &lm, &prompt, &scored, true, as_ids, &mut text);
-            } else {
-                text.push_str(&lm.tokenizer.decode(&prompt, false));
+                let before = text.len();
+                let scored = scored_steps(&g.steps);
+                push_logprobs(
+                    lp,
+                    &plan.lm,
+                    &g.tokens,
+                    &scored,
+                    false,
+                    plan.as_ids,
+                    &mut text,
+                );
+                // Token texts can differ from the final text at a stop string.
+                text.truncate(before);
             }
+            text.push_str(&g.text);
         }
-        let mut finish_reason = "length".to_string();
-        let mut completion_tokens = 0;
-        if max_tokens > 0 {
-            let request = GenerateRequest {
-                prompt: prompt.clone(),
-                max_tokens: max_tokens.min(context - prompt.len()),
-                sampling: sampling.clone(),
-                stop: stop.clone(),
-                stop_token_ids: Vec::new(),
-                ignore_eos: req.ignore_eos.unwrap_or(false),
-            };
-            let g = collect(state.engine.submit(model, request)?).await?;
-            completion_tokens = g.tokens.len();
-            finish_reason = g.finish_reason.as_str().into();
-            match logprobs.as_mut() {
-                Some(lp) => {
-                    let scored: Vec<ScoredToken> = g
-                        .steps
-                        .iter()
-                        .map(|s| ScoredToken {
-                            logprob: s.token.logprob,
-                            top: s.top.clone(),
-                        })
-                        .collect();
-                    let before = text.len();
-                    push_logprobs(lp, &lm, &g.tokens, &scored, false, as_ids, &mut text);
-                    // Token texts can differ from the final text at a stop string.
-                    text.truncate(before);
-                    text.push_str(&g.text);
-                }
-                None => text.push_str(&g.text),
-            }
-        }
-        usage.prompt_tokens += prompt.len() as u32;
-        usage.completion_tokens += completion_tokens as u32;
         choices.push(CompletionChoice {
             text,
             index: index as u32,
             logprobs,
-            finish_reason,
+            finish_reason: Some(finish_reason.into()),
         });
     }
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
     Ok(Json(Completion {
-        id: format!("cmpl-{:x}", now()),
+        id,
         object: "text_completion".into(),
         created: now(),
-        model: req.model,
+        model: model_name,
         choices,
-        usage,
+        usage: Usage::new(prompt_tokens as u32, completion_tokens as u32),
     })
     .into_response())
+}
+
+fn stream_response(
+    plan: Plan,
+    jobs: Vec<mpsc::Receiver<WorkerEvent>>,
+    heads: Vec<(String, Option<CompletionLogprobs>)>,
+    id: String,
+    model: String,
+) -> Response {
+    let total = plan.prompts.len() * plan.n;
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
+    let mut events = merge(jobs);
+    tokio::spawn(async move {
+        let created = now();
+        let send = |choices: Vec<CompletionChoice>, usage: Option<Usage>| {
+            let chunk = CompletionChunk {
+                id: id.clone(),
+                object: "text_completion".into(),
+                created,
+                model: model.clone(),
+                choices,
+                usage,
+            };
+            let tx = tx.clone();
+            async move {
+                let data = serde_json::to_string(&chunk).unwrap_or_default();
+                tx.send(Ok(Event::default().data(data))).await.is_ok()
+            }
+        };
+        let one = |index: usize, text: String, logprobs, finish: Option<&str>| {
+            vec![CompletionChoice {
+                text,
+                index: index as u32,
+                logprobs,
+                finish_reason: finish.map(str::to_owned),
+            }]
+        };
+        // Characters sent per choice (offsets of streamed log-probabilities).
+        let mut chars = vec![0usize; total];
+        let mut text_sent = vec![0usize; total];
+        let mut steps_sent = vec![0usize; total];
+        let generating = plan.generate.max_tokens > 0;
+        for (index, sent) in chars.iter_mut().enumerate() {
+            let (text, logprobs) = heads[index / plan.n].clone();
+            *sent = text.chars().count();
+            let finish = (!generating).then_some("length");
+            if (!text.is_empty() || !generating)
+                && !send(one(index, text, logprobs, finish), None).await
+            {
+                return;
+            }
+        }
+        let prompt_tokens: usize = plan.prompts.iter().map(Vec::len).sum();
+        let mut completion_tokens = 0;
+        let mut finished = 0;
+        let expected = if generating { total } else { 0 };
+        let logprobs_of = |steps: &[Sampled], offset: usize| {
+            plan.top.map(|_| {
+                let mut lp = CompletionLogprobs::default();
+                let mut text = String::new();
+                let tokens: Vec<u32> = steps.iter().map(|s| s.token.id).collect();
+                push_logprobs(
+                    &mut lp,
+                    &plan.lm,
+                    &tokens,
+                    &scored_steps(steps),
+                    false,
+                    plan.as_ids,
+                    &mut text,
+                );
+                for o in &mut lp.text_offset {
+                    *o += offset;
+                }
+                lp
+            })
+        };
+        while finished < expected {
+            let Some((i, ev)) = events.recv().await else {
+                break;
+            };
+            match ev {
+                WorkerEvent::Text { text, steps } => {
+                    let logprobs = logprobs_of(&steps, chars[i]);
+                    text_sent[i] += text.len();
+                    steps_sent[i] += steps.len();
+                    chars[i] += text.chars().count();
+                    if !send(one(i, text, logprobs, None), None).await {
+                        // Client gone: dropping `events` cancels the jobs.
+                        return;
+                    }
+                }
+                WorkerEvent::Done(g) => {
+                    completion_tokens += g.tokens.len();
+                    let rest = g.text.get(text_sent[i]..).unwrap_or("").to_owned();
+                    let steps = g.steps.get(steps_sent[i]..).unwrap_or(&[]);
+                    let logprobs = logprobs_of(steps, chars[i]);
+                    let finish = Some(g.finish_reason.as_str());
+                    let _ = send(one(i, rest, logprobs, finish), None).await;
+                    finished += 1;
+                }
+                WorkerEvent::Failed(e) => {
+                    let err = e.to_api_error();
+                    let _ = tx.send(Ok(Event::default().data(err.to_json()))).await;
+                    break;
+                }
+                WorkerEvent::Scored(_) => {}
+            }
+        }
+        if finished == expected && plan.include_usage {
+            let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32);
+            let _ = send(Vec::new(), Some(usage)).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn score(
@@ -204,8 +415,8 @@ async fn score(
     while let Some(ev) = events.recv().await {
         match ev {
             WorkerEvent::Scored(s) => return Ok(s),
-            WorkerEvent::Failed(e) => return Err(e.into()),
-            WorkerEvent::Text(_) | WorkerEvent::Done(_) => {}
+            WorkerEvent::Failed(e) => return Err(e),
+            WorkerEvent::Text { .. } | WorkerEvent::Done(_) => {}
         }
     }
     Err(ServerError::Unavailable(

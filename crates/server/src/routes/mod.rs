@@ -1,6 +1,7 @@
 //! HTTP routes, one module per endpoint.
 
 pub mod chat_completions;
+mod choices;
 pub mod completions;
 pub mod health;
 pub mod metrics;

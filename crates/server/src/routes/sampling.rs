@@ -6,6 +6,11 @@ use neocloud_openai::chat::SamplingOptions;
 
 use crate::error::ServerError;
 
+/// Most tokens `logit_bias` may name (OpenAI's limit).
+const MAX_LOGIT_BIAS: usize = 300;
+/// Most stop strings (OpenAI's limit).
+const MAX_STOP: usize = 4;
+
 fn within(name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32) -> Result<f32, ServerError> {
     let v = v.unwrap_or(default);
     if v.is_finite() && (lo..=hi).contains(&v) {
@@ -39,6 +44,13 @@ pub(crate) fn sampling_params(
             ))
         }
     };
+    let entries = f.logit_bias.as_ref().map_or(0, |b| b.len());
+    if entries > MAX_LOGIT_BIAS {
+        return Err(ServerError::param(
+            "logit_bias",
+            format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {entries}"),
+        ));
+    }
     let mut logit_bias = Vec::new();
     for (k, &v) in f.logit_bias.iter().flatten() {
         let id: u32 = k
@@ -84,11 +96,14 @@ pub(crate) fn stop_strings(
     stop: Option<neocloud_openai::chat::StopSequences>,
 ) -> Result<Vec<String>, ServerError> {
     let stop = stop.map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+    if stop.len() > MAX_STOP {
         return Err(ServerError::param(
             "stop",
-            "stop takes up to 4 non-empty strings",
+            format!("stop takes at most {MAX_STOP} strings, got {}", stop.len()),
         ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(ServerError::param("stop", "stop strings must not be empty"));
     }
     Ok(stop)
 }

@@ -1,18 +1,17 @@
 //! `POST /tokenize` and `POST /detokenize`, in vLLM's shape.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ServerError;
-use crate::routes::chat_completions::parse_body;
+use crate::json_body::JsonBody;
 use crate::AppState;
 
-#[derive(Deserialize)]
-struct TokenizeRequest {
+/// A `/tokenize` request: a prompt, or chat messages.
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
     model: String,
     #[serde(default)]
     prompt: Option<String>,
@@ -24,8 +23,9 @@ struct TokenizeRequest {
     add_generation_prompt: Option<bool>,
 }
 
-#[derive(Deserialize)]
-struct DetokenizeRequest {
+/// A `/detokenize` request.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
     model: String,
     tokens: Vec<u64>,
 }
@@ -33,9 +33,8 @@ struct DetokenizeRequest {
 /// Tokenises a prompt, or chat messages through the model's template.
 pub async fn tokenize(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<Value>, ServerError> {
-    let req: TokenizeRequest = parse_body(body, state.body_limit)?;
     let lm = &state.engine.models()?[state.engine.model_index(&req.model)?];
     let tokens = match (&req.prompt, &req.messages) {
         (Some(p), None) => lm
@@ -67,9 +66,8 @@ pub async fn tokenize(
 /// Turns token ids back into text.
 pub async fn detokenize(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(req): JsonBody<DetokenizeRequest>,
 ) -> Result<Json<Value>, ServerError> {
-    let req: DetokenizeRequest = parse_body(body, state.body_limit)?;
     let lm = &state.engine.models()?[state.engine.model_index(&req.model)?];
     let vocab = lm.tokenizer.vocab_size() as u64;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {

@@ -1,0 +1,73 @@
+//! `neocloud.toml`: the serve settings a file can hold. Unknown keys are
+//! errors; command-line flags and `NEOCLOUD_*` variables override the file.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// The file's contents; every key is optional.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeFile {
+    /// Models to serve (catalogue names, paths, `hf:` or `pip:` specs).
+    pub models: Option<Vec<String>>,
+    /// Address to listen on.
+    pub host: Option<String>,
+    /// Port to listen on.
+    pub port: Option<u16>,
+    /// Requests that may wait; beyond that, 503.
+    pub queue: Option<usize>,
+    /// Largest request body in bytes.
+    pub body_limit: Option<usize>,
+    /// Seconds open requests may run on after SIGTERM.
+    pub shutdown_timeout_secs: Option<u64>,
+    /// Worker threads for the compute kernels.
+    pub threads: Option<usize>,
+}
+
+impl ServeFile {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in the config file {}", path.display()))
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_parses() {
+        let f = ServeFile::parse(
+            r#"
+            models = ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"]
+            host = "0.0.0.0"
+            port = 9000
+            queue = 8
+            body_limit = 1048576
+            shutdown_timeout_secs = 5
+            threads = 2
+            "#,
+        )
+        .unwrap();
+        assert_eq!(f.port, Some(9000));
+        assert_eq!(f.models.as_ref().map(Vec::len), Some(2));
+        assert_eq!(f.shutdown_timeout_secs, Some(5));
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_errors() {
+        let err = ServeFile::parse("prot = 9000").unwrap_err();
+        assert!(format!("{err:#}").contains("prot"), "{err:#}");
+        assert!(ServeFile::parse("port = \"x\"").is_err());
+        assert!(ServeFile::parse("port = 70000").is_err());
+    }
+}

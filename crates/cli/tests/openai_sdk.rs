@@ -1,0 +1,78 @@
+//! The official `openai` Python package against a real `neocloud serve` on
+//! loopback: the script in `openai_sdk/compat.py` drives chat (collected
+//! and streamed, with usage), completions with echo and log-probabilities,
+//! a tool call round trip with Qwen, `models.list()`, and the SDK's error
+//! classes for 400, 404, 413 and 503. The package is installed with pip
+//! into a virtual environment under the target directory on first run.
+
+// Test code: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use neocloud_testkit::http::Server;
+
+/// The `openai` release the script is checked against.
+const OPENAI_PACKAGE: &str = "openai>=1.40,<3";
+
+fn python() -> String {
+    std::env::var("NEOCLOUD_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A virtual environment with `openai`, made once and reused.
+fn sdk_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-sdk-venv");
+    let bin = venv.join("bin/python");
+    let ready = venv.join(".installed");
+    if ready.is_file() {
+        return bin;
+    }
+    let status = Command::new(python())
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(status.success(), "python3 -m venv failed");
+    let status = Command::new(&bin)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            OPENAI_PACKAGE,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success(), "pip install {OPENAI_PACKAGE} failed");
+    std::fs::write(&ready, OPENAI_PACKAGE).unwrap();
+    bin
+}
+
+#[test]
+fn the_official_openai_sdk_works_against_neocloud_serve() {
+    let python = sdk_python();
+    let server = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &[
+            "--model",
+            "qwen2.5-coder-0.5b-instruct",
+            "--model",
+            "gemma-3-270m",
+            "--queue",
+            "1",
+        ],
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/compat.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(format!("http://{}/v1", server.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"));
+}

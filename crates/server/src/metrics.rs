@@ -1,0 +1,333 @@
+//! The server's measurements: gauges, counters and latency histograms,
+//! updated lock-free by the engine thread and the HTTP layer, rendered as
+//! Prometheus text by `GET /metrics` (names in the style of vLLM's).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Bucket bounds of time to first token, in seconds (vLLM's).
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+/// Bucket bounds of inter-token latency, in seconds (vLLM's).
+const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+/// Bucket bounds of whole-request latencies, in seconds (vLLM's).
+const REQUEST_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+/// Bucket bounds of token counts per request.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+    50000.0,
+];
+
+/// A Prometheus histogram with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations at or below each bound (not cumulative; summed on render).
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum of observations, in millionths.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: f64) {
+        if let Some(i) = self.bounds.iter().position(|&b| value <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = (value.max(0.0) * 1e6).round() as u64;
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Records a duration in seconds.
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sum of the observations so far.
+    pub fn sum(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum());
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Why a request left the engine, as counted by `request_success_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FinishedReason {
+    /// A stop token or stop string.
+    Stop,
+    /// The token or context limit.
+    Length,
+    /// The client went away.
+    Abort,
+    /// The engine failed.
+    Error,
+}
+
+impl FinishedReason {
+    const ALL: [FinishedReason; 4] = [
+        FinishedReason::Stop,
+        FinishedReason::Length,
+        FinishedReason::Abort,
+        FinishedReason::Error,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            FinishedReason::Stop => "stop",
+            FinishedReason::Length => "length",
+            FinishedReason::Abort => "abort",
+            FinishedReason::Error => "error",
+        }
+    }
+}
+
+/// Everything `/metrics` reports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Jobs queued and not started.
+    pub waiting: AtomicUsize,
+    /// Jobs running now.
+    pub running: AtomicUsize,
+    /// KV cache positions held by running jobs.
+    pub kv_positions_used: AtomicUsize,
+    /// KV cache positions the running jobs may grow to.
+    pub kv_positions_capacity: AtomicUsize,
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated (aborted jobs included).
+    pub generation_tokens: AtomicU64,
+    finished: [AtomicU64; 4],
+    /// Time from arrival to the first generated token.
+    pub time_to_first_token: Histogram,
+    /// Time between consecutive generated tokens.
+    pub inter_token_latency: Histogram,
+    /// Time from arrival to the last token.
+    pub e2e_request_latency: Histogram,
+    /// Time spent waiting in the queue.
+    pub queue_time: Histogram,
+    /// Prompt tokens per finished request.
+    pub request_prompt_tokens: Histogram,
+    /// Generated tokens per finished request.
+    pub request_generation_tokens: Histogram,
+    http_requests: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            kv_positions_used: AtomicUsize::new(0),
+            kv_positions_capacity: AtomicUsize::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            finished: Default::default(),
+            time_to_first_token: Histogram::new(TTFT_BUCKETS),
+            inter_token_latency: Histogram::new(ITL_BUCKETS),
+            e2e_request_latency: Histogram::new(REQUEST_BUCKETS),
+            queue_time: Histogram::new(REQUEST_BUCKETS),
+            request_prompt_tokens: Histogram::new(TOKEN_BUCKETS),
+            request_generation_tokens: Histogram::new(TOKEN_BUCKETS),
+            http_requests: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a request that left the engine.
+    pub fn finished(&self, reason: FinishedReason) {
+        self.finished[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that left the engine for `reason`.
+    pub fn finished_count(&self, reason: FinishedReason) -> u64 {
+        self.finished[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts an HTTP response.
+    pub fn http_response(&self, endpoint: &str, status: u16) {
+        if let Ok(mut map) = self.http_requests.lock() {
+            *map.entry((endpoint.to_owned(), status)).or_insert(0) += 1;
+        }
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        };
+        let load = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        scalar(
+            "neocloud:num_requests_running",
+            "gauge",
+            "Requests in the engine now.",
+            load(&self.running).to_string(),
+        );
+        scalar(
+            "neocloud:num_requests_waiting",
+            "gauge",
+            "Requests queued for the engine.",
+            load(&self.waiting).to_string(),
+        );
+        let capacity = load(&self.kv_positions_capacity);
+        let usage = if capacity == 0 {
+            0.0
+        } else {
+            load(&self.kv_positions_used) as f64 / capacity as f64
+        };
+        scalar(
+            "neocloud:kv_cache_usage_perc",
+            "gauge",
+            "Share of the running requests' KV cache capacity in use (1 = full).",
+            format!("{usage:.6}"),
+        );
+        scalar(
+            "neocloud:prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            self.prompt_tokens.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            "neocloud:generation_tokens_total",
+            "counter",
+            "Tokens generated.",
+            self.generation_tokens.load(Ordering::Relaxed).to_string(),
+        );
+        let name = "neocloud:request_success_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests that left the engine, by reason."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for reason in FinishedReason::ALL {
+            let n = self.finished_count(reason);
+            let _ = writeln!(out, "{name}{{finished_reason=\"{}\"}} {n}", reason.label());
+        }
+        let name = "neocloud:http_requests_total";
+        let _ = writeln!(out, "# HELP {name} HTTP responses, by endpoint and status.");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        if let Ok(map) = self.http_requests.lock() {
+            for ((endpoint, status), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let histograms = [
+            (
+                &self.time_to_first_token,
+                "neocloud:time_to_first_token_seconds",
+                "Time from arrival to the first generated token.",
+            ),
+            (
+                &self.inter_token_latency,
+                "neocloud:inter_token_latency_seconds",
+                "Time between consecutive generated tokens.",
+            ),
+            (
+                &self.e2e_request_latency,
+                "neocloud:e2e_request_latency_seconds",
+                "Time from arrival to the end of the request.",
+            ),
+            (
+                &self.queue_time,
+                "neocloud:request_queue_time_seconds",
+                "Time spent waiting for the engine.",
+            ),
+            (
+                &self.request_prompt_tokens,
+                "neocloud:request_prompt_tokens",
+                "Prompt tokens per request.",
+            ),
+            (
+                &self.request_generation_tokens,
+                "neocloud:request_generation_tokens",
+                "Generated tokens per request.",
+            ),
+        ];
+        for (h, name, help) in histograms {
+            h.render(&mut out, name, help);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_sum_in_seconds() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        h.observe(0.05);
+        h.observe(0.5);
+        h.observe(0.7);
+        h.observe(3.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"1\"} 3\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 4\n"), "{out}");
+        assert!(out.contains("x_count 4\n"), "{out}");
+        assert!((h.sum() - 4.25).abs() < 1e-9);
+    }
+
+    #[test]
+    fn http_responses_are_counted_by_endpoint_and_status() {
+        let m = Metrics::default();
+        m.http_response("/v1/models", 200);
+        m.http_response("/v1/models", 200);
+        m.http_response("/v1/chat/completions", 400);
+        let out = m.render();
+        assert!(
+            out.contains("neocloud:http_requests_total{endpoint=\"/v1/models\",status=\"200\"} 2")
+        );
+        assert!(out.contains(
+            "neocloud:http_requests_total{endpoint=\"/v1/chat/completions\",status=\"400\"} 1"
+        ));
+    }
+}
