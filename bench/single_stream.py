@@ -2,13 +2,17 @@
 """Single-stream latency through HTTP: time to first token and decode speed.
 
 Usage: single_stream.py BASE_URL MODEL [--runs N] [--max-tokens N] [--prompt TEXT]
+                        [--extra JSON]
 
 Sends streamed chat requests one after another (`temperature: 0`,
 `ignore_eos`, `stream_options.include_usage`) and reports, as the median over
 the runs: time to first token (request sent to first content chunk) and
 decode tokens/s ((completion tokens - 1) / time from first to last chunk).
 Works against any OpenAI-compatible server that honours `ignore_eos`
-(neocloud, vLLM, llama.cpp's llama-server). Standard library only.
+(neocloud, vLLM, llama.cpp's llama-server). `--extra` merges fields into
+every request body: `--extra '{"cache_prompt": false}'` keeps llama-server
+from reusing the previous run's prompt, so that every run pays its prefill
+as neocloud's do. Standard library only.
 """
 
 import argparse
@@ -18,8 +22,9 @@ import time
 import urllib.request
 
 
-def one_run(base_url, model, prompt, max_tokens):
+def one_run(base_url, model, prompt, max_tokens, extra):
     body = json.dumps({
+        **extra,
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
@@ -59,9 +64,10 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
+    p.add_argument("--extra", type=json.loads, default={})
     a = p.parse_args()
-    one_run(a.base_url, a.model, a.prompt, 8)  # warm-up
-    runs = [one_run(a.base_url, a.model, a.prompt, a.max_tokens) for _ in range(a.runs)]
+    one_run(a.base_url, a.model, a.prompt, 8, a.extra)  # warm-up
+    runs = [one_run(a.base_url, a.model, a.prompt, a.max_tokens, a.extra) for _ in range(a.runs)]
     ttft = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     print(json.dumps({
