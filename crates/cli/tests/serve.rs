@@ -249,10 +249,21 @@ fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
     // Disconnect mid-stream: the engine stops within a few tokens.
     let (conn, received) = open_stream(s, 8);
     assert_eq!(metric(s, "neocloud:num_requests_running"), 1);
+    let kv_usage = |s: &Server| -> f64 {
+        let text = request(s.addr, "GET", "/metrics", None).text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("neocloud:kv_cache_usage_perc "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(kv_usage(s) > 0.0);
     drop(conn);
     wait_for("the cancelled request to leave the engine", || {
         metric(s, "neocloud:num_requests_running") == 0
     });
+    // Its KV cache went with it.
+    assert_eq!(kv_usage(s), 0.0);
     assert_eq!(
         metric(
             s,

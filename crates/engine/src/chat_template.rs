@@ -126,12 +126,17 @@ impl ChatTemplate {
     }
 }
 
-/// Puts a message in the shape templates expect: text-part arrays in
-/// `content` are joined into one string, and tool-call arguments, which the
-/// API carries as JSON text, become objects again (templates write them
-/// with `tojson`).
+/// Puts a message in the shape templates expect: `developer` becomes
+/// `system`, text-part arrays in `content` are joined into one string, and
+/// tool-call arguments, which the API carries as JSON text, become objects
+/// again (templates write them with `tojson`).
 fn normalize_message(message: &serde_json::Value) -> serde_json::Value {
     let mut m = message.clone();
+    // OpenAI's `developer` role is the system role of newer models; templates
+    // know only `system`.
+    if m.get("role").and_then(|r| r.as_str()) == Some("developer") {
+        m["role"] = serde_json::Value::String("system".into());
+    }
     if let Some(parts) = m.get("content").and_then(|c| c.as_array()) {
         let text: String = parts
             .iter()
@@ -242,6 +247,31 @@ mod tests {
         assert_eq!(
             out,
             r#"{"role": "user", "content": "é\"", "b": [1, 2.5, null]}|a+b|x|True"#
+        );
+    }
+
+    #[test]
+    fn messages_are_normalised_for_templates() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls or [] %}[{{ c.function.name }} {{ c.function.arguments.city }}]{% endfor %};{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let out = t
+            .render(
+                &[
+                    json!({"role": "developer", "content": "Be brief."}),
+                    json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+                    json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Seoul\"}"}}]}),
+                ],
+                None,
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "system:Be brief.;user:ab;assistant:[get_weather Seoul];"
         );
     }
 }

@@ -13,6 +13,11 @@ pub enum Grammar {
 
 /// Deepest nesting of objects and arrays accepted.
 pub const MAX_DEPTH: u8 = 64;
+/// Longest run of whitespace between tokens of the JSON text. Sampled
+/// models otherwise drift into endless runs of spaces and newlines, which
+/// are valid JSON but never close the object (llama.cpp's JSON grammar
+/// bounds whitespace for the same reason).
+pub const MAX_WHITESPACE_RUN: u8 = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Escape {
@@ -91,6 +96,8 @@ pub struct JsonPrefix {
     /// Bit `i` set: container `i` (from the outside) is an array.
     arrays: u64,
     depth: u8,
+    /// Whitespace bytes since the last other byte (outside strings).
+    whitespace_run: u8,
     state: State,
 }
 
@@ -99,6 +106,7 @@ impl Default for JsonPrefix {
         JsonPrefix {
             arrays: 0,
             depth: 0,
+            whitespace_run: 0,
             state: State::Start,
         }
     }
@@ -202,10 +210,20 @@ impl JsonPrefix {
     }
 
     fn feed_byte(&mut self, b: u8) -> bool {
-        let space = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+        let in_string = matches!(self.state, State::Str { .. });
+        let space = !in_string && matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+        if space {
+            if self.whitespace_run >= MAX_WHITESPACE_RUN {
+                return false;
+            }
+            self.whitespace_run += 1;
+        } else {
+            self.whitespace_run = 0;
+        }
         match self.state {
-            State::Start | State::Done if space => true,
+            // The object starts at once: no leading whitespace.
             State::Start => b == b'{' && self.push(false),
+            State::Done if space => true,
             State::Done => false,
             State::Value | State::ArrayFirst | State::KeyOrEnd | State::Key | State::Colon
                 if space =>
@@ -332,7 +350,7 @@ mod tests {
     fn accepts_json_objects() {
         for text in [
             "{}",
-            " {\"a\": 1}\n",
+            "{\"a\": 1}\n",
             r#"{"a": [1, -2.5e+3, 0, true, false, null, "x\"y\\u00e9", {"b": []}]}"#,
             r#"{"nested": {"deeper": {"k": "v"}}, "n": 0.5}"#,
             "{\"emoji\": \"😀\"}",
@@ -362,6 +380,7 @@ mod tests {
             assert!(!(p.feed(text.as_bytes()) && p.is_done()), "{text}");
         }
         assert!(!prefix_ok("{} x"));
+        assert!(!prefix_ok(" {"), "the object starts at once");
         assert!(!prefix_ok("{,"));
     }
 
@@ -369,7 +388,6 @@ mod tests {
     fn prefixes_stay_open() {
         for text in [
             "",
-            " ",
             "{",
             "{\"a",
             "{\"a\":",
@@ -381,6 +399,15 @@ mod tests {
             assert!(p.feed(text.as_bytes()), "{text}");
             assert!(!p.is_done(), "{text}");
         }
+    }
+
+    #[test]
+    fn whitespace_runs_are_bounded_outside_strings() {
+        let run = " ".repeat(MAX_WHITESPACE_RUN as usize);
+        assert!(prefix_ok(&format!("{{{run}\"a\":{run}1}}")));
+        assert!(!prefix_ok(&format!("{{{run} ")));
+        // Inside a string, spaces are text.
+        assert!(prefix_ok(&format!("{{\"a\": \"{run}{run}\"}}")));
     }
 
     #[test]

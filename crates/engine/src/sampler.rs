@@ -305,6 +305,9 @@ impl Sampler {
             x.1 = (x.1 - max).exp();
             sum += x.1 as f64;
         }
+        // Masked tokens (-inf) weigh nothing: they must not be drawn even when
+        // rounding walks the draw past the last positive weight.
+        c.retain(|x| x.1 > 0.0);
         if p.min_p > 0.0 {
             // The largest weight is exp(0) = 1.
             let floor = p.min_p;
@@ -434,6 +437,38 @@ mod tests {
             out.top.iter().map(|t| t.id).collect::<Vec<_>>(),
             vec![1, 5, 2]
         );
+    }
+
+    #[test]
+    fn constrained_draws_follow_the_masked_distribution() {
+        // Token 1 is the likeliest but not allowed; 0 and 2 are, with
+        // logits 0.0 and 2.0, so 2 should come about e^2 times as often.
+        let allowed = |id: u32| id == 0 || id == 2;
+        for temperature in [0.0, 1.0] {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    temperature,
+                    seed: Some(3),
+                    ..SamplingParams::default()
+                },
+                &[],
+            );
+            let mut counts = [0usize; 4];
+            for _ in 0..4000 {
+                let mut l = vec![0.0, 5.0, 2.0, f32::NEG_INFINITY];
+                let out = s.sample_allowed(&mut l, &allowed).unwrap();
+                counts[out.token.id as usize] += 1;
+            }
+            assert_eq!(counts[1] + counts[3], 0, "{counts:?}");
+            if temperature == 0.0 {
+                assert_eq!(counts[2], 4000);
+            } else {
+                let ratio = counts[2] as f64 / counts[0] as f64;
+                assert!((ratio - 2f64.exp()).abs() < 1.5, "{counts:?}");
+            }
+        }
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert!(s.sample_allowed(&mut [1.0, 2.0], &|_| false).is_none());
     }
 
     #[test]

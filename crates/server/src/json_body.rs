@@ -180,7 +180,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ServerError> {
         Ok(())
     } else {
         Err(ServerError::InvalidBody(format!(
-            "the Content-Type must be application/json, not {media:?}"
+            "the Content-Type must be application/json, not {media:?} (with curl, add -H 'content-type: application/json')"
         )))
     }
 }
