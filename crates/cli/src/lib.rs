@@ -1,4 +1,5 @@
-//! The `neocloud` command line: `serve`, `pull`, `tokenize` and `generate`.
+//! The `neocloud` command line: `serve`, `pull`, `tokenize`, `generate` and
+//! `bench`.
 //!
 //! Thin by design: each command parses its arguments and calls the engine.
 
@@ -40,6 +41,9 @@ pub enum Command {
     Tokenize(TokenizeArgs),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
+    /// Drive OpenAI-compatible endpoints and report latency, throughput,
+    /// goodput and energy.
+    Bench(Box<neocloud_bench::BenchArgs>),
 }
 
 /// The model served when none is named.
@@ -154,6 +158,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(args) => run_generate(&store, args)?,
         Command::Serve(args) => run_serve(&store, args, cli.threads)?,
+        Command::Bench(args) => run_bench(*args)?,
     }
     Ok(())
 }
@@ -220,6 +225,16 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         println!("neocloud listening on http://{addr}");
         let _ = std::io::stdout().flush();
     }))?;
+    Ok(())
+}
+
+fn run_bench(args: neocloud_bench::BenchArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(neocloud_bench::run(args))?;
+    print!("{}", report.table());
     Ok(())
 }
 

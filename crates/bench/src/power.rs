@@ -1,0 +1,344 @@
+//! Energy: power sampled during a level from a command or a Prometheus
+//! gauge, or estimated from an accelerator's published power and the time
+//! the target was busy (always labelled as an estimate).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::error::BenchError;
+
+/// Where watts come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PowerSource {
+    /// A command that prints the current draw in watts.
+    Command(String),
+    /// A Prometheus text endpoint and the gauge (in watts) to read.
+    Prometheus {
+        /// The `/metrics` URL.
+        url: String,
+        /// The gauge's name (labels ignored; series summed).
+        metric: String,
+    },
+    /// Published power of `count` accelerators, times the busy share.
+    Estimate {
+        /// Accelerator id in `accelerators.toml`, or `cpu`.
+        accelerator: String,
+        /// How many.
+        count: u32,
+        /// Watts of all of them at full load.
+        watts: f64,
+    },
+}
+
+/// Watts per core assumed for `estimate:cpu` (see `accelerators.toml`).
+pub const CPU_WATTS_PER_CORE: f64 = 10.0;
+/// Interval between power samples.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+impl PowerSource {
+    /// Parses `cmd:COMMAND`, `prometheus:URL#METRIC` or
+    /// `estimate:ACCELERATOR[xN]`; `accelerators` is the data file.
+    pub fn parse(spec: &str, accelerators: &Path) -> Result<Self, BenchError> {
+        if let Some(cmd) = spec.strip_prefix("cmd:") {
+            return Ok(PowerSource::Command(cmd.to_owned()));
+        }
+        if let Some(rest) = spec.strip_prefix("prometheus:") {
+            let (url, metric) = rest.rsplit_once('#').ok_or_else(|| {
+                BenchError::InvalidArgument(format!(
+                    "--power {spec:?}: expected prometheus:URL#METRIC"
+                ))
+            })?;
+            return Ok(PowerSource::Prometheus {
+                url: url.to_owned(),
+                metric: metric.to_owned(),
+            });
+        }
+        if let Some(rest) = spec.strip_prefix("estimate:") {
+            let (accelerator, count) = match rest.rsplit_once('x') {
+                Some((a, n)) if n.parse::<u32>().is_ok() => (a, n.parse().unwrap_or(1)),
+                _ => (rest, 1),
+            };
+            let each = if accelerator == "cpu" {
+                CPU_WATTS_PER_CORE
+            } else {
+                published_watts(accelerators, accelerator)?
+            };
+            return Ok(PowerSource::Estimate {
+                accelerator: accelerator.to_owned(),
+                count,
+                watts: each * count as f64,
+            });
+        }
+        if spec.starts_with("nvml") {
+            return Err(BenchError::Power(
+                "NVML readings are not built into this version; use cmd:'nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits' instead".into(),
+            ));
+        }
+        Err(BenchError::InvalidArgument(format!(
+            "--power {spec:?}: expected cmd:COMMAND, prometheus:URL#METRIC or estimate:ACCELERATOR[xN]"
+        )))
+    }
+
+    /// A label for reports.
+    pub fn label(&self) -> String {
+        match self {
+            PowerSource::Command(c) => format!("cmd:{c}"),
+            PowerSource::Prometheus { url, metric } => format!("prometheus:{url}#{metric}"),
+            PowerSource::Estimate {
+                accelerator, count, ..
+            } => format!("estimate:{accelerator}x{count}"),
+        }
+    }
+}
+
+/// `tdp_w` of an accelerator in the data file.
+fn published_watts(path: &Path, id: &str) -> Result<f64, BenchError> {
+    let text = std::fs::read_to_string(path).map_err(|e| BenchError::Data {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let data: toml::Value =
+        toml::from_str(&split_statements(&text)).map_err(|e| BenchError::Data {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let list = data.get("accelerator").and_then(|a| a.as_array());
+    let entry = list
+        .into_iter()
+        .flatten()
+        .find(|a| a.get("id").and_then(|i| i.as_str()) == Some(id))
+        .ok_or_else(|| BenchError::Power(format!("no accelerator {id:?} in {}", path.display())))?;
+    entry
+        .get("tdp_w")
+        .and_then(|w| w.as_float().or_else(|| w.as_integer().map(|i| i as f64)))
+        .filter(|w| *w > 0.0)
+        .ok_or_else(|| BenchError::Power(format!("{id} has no published power")))
+}
+
+/// The data file writes several `key = value` statements on one line,
+/// separated by `;`, which TOML does not allow: each goes on its own line
+/// (semicolons inside strings and comments stay).
+fn split_statements(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let mut in_string = false;
+        let mut escaped = false;
+        for (i, c) in line.char_indices() {
+            match c {
+                '#' if !in_string => {
+                    out.push_str(&line[i..]);
+                    break;
+                }
+                '"' if !escaped => in_string = !in_string,
+                ';' if !in_string => {
+                    out.push('\n');
+                    continue;
+                }
+                _ => {}
+            }
+            escaped = c == '\\' && !escaped;
+            out.push(c);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Energy over one level.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Energy {
+    /// The source's label.
+    pub source: String,
+    /// Whether the figure is an estimate rather than a reading.
+    pub estimate: bool,
+    /// Mean watts over the level.
+    pub mean_watts: f64,
+    /// Joules over the level.
+    pub joules: f64,
+    /// Joules per generated token.
+    pub joules_per_output_token: f64,
+    /// Generated tokens per joule.
+    pub output_tokens_per_joule: f64,
+}
+
+/// Samples power while a level runs.
+pub struct PowerMeter {
+    samples: Arc<Mutex<Vec<(f64, f64)>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    source: PowerSource,
+}
+
+impl PowerMeter {
+    /// Starts sampling (nothing to sample for an estimate).
+    pub fn start(source: &PowerSource) -> Self {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let task = match source.clone() {
+            PowerSource::Estimate { .. } => None,
+            live => {
+                let samples = samples.clone();
+                Some(tokio::spawn(async move {
+                    let start = Instant::now();
+                    let http = reqwest::Client::new();
+                    loop {
+                        if let Some(w) = read_watts(&live, &http).await {
+                            if let Ok(mut s) = samples.lock() {
+                                s.push((start.elapsed().as_secs_f64(), w));
+                            }
+                        }
+                        tokio::time::sleep(SAMPLE_EVERY).await;
+                    }
+                }))
+            }
+        };
+        PowerMeter {
+            samples,
+            task,
+            source: source.clone(),
+        }
+    }
+
+    /// Stops sampling; energy over `wall` seconds, of which `busy` had a
+    /// request in flight, for `output_tokens` generated.
+    pub fn finish(mut self, wall: f64, busy: f64, output_tokens: u64) -> Option<Energy> {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let (joules, mean_watts, estimate) = match &self.source {
+            PowerSource::Estimate { watts, .. } => {
+                let joules = watts * busy;
+                (joules, if wall > 0.0 { joules / wall } else { 0.0 }, true)
+            }
+            _ => {
+                let samples = self.samples.lock().ok()?.clone();
+                let mean = samples.iter().map(|s| s.1).sum::<f64>() / samples.len().max(1) as f64;
+                if samples.is_empty() {
+                    return None;
+                }
+                (mean * wall, mean, false)
+            }
+        };
+        let tokens = output_tokens as f64;
+        Some(Energy {
+            source: self.source.label(),
+            estimate,
+            mean_watts,
+            joules,
+            joules_per_output_token: if tokens > 0.0 { joules / tokens } else { 0.0 },
+            output_tokens_per_joule: if joules > 0.0 { tokens / joules } else { 0.0 },
+        })
+    }
+}
+
+async fn read_watts(source: &PowerSource, http: &reqwest::Client) -> Option<f64> {
+    match source {
+        PowerSource::Command(cmd) => {
+            let out = tokio::process::Command::new("sh")
+                .args(["-c", cmd])
+                .output()
+                .await
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|w| w.trim_end_matches(['W', ',']).parse::<f64>().ok())
+                .reduce(|a, b| a + b)
+        }
+        PowerSource::Prometheus { url, metric } => {
+            let text = http.get(url).send().await.ok()?.text().await.ok()?;
+            prometheus_gauge(&text, metric)
+        }
+        PowerSource::Estimate { .. } => None,
+    }
+}
+
+/// The sum of every series of `metric` in Prometheus text.
+pub fn prometheus_gauge(text: &str, metric: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(metric)?;
+            let rest = if rest.starts_with('{') {
+                &rest[rest.find('}')? + 1..]
+            } else if rest.starts_with(' ') {
+                rest
+            } else {
+                return None;
+            };
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accelerators() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/data/accelerators.toml")
+    }
+
+    #[test]
+    fn sources_parse() {
+        let est = PowerSource::parse("estimate:h100-sxmx8", &accelerators()).unwrap();
+        assert_eq!(
+            est,
+            PowerSource::Estimate {
+                accelerator: "h100-sxm".into(),
+                count: 8,
+                watts: 5600.0
+            }
+        );
+        let cpu = PowerSource::parse("estimate:cpux2", &accelerators()).unwrap();
+        assert_eq!(est.label(), "estimate:h100-sxmx8");
+        assert!(matches!(cpu, PowerSource::Estimate { watts, .. } if watts == 20.0));
+        assert!(PowerSource::parse("estimate:nonesuch", &accelerators()).is_err());
+        assert!(matches!(
+            PowerSource::parse(
+                "prometheus:http://h:9400/metrics#gpu_power_watts",
+                &accelerators()
+            ),
+            Ok(PowerSource::Prometheus { .. })
+        ));
+        assert!(PowerSource::parse("watts", &accelerators()).is_err());
+    }
+
+    #[test]
+    fn statements_split_outside_strings_and_comments() {
+        let text = "a = \"x; y\"; b = 2 # c; d\n";
+        let v: toml::Value = toml::from_str(&split_statements(text)).unwrap();
+        assert_eq!(v["a"].as_str(), Some("x; y"));
+        assert_eq!(v["b"].as_integer(), Some(2));
+    }
+
+    #[test]
+    fn gauges_sum_their_series() {
+        let text = "# HELP p power\np{gpu=\"0\"} 100.5\np{gpu=\"1\"} 99.5\npower_other 7\n";
+        assert_eq!(prometheus_gauge(text, "p"), Some(200.0));
+        assert_eq!(prometheus_gauge(text, "q"), None);
+    }
+
+    #[tokio::test]
+    async fn estimates_scale_with_busy_time_and_commands_are_read() {
+        let est = PowerSource::Estimate {
+            accelerator: "cpu".into(),
+            count: 2,
+            watts: 20.0,
+        };
+        let e = PowerMeter::start(&est).finish(10.0, 5.0, 100).unwrap();
+        assert!(e.estimate);
+        assert_eq!(e.joules, 100.0);
+        assert_eq!(e.joules_per_output_token, 1.0);
+        let cmd = PowerSource::Command("echo 42.5".into());
+        let meter = PowerMeter::start(&cmd);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let e = meter.finish(2.0, 2.0, 85).unwrap();
+        assert!(!e.estimate);
+        assert_eq!(e.mean_watts, 42.5);
+        assert_eq!(e.joules, 85.0);
+    }
+}
