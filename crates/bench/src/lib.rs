@@ -187,8 +187,27 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     } else {
         32
     });
+    if requests == 0 || args.concurrency.contains(&0) {
+        return Err(BenchError::InvalidArgument(
+            "--requests and --concurrency values must be at least 1".into(),
+        ));
+    }
     let input = Length::parse(&args.input_tokens)?;
-    let prompt_count = requests.min(512) + args.warmup;
+    let mut levels: Vec<Load> = args
+        .concurrency
+        .iter()
+        .map(|&c| Load::Concurrency(c))
+        .collect();
+    if !args.sweep {
+        levels.extend(args.rate.iter().map(|&r| Load::Rate(r)));
+    }
+    if levels.is_empty() && !args.sweep {
+        levels.push(Load::Concurrency(1));
+    }
+    // Fresh prompts for every level (and the warm-up), up to a bound.
+    let per_level = requests.min(512);
+    let level_count = levels.len() + if args.sweep { args.sweep_steps } else { 0 };
+    let prompt_count = (per_level * level_count + args.warmup).min(8192);
     let specs: Vec<RequestSpec> = match &args.dataset {
         Some(path) => workload::dataset(path, args.output_tokens)?,
         None => {
@@ -236,17 +255,6 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         })
         .collect();
     let targets: Vec<Arc<Target>> = targets.into_iter().map(Arc::new).collect();
-    let mut levels: Vec<Load> = args
-        .concurrency
-        .iter()
-        .map(|&c| Load::Concurrency(c))
-        .collect();
-    if !args.sweep {
-        levels.extend(args.rate.iter().map(|&r| Load::Rate(r)));
-    }
-    if levels.is_empty() && !args.sweep {
-        levels.push(Load::Concurrency(1));
-    }
     let runner = Runner {
         args: &args,
         client,
@@ -254,6 +262,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         bodies: &bodies,
         path,
         requests,
+        per_level,
         slo: slo.as_ref(),
         power: power.as_ref(),
     };
@@ -263,11 +272,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         // that each sees the same machine conditions on average.
         for k in 0..targets.len() {
             let t = (i + k) % targets.len();
-            reports.push(
-                runner
-                    .level(t, *load, args.seed.wrapping_add(i as u64))
-                    .await,
-            );
+            reports.push(runner.level(t, *load, i).await);
         }
     }
     let mut sweep = vec![None; targets.len()];
@@ -342,20 +347,22 @@ struct Runner<'a> {
     bodies: &'a [Arc<Vec<serde_json::Value>>],
     path: &'a str,
     requests: usize,
+    per_level: usize,
     slo: Option<&'a Slo>,
     power: Option<&'a PowerSource>,
 }
 
 impl Runner<'_> {
-    async fn level(&self, t: usize, load: Load, seed: u64) -> LevelReport {
+    /// Runs level number `index` (which picks its prompts and arrival seed).
+    async fn level(&self, t: usize, load: Load, index: usize) -> LevelReport {
         let target = &self.targets[t];
         let bodies = &self.bodies[t];
+        // The warm-up uses the prompts after every level's.
         for w in 0..self.args.warmup {
-            let _ = self
-                .client
-                .run(target, self.path, &bodies[w % bodies.len()])
-                .await;
+            let body = &bodies[bodies.len() - 1 - w % bodies.len()];
+            let _ = self.client.run(target, self.path, body).await;
         }
+        let seed = self.args.seed.wrapping_add(index as u64);
         let bar = if self.args.quiet {
             indicatif::ProgressBar::hidden()
         } else {
@@ -378,6 +385,7 @@ impl Runner<'_> {
             seed,
             path: self.path,
             bodies: bodies.clone(),
+            first: index * self.per_level,
             on_done: &on_done,
         };
         let (outcomes, wall) = load::run_level(self.client.clone(), target.clone(), plan).await;
@@ -397,13 +405,8 @@ impl Runner<'_> {
         let mut rate = self.args.rate.first().copied().unwrap_or(1.0);
         let (mut good, mut bad): (Option<f64>, Option<f64>) = (None, None);
         for step in 0..self.args.sweep_steps {
-            let report = self
-                .level(
-                    t,
-                    Load::Rate(rate),
-                    self.args.seed.wrapping_add(1000 + step as u64),
-                )
-                .await;
+            let index = self.args.concurrency.len() + step;
+            let report = self.level(t, Load::Rate(rate), index).await;
             let ok = report.goodput.as_ref().is_some_and(|g| g.p99_within_slo);
             reports.push(report);
             if ok {

@@ -108,8 +108,11 @@ pub struct LevelPlan<'a> {
     pub seed: u64,
     /// `/chat/completions` or `/completions`.
     pub path: &'a str,
-    /// Request bodies, used in turn.
+    /// Request bodies, used in turn from `first` on.
     pub bodies: Arc<Vec<Value>>,
+    /// Index of the level's first body: each level gets fresh prompts, so
+    /// a prefix cache cannot serve one level from another's prompts.
+    pub first: usize,
     /// Called after each request.
     pub on_done: &'a (dyn Fn() + Sync),
 }
@@ -135,7 +138,7 @@ pub async fn run_level(
                 let (bodies, outcomes, path) =
                     (plan.bodies.clone(), outcomes.clone(), path.clone());
                 let done_tx = done_tx.clone();
-                let limit = plan.requests;
+                let (limit, first) = (plan.requests, plan.first);
                 workers.push(tokio::spawn(async move {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +146,8 @@ pub async fn run_level(
                             return;
                         }
                         let sent_at = start.elapsed().as_secs_f64();
-                        let mut o = client.run(&target, &path, &bodies[i % bodies.len()]).await;
+                        let body = &bodies[(first + i) % bodies.len()];
+                        let mut o = client.run(&target, &path, body).await;
                         o.sent_at = sent_at;
                         if let Ok(mut all) = outcomes.lock() {
                             all.push(o);
@@ -182,9 +186,10 @@ pub async fn run_level(
                 let (bodies, outcomes, path) =
                     (plan.bodies.clone(), outcomes.clone(), path.clone());
                 let done_tx = done_tx.clone();
+                let index = (plan.first + i) % bodies.len();
                 tokio::spawn(async move {
                     let sent_at = start.elapsed().as_secs_f64();
-                    let mut o = client.run(&target, &path, &bodies[i % bodies.len()]).await;
+                    let mut o = client.run(&target, &path, &bodies[index]).await;
                     o.sent_at = sent_at;
                     if let Ok(mut all) = outcomes.lock() {
                         all.push(o);
