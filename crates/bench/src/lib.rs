@@ -103,8 +103,8 @@ pub struct BenchArgs {
     /// mlperf-llama3.1-8b-server, mlperf-llama3.1-8b-interactive).
     #[arg(long)]
     pub slo: Option<String>,
-    /// Power source: `cmd:COMMAND`, `prometheus:URL#METRIC` or
-    /// `estimate:ACCELERATOR[xN]` (`cpu` for cores).
+    /// Power source: `nvml[:GPU]`, `cmd:COMMAND`, `prometheus:URL#METRIC`
+    /// or `estimate:ACCELERATOR[xN]` (`cpu` for cores).
     #[arg(long)]
     pub power: Option<String>,
     /// The accelerator data file for `--power estimate:`.

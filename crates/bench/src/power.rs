@@ -1,11 +1,13 @@
-//! Energy: power sampled during a level from a command or a Prometheus
-//! gauge, or estimated from an accelerator's published power and the time
-//! the target was busy (always labelled as an estimate).
+//! Energy: power sampled during a level from NVIDIA's management library,
+//! a command or a Prometheus gauge, or estimated from an accelerator's
+//! published power and the time the target was busy (always labelled as an
+//! estimate).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nvml_wrapper::Nvml;
 use serde::Serialize;
 
 use crate::error::BenchError;
@@ -21,6 +23,11 @@ pub enum PowerSource {
         url: String,
         /// The gauge's name (labels ignored; series summed).
         metric: String,
+    },
+    /// NVIDIA GPUs through NVML: one by index, or all of them summed.
+    Nvml {
+        /// The GPU, or `None` for every GPU.
+        gpu: Option<u32>,
     },
     /// Published power of `count` accelerators, times the busy share.
     Estimate {
@@ -72,13 +79,22 @@ impl PowerSource {
                 watts: each * count as f64,
             });
         }
-        if spec.starts_with("nvml") {
-            return Err(BenchError::Power(
-                "NVML readings are not built into this version; use cmd:'nvidia-smi --query-gpu=power.draw --format=csv,noheader,nounits' instead".into(),
-            ));
+        if spec == "nvml" || spec.starts_with("nvml:") {
+            let gpu = match spec.strip_prefix("nvml:") {
+                Some(n) => Some(n.parse::<u32>().map_err(|_| {
+                    BenchError::InvalidArgument(format!("--power {spec:?}: expected nvml[:GPU]"))
+                })?),
+                None => None,
+            };
+            let source = PowerSource::Nvml { gpu };
+            // Fail now rather than report no energy at the end.
+            let nvml = Nvml::init()
+                .map_err(|e| BenchError::Power(format!("NVML is not available here: {e}")))?;
+            nvml_watts(&nvml, gpu).map_err(BenchError::Power)?;
+            return Ok(source);
         }
         Err(BenchError::InvalidArgument(format!(
-            "--power {spec:?}: expected cmd:COMMAND, prometheus:URL#METRIC or estimate:ACCELERATOR[xN]"
+            "--power {spec:?}: expected nvml[:GPU], cmd:COMMAND, prometheus:URL#METRIC or estimate:ACCELERATOR[xN]"
         )))
     }
 
@@ -86,6 +102,8 @@ impl PowerSource {
     pub fn label(&self) -> String {
         match self {
             PowerSource::Command(c) => format!("cmd:{c}"),
+            PowerSource::Nvml { gpu: None } => "nvml".into(),
+            PowerSource::Nvml { gpu: Some(g) } => format!("nvml:{g}"),
             PowerSource::Prometheus { url, metric } => format!("prometheus:{url}#{metric}"),
             PowerSource::Estimate {
                 accelerator, count, ..
@@ -182,8 +200,12 @@ impl PowerMeter {
                 Some(tokio::spawn(async move {
                     let start = Instant::now();
                     let http = reqwest::Client::new();
+                    let nvml = match live {
+                        PowerSource::Nvml { .. } => Nvml::init().ok(),
+                        _ => None,
+                    };
                     loop {
-                        if let Some(w) = read_watts(&live, &http).await {
+                        if let Some(w) = read_watts(&live, &http, nvml.as_ref()).await {
                             if let Ok(mut s) = samples.lock() {
                                 s.push((start.elapsed().as_secs_f64(), w));
                             }
@@ -232,8 +254,32 @@ impl PowerMeter {
     }
 }
 
-async fn read_watts(source: &PowerSource, http: &reqwest::Client) -> Option<f64> {
+/// Watts drawn now by one GPU or all of them (NVML reports milliwatts).
+fn nvml_watts(nvml: &Nvml, gpu: Option<u32>) -> Result<f64, String> {
+    let indices = match gpu {
+        Some(g) => vec![g],
+        None => (0..nvml.device_count().map_err(|e| e.to_string())?).collect(),
+    };
+    if indices.is_empty() {
+        return Err("NVML lists no GPU".into());
+    }
+    let mut milliwatts = 0u64;
+    for i in indices {
+        let device = nvml
+            .device_by_index(i)
+            .map_err(|e| format!("GPU {i}: {e}"))?;
+        milliwatts += u64::from(device.power_usage().map_err(|e| format!("GPU {i}: {e}"))?);
+    }
+    Ok(milliwatts as f64 / 1000.0)
+}
+
+async fn read_watts(
+    source: &PowerSource,
+    http: &reqwest::Client,
+    nvml: Option<&Nvml>,
+) -> Option<f64> {
     match source {
+        PowerSource::Nvml { gpu } => nvml.and_then(|n| nvml_watts(n, *gpu).ok()),
         PowerSource::Command(cmd) => {
             let out = tokio::process::Command::new("sh")
                 .args(["-c", cmd])
@@ -305,6 +351,12 @@ mod tests {
             Ok(PowerSource::Prometheus { .. })
         ));
         assert!(PowerSource::parse("watts", &accelerators()).is_err());
+        assert!(PowerSource::parse("nvml:x", &accelerators()).is_err());
+        // This machine has no NVIDIA GPU: NVML is refused at once, clearly.
+        if Nvml::init().is_err() {
+            let err = PowerSource::parse("nvml:0", &accelerators()).unwrap_err();
+            assert!(err.to_string().contains("NVML"), "{err}");
+        }
     }
 
     #[test]

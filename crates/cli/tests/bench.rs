@@ -165,6 +165,50 @@ fn bench_reports_every_metric_and_agrees_with_the_server() {
     let bench_throughput = level["output_throughput"].as_f64().unwrap();
     eprintln!("output tokens/s: bench {bench_throughput:.2}, server {server_throughput:.2}");
     assert!((bench_throughput - server_throughput).abs() <= 0.1 * server_throughput);
+
+    // A sweep probes rates and reports the highest that met the SLO.
+    let report = bench(
+        &server,
+        &dir,
+        "sweep",
+        &[
+            "--sweep",
+            "--slo",
+            "ttft=1500ms,tpot=200ms",
+            "--rate",
+            "0.5",
+            "--sweep-steps",
+            "3",
+            "--requests",
+            "3",
+            "--warmup",
+            "0",
+            "--input-tokens",
+            "16",
+            "--output-tokens",
+            "8",
+        ],
+    );
+    let probes: Vec<(f64, bool)> = report["levels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            assert_eq!(l["load"]["mode"], "rate");
+            (
+                l["load"]["value"].as_f64().unwrap(),
+                l["goodput"]["p99_within_slo"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(probes.len(), 3, "{probes:?}");
+    assert_eq!(probes[0].0, 0.5);
+    let best = probes
+        .iter()
+        .filter(|p| p.1)
+        .map(|p| p.0)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    assert_eq!(report["sweep"][0].as_f64(), best, "{probes:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

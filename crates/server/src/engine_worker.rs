@@ -140,18 +140,18 @@ impl EngineHandle {
             metrics.running.fetch_add(1, Ordering::Relaxed);
             let events = job.events.clone();
             // A panic fails this job only; the thread goes on with the next.
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                run_job(lm, job, &metrics);
-            }));
-            metrics.running.fetch_sub(1, Ordering::Relaxed);
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(lm, job, &metrics)));
+            // The gauges are settled before the client hears the end.
             metrics.kv_positions_used.store(0, Ordering::Relaxed);
             metrics.kv_positions_capacity.store(0, Ordering::Relaxed);
-            if outcome.is_err() {
+            metrics.running.fetch_sub(1, Ordering::Release);
+            let last = outcome.unwrap_or_else(|_| {
                 metrics.finished(FinishedReason::Error);
-                let _ = events.blocking_send(WorkerEvent::Failed(ServerError::Internal(
+                WorkerEvent::Failed(ServerError::Internal(
                     "the engine failed on this request".into(),
-                )));
-            }
+                ))
+            });
+            let _ = events.blocking_send(last);
         }
     }
 
@@ -224,8 +224,9 @@ impl EngineHandle {
     }
 }
 
-/// Runs one job on the engine thread, reporting to its channel.
-fn run_job(lm: &LoadedModel, job: Job, metrics: &Metrics) {
+/// Runs one job on the engine thread, streaming text to its channel, and
+/// returns the job's last event.
+fn run_job(lm: &LoadedModel, job: Job, metrics: &Metrics) -> WorkerEvent {
     let events = &job.events;
     let request = match job.kind {
         JobKind::Generate(r) => r,
@@ -243,11 +244,10 @@ fn run_job(lm: &LoadedModel, job: Job, metrics: &Metrics) {
                     .e2e_request_latency
                     .observe_duration(job.arrived.elapsed());
             }
-            let _ = events.blocking_send(match result {
+            return match result {
                 Ok(s) => WorkerEvent::Scored(s),
                 Err(e) => WorkerEvent::Failed(e.into()),
-            });
-            return;
+            };
         }
         #[cfg(test)]
         JobKind::Panic => {
@@ -334,10 +334,10 @@ fn run_job(lm: &LoadedModel, job: Job, metrics: &Metrics) {
         }
         Err(_) => metrics.finished(FinishedReason::Error),
     }
-    let _ = events.blocking_send(match result {
+    match result {
         Ok(g) => WorkerEvent::Done(Box::new(g)),
         Err(e) => WorkerEvent::Failed(e.into()),
-    });
+    }
 }
 
 #[cfg(test)]
