@@ -1,0 +1,354 @@
+//! `fleet.toml`: pools of upstreams serving a model, and the router's
+//! policy. Unknown keys are errors, and so are upstream URLs that point at
+//! link-local (cloud metadata) addresses.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, ToSocketAddrs};
+
+use serde::Deserialize;
+
+use crate::error::FleetError;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The pools.
+    #[serde(rename = "pool", default)]
+    pub pools: Vec<PoolConfig>,
+    /// How requests are routed.
+    #[serde(default)]
+    pub router: RouterConfig,
+}
+
+/// One pool: upstreams that serve one model on one kind of accelerator.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Unique name.
+    pub name: String,
+    /// The model name clients ask for.
+    pub model: String,
+    /// Accelerator id in `accelerators.toml`, or `cpu`.
+    pub accelerator: String,
+    /// Accelerators behind the pool.
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Power of the pool at full load, overriding the profile's.
+    #[serde(default)]
+    pub watts: Option<f64>,
+    /// Price per hour, any currency.
+    #[serde(default)]
+    pub price_per_hour: Option<f64>,
+    /// `http(s)://.../v1` servers or `engine:MODEL` for the in-process engine.
+    pub upstreams: Vec<String>,
+    /// The model name the upstreams expect (default: `model`).
+    #[serde(default)]
+    pub served_model: Option<String>,
+    /// Environment variable holding the upstreams' API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// What the upstreams accept.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Pool to try when this one cannot serve.
+    #[serde(default)]
+    pub fallback: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The router's settings.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// The policy.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// How an upstream is chosen.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// In turn.
+    RoundRobin,
+    /// Fewest outstanding tokens.
+    #[default]
+    LeastLoad,
+    /// Consistent hashing on the prompt prefix, with bounded load.
+    PrefixAffinity,
+    /// Most headroom under the request's SLO.
+    Slo,
+    /// Fewest joules per token among those meeting the SLO.
+    Energy,
+    /// Cheapest per token among those meeting the SLO.
+    Cost,
+}
+
+/// Conformance profile: which parameters an upstream accepts.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// OpenAI's API.
+    #[default]
+    Openai,
+    /// vLLM.
+    Vllm,
+    /// llama.cpp's server.
+    Llamacpp,
+    /// FuriosaAI's Furiosa-LLM.
+    Furiosa,
+    /// Rebellions' vllm-rbln.
+    Rbln,
+    /// Groq's API.
+    Groq,
+    /// Cerebras' API.
+    Cerebras,
+    /// SambaNova's API.
+    Sambanova,
+    /// neocloud itself.
+    Neocloud,
+}
+
+/// Where an upstream is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddress {
+    /// An OpenAI-compatible server (base URL ending in `/v1`).
+    Http(String),
+    /// The in-process engine, serving this model.
+    Engine(String),
+}
+
+impl UpstreamAddress {
+    /// Parses `engine:MODEL` or an `http(s)://` URL.
+    pub fn parse(text: &str) -> Result<Self, FleetError> {
+        if let Some(model) = text.strip_prefix("engine:") {
+            if model.is_empty() {
+                return Err(FleetError::Config("`engine:` needs a model name".into()));
+            }
+            return Ok(UpstreamAddress::Engine(model.to_owned()));
+        }
+        if !(text.starts_with("http://") || text.starts_with("https://")) {
+            return Err(FleetError::Config(format!(
+                "upstream {text:?}: expected http(s)://HOST[:PORT]/v1 or engine:MODEL"
+            )));
+        }
+        Ok(UpstreamAddress::Http(text.trim_end_matches('/').to_owned()))
+    }
+}
+
+/// Whether `ip` is link-local (where cloud metadata services live) or
+/// otherwise never a legitimate upstream (unspecified, broadcast).
+pub fn is_forbidden_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast(),
+        IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.is_unspecified()
+                || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+    }
+}
+
+/// Host and port of an `http(s)://` URL.
+fn host_port(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit('@').next()?;
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = after
+            .strip_prefix(':')
+            .map_or(Some(default_port), |p| p.parse().ok())?;
+        return Some((host.to_owned(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
+        None => Some((authority.to_owned(), default_port)),
+    }
+}
+
+/// Refuses URLs whose host is, or resolves to, a forbidden address.
+pub fn check_upstream_url(url: &str) -> Result<(), FleetError> {
+    let (host, port) = host_port(url)
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| FleetError::Config(format!("upstream {url:?}: no host")))?;
+    let refuse = |ip: IpAddr| {
+        FleetError::Config(format!(
+            "upstream {url:?} resolves to {ip}, a link-local or unusable address (cloud metadata services live there); refused"
+        ))
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return if is_forbidden_ip(ip) {
+            Err(refuse(ip))
+        } else {
+            Ok(())
+        };
+    }
+    if host.eq_ignore_ascii_case("metadata.google.internal")
+        || host.eq_ignore_ascii_case("metadata")
+    {
+        return Err(FleetError::Config(format!(
+            "upstream {url:?} names a cloud metadata service; refused"
+        )));
+    }
+    // A name that does not resolve now may later; one that resolves to a
+    // forbidden address is refused.
+    if let Ok(addrs) = (host.as_str(), port).to_socket_addrs() {
+        for addr in addrs {
+            if is_forbidden_ip(addr.ip()) {
+                return Err(refuse(addr.ip()));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl FleetConfig {
+    /// Parses and checks a configuration.
+    pub fn parse(text: &str) -> Result<Self, FleetError> {
+        let config: FleetConfig =
+            toml::from_str(text).map_err(|e| FleetError::Config(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), FleetError> {
+        if self.pools.is_empty() {
+            return Err(FleetError::Config("no [[pool]]".into()));
+        }
+        let mut names = BTreeSet::new();
+        for pool in &self.pools {
+            if !names.insert(pool.name.as_str()) {
+                return Err(FleetError::Config(format!(
+                    "two pools are named {:?}",
+                    pool.name
+                )));
+            }
+        }
+        for pool in &self.pools {
+            let at = |m: String| FleetError::Config(format!("pool {:?}: {m}", pool.name));
+            if pool.upstreams.is_empty() {
+                return Err(at("no upstreams".into()));
+            }
+            if pool.count == 0 {
+                return Err(at("count must be at least 1".into()));
+            }
+            if pool.watts.is_some_and(|w| !(w.is_finite() && w >= 0.0))
+                || pool
+                    .price_per_hour
+                    .is_some_and(|p| !(p.is_finite() && p >= 0.0))
+            {
+                return Err(at("watts and price_per_hour must be non-negative".into()));
+            }
+            for upstream in &pool.upstreams {
+                if let UpstreamAddress::Http(url) =
+                    UpstreamAddress::parse(upstream).map_err(|e| at(e.to_string()))?
+                {
+                    check_upstream_url(&url).map_err(|e| at(e.to_string()))?;
+                }
+            }
+            if let Some(fallback) = &pool.fallback {
+                if fallback == &pool.name || !names.contains(fallback.as_str()) {
+                    return Err(at(format!("fallback {fallback:?} is not another pool")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Indices of the pools serving `model`.
+    pub fn pools_for(&self, model: &str) -> Vec<usize> {
+        (0..self.pools.len())
+            .filter(|&i| self.pools[i].model == model)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        [[pool]]
+        name = "rngd-seoul"
+        model = "llama-3.1-8b"
+        accelerator = "rngd"
+        count = 1
+        watts = 150
+        price_per_hour = 2.5
+        upstreams = ["http://127.0.0.1:9001/v1", "engine:gemma-3-270m"]
+        served_model = "meta-llama/Llama-3.1-8B-Instruct"
+        api_key_env = "RNGD_KEY"
+        profile = "vllm"
+        fallback = "h100-pool"
+
+        [[pool]]
+        name = "h100-pool"
+        model = "llama-3.1-8b"
+        accelerator = "h100-sxm"
+        upstreams = ["https://gpu.example.com/v1"]
+
+        [router]
+        policy = "energy"
+    "#;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = FleetConfig::parse(EXAMPLE).unwrap();
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.pools[0].profile, Profile::Vllm);
+        assert_eq!(c.pools[1].count, 1);
+        assert_eq!(c.router.policy, Policy::Energy);
+        assert_eq!(c.pools_for("llama-3.1-8b"), vec![0, 1]);
+        assert!(c.pools_for("other").is_empty());
+        assert_eq!(
+            UpstreamAddress::parse(&c.pools[0].upstreams[1]).unwrap(),
+            UpstreamAddress::Engine("gemma-3-270m".into())
+        );
+    }
+
+    #[test]
+    fn mistakes_are_refused() {
+        let cases = [
+            EXAMPLE.replace("policy = \"energy\"", "policy = \"fastest\""),
+            EXAMPLE.replace("count = 1", "cuont = 1"),
+            EXAMPLE.replace("name = \"h100-pool\"", "name = \"rngd-seoul\""),
+            EXAMPLE.replace("fallback = \"h100-pool\"", "fallback = \"nowhere\""),
+            EXAMPLE.replace("https://gpu.example.com/v1", "ftp://gpu.example.com/v1"),
+            EXAMPLE.replace("[\"https://gpu.example.com/v1\"]", "[]"),
+            "[router]\npolicy = \"slo\"\n".to_string(),
+        ];
+        for text in cases {
+            assert!(FleetConfig::parse(&text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn metadata_addresses_are_refused() {
+        for url in [
+            "http://169.254.169.254/v1",
+            "http://169.254.169.254:80/latest/v1",
+            "http://[fe80::1]:8080/v1",
+            "http://[::ffff:169.254.169.254]/v1",
+            "http://metadata.google.internal/v1",
+            "http://0.0.0.0:8080/v1",
+            "http://user@169.254.169.254/v1",
+        ] {
+            let text = EXAMPLE.replace("https://gpu.example.com/v1", url);
+            let err = FleetConfig::parse(&text).unwrap_err();
+            assert!(err.to_string().contains("refused"), "{url}: {err}");
+        }
+        for url in [
+            "http://127.0.0.1:8080/v1",
+            "http://localhost:8080/v1",
+            "http://[::1]:9/v1",
+        ] {
+            assert!(check_upstream_url(url).is_ok(), "{url}");
+        }
+    }
+}
