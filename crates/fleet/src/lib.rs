@@ -5,7 +5,9 @@
 //! code on a simulated fleet). [`config`] reads `fleet.toml`.
 
 pub mod config;
+pub mod conformance;
 pub mod error;
+pub mod health;
 pub mod policy;
 
 pub use error::FleetError;
