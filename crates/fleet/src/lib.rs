@@ -4,6 +4,7 @@
 //! [`policy::FleetView`] snapshot, so that the planner can run the same
 //! code on a simulated fleet). [`config`] reads `fleet.toml`.
 
+pub mod accounting;
 pub mod config;
 pub mod conformance;
 pub mod error;

@@ -4,6 +4,7 @@
 //! simulated fleet.
 
 use crate::config::Policy;
+use crate::error::FleetError;
 
 /// What the router knows of one upstream at one instant.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +76,53 @@ pub struct RequestSlo {
     pub ttft_s: f64,
     /// Time per output token, seconds.
     pub tpot_s: f64,
+}
+
+impl RequestSlo {
+    /// Parses the `x-neocloud-slo` header: `ttft=500ms,tpot=50ms` (either
+    /// part may be left out; a missing limit is no limit).
+    pub fn parse_header(value: &str) -> Result<Self, FleetError> {
+        let bad = || {
+            FleetError::Config(format!(
+                "x-neocloud-slo {value:?}: expected ttft=DUR,tpot=DUR with DUR like 500ms or 2s"
+            ))
+        };
+        let mut slo = RequestSlo {
+            ttft_s: f64::INFINITY,
+            tpot_s: f64::INFINITY,
+        };
+        let mut any = false;
+        for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, duration) = part.split_once('=').ok_or_else(bad)?;
+            let seconds = parse_seconds(duration).ok_or_else(bad)?;
+            match key.trim() {
+                "ttft" => slo.ttft_s = seconds,
+                "tpot" => slo.tpot_s = seconds,
+                _ => return Err(bad()),
+            }
+            any = true;
+        }
+        if any {
+            Ok(slo)
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+/// `500ms`, `2s` or `1.5` (seconds) as seconds.
+fn parse_seconds(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let (number, scale) = match text.strip_suffix("ms") {
+        Some(n) => (n, 1e-3),
+        None => (text.strip_suffix('s').unwrap_or(text), 1.0),
+    };
+    number
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| v * scale)
 }
 
 /// What the router knows of a request.
@@ -327,6 +375,24 @@ mod tests {
             })
             .collect();
         assert_eq!(spread.len(), 4);
+    }
+
+    #[test]
+    fn slo_headers_parse() {
+        let slo = RequestSlo::parse_header("ttft=500ms, tpot=50ms").unwrap();
+        assert_eq!((slo.ttft_s, slo.tpot_s), (0.5, 0.05));
+        let only = RequestSlo::parse_header("tpot=0.1s").unwrap();
+        assert!(only.ttft_s.is_infinite() && only.tpot_s == 0.1);
+        for bad in [
+            "",
+            "ttft",
+            "ttft=fast",
+            "latency=1s",
+            "ttft=0ms",
+            "ttft=-1s",
+        ] {
+            assert!(RequestSlo::parse_header(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

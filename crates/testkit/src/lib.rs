@@ -8,6 +8,7 @@
 
 pub mod gguf_writer;
 pub mod http;
+pub mod mock_upstream;
 
 use std::path::PathBuf;
 
