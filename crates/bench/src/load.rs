@@ -145,13 +145,8 @@ pub async fn run_level(
                         if i >= limit || deadline.is_some_and(|d| Instant::now() >= d) {
                             return;
                         }
-                        let sent_at = start.elapsed().as_secs_f64();
                         let body = &bodies[(first + i) % bodies.len()];
-                        let mut o = client.run(&target, &path, body).await;
-                        o.sent_at = sent_at;
-                        if let Ok(mut all) = outcomes.lock() {
-                            all.push(o);
-                        }
+                        send_one(&client, &target, &path, body, start, &outcomes).await;
                         let _ = done_tx.send(());
                     }
                 }));
@@ -188,12 +183,7 @@ pub async fn run_level(
                 let done_tx = done_tx.clone();
                 let index = (plan.first + i) % bodies.len();
                 tokio::spawn(async move {
-                    let sent_at = start.elapsed().as_secs_f64();
-                    let mut o = client.run(&target, &path, &bodies[index]).await;
-                    o.sent_at = sent_at;
-                    if let Ok(mut all) = outcomes.lock() {
-                        all.push(o);
-                    }
+                    send_one(&client, &target, &path, &bodies[index], start, &outcomes).await;
                     let _ = done_tx.send(());
                 });
             }
@@ -213,6 +203,24 @@ pub async fn run_level(
             .map(|o| o.sent_at)
             .fold(f64::INFINITY, f64::min);
     (outcomes, if wall.is_finite() { wall.max(0.0) } else { 0.0 })
+}
+
+/// Sends one request and records its outcome, stamped with when it left
+/// relative to the level's `start`.
+async fn send_one(
+    client: &Client,
+    target: &Target,
+    path: &str,
+    body: &Value,
+    start: Instant,
+    outcomes: &Mutex<Vec<Outcome>>,
+) {
+    let sent_at = start.elapsed().as_secs_f64();
+    let mut o = client.run(target, path, body).await;
+    o.sent_at = sent_at;
+    if let Ok(mut all) = outcomes.lock() {
+        all.push(o);
+    }
 }
 
 /// Seconds during which at least one request was in flight.
