@@ -1,10 +1,7 @@
 //! `POST /v1/chat/completions`: validation, prompt rendering, and the
 //! streamed or collected answer, with `n` choices and tool calls.
 
-use std::convert::Infallible;
-
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use neocloud_engine::generation::{GenerateRequest, LoadedModel};
@@ -15,7 +12,6 @@ use neocloud_openai::chat::{
     ChatCompletionRequest, ChatDelta, ChoiceLogprobs, TokenLogprob, ToolCallDelta, Usage,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::engine_worker::WorkerEvent;
 use crate::error::ServerError;
@@ -23,6 +19,7 @@ use crate::json_body::JsonBody;
 use crate::routes::choices::{
     choices_of, collect_all, merge, now, response_id, submit_all, MAX_CHOICES,
 };
+use crate::routes::event_stream::event_stream;
 use crate::routes::sampling::{sampling_params, stop_strings};
 use crate::tool_calls::{self, ToolCallStream};
 use crate::AppState;
@@ -347,7 +344,7 @@ fn stream_response(
 ) -> Response {
     let n = jobs.len();
     let mut events = merge(jobs);
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
+    let (out, response) = event_stream();
     tokio::spawn(async move {
         let created = now();
         let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
@@ -358,13 +355,7 @@ fn stream_response(
             choices,
             usage,
         };
-        let send = |c: ChatCompletionChunk| {
-            let tx = tx.clone();
-            async move {
-                let data = serde_json::to_string(&c).unwrap_or_default();
-                tx.send(Ok(Event::default().data(data))).await.is_ok()
-            }
-        };
+        let send = |c: ChatCompletionChunk| out.send(c);
         let choice = |index: usize, delta: ChatDelta, logprobs, finish: Option<&str>| {
             vec![ChatChunkChoice {
                 index: index as u32,
@@ -468,8 +459,7 @@ fn stream_response(
                     }
                 }
                 WorkerEvent::Failed(e) => {
-                    let err = e.to_api_error();
-                    let _ = tx.send(Ok(Event::default().data(err.to_json()))).await;
+                    out.error(e).await;
                     break;
                 }
                 WorkerEvent::Scored(_) => {}
@@ -479,9 +469,7 @@ fn stream_response(
             let usage = Usage::new(answer.prompt_tokens, completion_tokens);
             let _ = send(chunk(Vec::new(), Some(usage))).await;
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        out.done().await;
     });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    response
 }

@@ -4,11 +4,9 @@
 //! log-probabilities, as vLLM does).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use neocloud_engine::generation::{GenerateRequest, LoadedModel, ScoredToken};
@@ -18,7 +16,6 @@ use neocloud_openai::completions::{
     Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::engine_worker::{JobKind, WorkerEvent};
 use crate::error::ServerError;
@@ -26,6 +23,7 @@ use crate::json_body::JsonBody;
 use crate::routes::choices::{
     choices_of, collect_all, merge, now, response_id, submit_all, MAX_CHOICES,
 };
+use crate::routes::event_stream::event_stream;
 use crate::routes::sampling::{sampling_params, stop_strings};
 use crate::AppState;
 
@@ -290,7 +288,7 @@ fn stream_response(
     model: String,
 ) -> Response {
     let total = plan.prompts.len() * plan.n;
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
+    let (out, response) = event_stream();
     let mut events = merge(jobs);
     tokio::spawn(async move {
         let created = now();
@@ -303,11 +301,7 @@ fn stream_response(
                 choices,
                 usage,
             };
-            let tx = tx.clone();
-            async move {
-                let data = serde_json::to_string(&chunk).unwrap_or_default();
-                tx.send(Ok(Event::default().data(data))).await.is_ok()
-            }
+            out.send(chunk)
         };
         let one = |index: usize, text: String, logprobs, finish: Option<&str>| {
             vec![CompletionChoice {
@@ -381,8 +375,7 @@ fn stream_response(
                     finished += 1;
                 }
                 WorkerEvent::Failed(e) => {
-                    let err = e.to_api_error();
-                    let _ = tx.send(Ok(Event::default().data(err.to_json()))).await;
+                    out.error(e).await;
                     break;
                 }
                 WorkerEvent::Scored(_) => {}
@@ -392,11 +385,9 @@ fn stream_response(
             let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32);
             let _ = send(Vec::new(), Some(usage)).await;
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        out.done().await;
     });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    response
 }
 
 async fn score(

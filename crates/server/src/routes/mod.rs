@@ -3,6 +3,7 @@
 pub mod chat_completions;
 mod choices;
 pub mod completions;
+mod event_stream;
 pub mod health;
 pub mod metrics;
 pub mod models;
