@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use nvml_wrapper::Nvml;
 use serde::Serialize;
 
+use neocloud_fleet::accelerators;
+
 use crate::error::BenchError;
 
 /// Where watts come from.
@@ -40,8 +42,7 @@ pub enum PowerSource {
     },
 }
 
-/// Watts per core assumed for `estimate:cpu` (see `accelerators.toml`).
-pub const CPU_WATTS_PER_CORE: f64 = 10.0;
+pub use neocloud_fleet::accelerators::CPU_WATTS_PER_CORE;
 /// Interval between power samples.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
@@ -118,51 +119,13 @@ fn published_watts(path: &Path, id: &str) -> Result<f64, BenchError> {
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    let data: toml::Value =
-        toml::from_str(&split_statements(&text)).map_err(|e| BenchError::Data {
+    accelerators::published_watts(&text, id).map_err(|e| match e {
+        accelerators::CatalogError::Malformed(message) => BenchError::Data {
             path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-    let list = data.get("accelerator").and_then(|a| a.as_array());
-    let entry = list
-        .into_iter()
-        .flatten()
-        .find(|a| a.get("id").and_then(|i| i.as_str()) == Some(id))
-        .ok_or_else(|| BenchError::Power(format!("no accelerator {id:?} in {}", path.display())))?;
-    entry
-        .get("tdp_w")
-        .and_then(|w| w.as_float().or_else(|| w.as_integer().map(|i| i as f64)))
-        .filter(|w| *w > 0.0)
-        .ok_or_else(|| BenchError::Power(format!("{id} has no published power")))
-}
-
-/// The data file writes several `key = value` statements on one line,
-/// separated by `;`, which TOML does not allow: each goes on its own line
-/// (semicolons inside strings and comments stay).
-fn split_statements(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        let mut in_string = false;
-        let mut escaped = false;
-        for (i, c) in line.char_indices() {
-            match c {
-                '#' if !in_string => {
-                    out.push_str(&line[i..]);
-                    break;
-                }
-                '"' if !escaped => in_string = !in_string,
-                ';' if !in_string => {
-                    out.push('\n');
-                    continue;
-                }
-                _ => {}
-            }
-            escaped = c == '\\' && !escaped;
-            out.push(c);
-        }
-        out.push('\n');
-    }
-    out
+            message,
+        },
+        other => BenchError::Power(other.to_string()),
+    })
 }
 
 /// Energy over one level.
@@ -357,14 +320,6 @@ mod tests {
             let err = PowerSource::parse("nvml:0", &accelerators()).unwrap_err();
             assert!(err.to_string().contains("NVML"), "{err}");
         }
-    }
-
-    #[test]
-    fn statements_split_outside_strings_and_comments() {
-        let text = "a = \"x; y\"; b = 2 # c; d\n";
-        let v: toml::Value = toml::from_str(&split_statements(text)).unwrap();
-        assert_eq!(v["a"].as_str(), Some("x; y"));
-        assert_eq!(v["b"].as_integer(), Some(2));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use neocloud_fleet::config::FleetConfig;
 use serde::Deserialize;
 
 /// The file's contents; every key is optional.
@@ -24,6 +25,10 @@ pub struct ServeFile {
     pub shutdown_timeout_secs: Option<u64>,
     /// Worker threads for the compute kernels.
     pub threads: Option<usize>,
+    /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
+    /// gateway.
+    #[serde(skip)]
+    pub fleet: Option<FleetConfig>,
 }
 
 impl ServeFile {
@@ -34,9 +39,21 @@ impl ServeFile {
         Self::parse(&text).with_context(|| format!("in the config file {}", path.display()))
     }
 
-    /// Parses config text.
+    /// Parses config text. `[[pool]]` and `[router]` go to the fleet's
+    /// configuration, the other keys to the serve settings.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        Ok(toml::from_str(text)?)
+        let mut table: toml::Table = toml::from_str(text)?;
+        let mut fleet = toml::Table::new();
+        for key in ["pool", "router"] {
+            if let Some(value) = table.remove(key) {
+                fleet.insert(key.to_owned(), value);
+            }
+        }
+        let mut file: ServeFile = ServeFile::deserialize(toml::Value::Table(table))?;
+        if !fleet.is_empty() {
+            file.fleet = Some(FleetConfig::parse(&toml::to_string(&fleet)?)?);
+        }
+        Ok(file)
     }
 }
 
@@ -61,6 +78,27 @@ mod tests {
         assert_eq!(f.port, Some(9000));
         assert_eq!(f.models.as_ref().map(Vec::len), Some(2));
         assert_eq!(f.shutdown_timeout_secs, Some(5));
+    }
+
+    #[test]
+    fn pools_make_a_fleet() {
+        let f = ServeFile::parse(
+            r#"
+            port = 9000
+            [[pool]]
+            name = "cpu"
+            model = "gemma"
+            accelerator = "cpu"
+            upstreams = ["engine:gemma-3-270m"]
+            [router]
+            policy = "round-robin"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(f.port, Some(9000));
+        assert_eq!(f.fleet.unwrap().pools[0].name, "cpu");
+        assert!(ServeFile::parse("port = 1\n[router]\npolicy = \"slo\"\n").is_err());
+        assert!(ServeFile::parse("[[pool]]\nname = \"x\"\nmodle = 1\n").is_err());
     }
 
     #[test]

@@ -173,7 +173,21 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             set_threads(n)?;
         }
     }
-    let names = if !args.models.is_empty() {
+    let engine_models: Vec<String> = file
+        .fleet
+        .iter()
+        .flat_map(|f| &f.pools)
+        .flat_map(|p| &p.upstreams)
+        .filter_map(|u| u.strip_prefix("engine:"))
+        .fold(Vec::new(), |mut acc, m| {
+            if !acc.iter().any(|a| a == m) {
+                acc.push(m.to_owned());
+            }
+            acc
+        });
+    let names = if file.fleet.is_some() {
+        engine_models
+    } else if !args.models.is_empty() {
         args.models
     } else {
         file.models
@@ -207,24 +221,40 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         .shutdown_timeout_secs
         .or(file.shutdown_timeout_secs)
         .unwrap_or(30);
-    let config = neocloud_server::ServerConfig {
-        models,
-        listen,
-        queue_capacity: args.queue.or(file.queue).unwrap_or(64).max(1),
-        body_limit: args
-            .body_limit
-            .or(file.body_limit)
-            .unwrap_or(2 * 1024 * 1024),
-        shutdown_timeout: std::time::Duration::from_secs(shutdown_secs),
-    };
+    let queue_capacity = args.queue.or(file.queue).unwrap_or(64).max(1);
+    let body_limit = args
+        .body_limit
+        .or(file.body_limit)
+        .unwrap_or(2 * 1024 * 1024);
+    let shutdown_timeout = std::time::Duration::from_secs(shutdown_secs);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(neocloud_server::serve(config, |addr| {
+    let announce = |addr| {
         println!("neocloud listening on http://{addr}");
         let _ = std::io::stdout().flush();
-    }))?;
+    };
+    if let Some(fleet) = file.fleet {
+        let config = neocloud_server::GatewayConfig {
+            fleet,
+            engine_models: models,
+            queue_capacity,
+            listen,
+            body_limit,
+            shutdown_timeout,
+        };
+        runtime.block_on(neocloud_server::serve_gateway(config, announce))?;
+    } else {
+        let config = neocloud_server::ServerConfig {
+            models,
+            listen,
+            queue_capacity,
+            body_limit,
+            shutdown_timeout,
+        };
+        runtime.block_on(neocloud_server::serve(config, announce))?;
+    }
     Ok(())
 }
 

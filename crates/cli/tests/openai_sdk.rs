@@ -50,6 +50,21 @@ fn sdk_python() -> PathBuf {
     bin
 }
 
+/// Runs the compatibility script against `base_url`.
+fn run_compat_script(python: &Path, base_url: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/compat.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg(base_url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"));
+}
+
 #[test]
 fn the_official_openai_sdk_works_against_neocloud_serve() {
     let python = sdk_python();
@@ -64,15 +79,39 @@ fn the_official_openai_sdk_works_against_neocloud_serve() {
             "1",
         ],
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/compat.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(format!("http://{}/v1", server.addr))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"));
+    run_compat_script(&python, &format!("http://{}/v1", server.addr));
+}
+
+/// The same script through the fleet gateway, whose pools are the
+/// in-process engine: the SDK cannot tell the difference.
+#[test]
+fn the_official_openai_sdk_works_through_the_fleet_gateway() {
+    let python = sdk_python();
+    let config = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-fleet.toml");
+    std::fs::write(
+        &config,
+        r#"
+queue = 1
+
+[[pool]]
+name = "qwen-cpu"
+model = "qwen2.5-coder-0.5b-instruct"
+accelerator = "cpu"
+count = 2
+upstreams = ["engine:qwen2.5-coder-0.5b-instruct"]
+
+[[pool]]
+name = "gemma-cpu"
+model = "gemma-3-270m"
+accelerator = "cpu"
+count = 2
+upstreams = ["engine:gemma-3-270m"]
+"#,
+    )
+    .unwrap();
+    let gateway = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &["--config", config.to_str().unwrap()],
+    );
+    run_compat_script(&python, &format!("http://{}/v1", gateway.addr));
 }

@@ -8,6 +8,7 @@ use std::net::{IpAddr, ToSocketAddrs};
 use serde::Deserialize;
 
 use crate::error::FleetError;
+use crate::policy::RequestSlo;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,25 +49,83 @@ pub struct PoolConfig {
     /// Environment variable holding the upstreams' API key.
     #[serde(default)]
     pub api_key_env: Option<String>,
-    /// What the upstreams accept.
-    #[serde(default)]
-    pub profile: Profile,
+    /// What the upstreams accept (default: `neocloud` when every upstream
+    /// is the in-process engine, else `openai`); see [`PoolConfig::profile`].
+    #[serde(default, rename = "profile")]
+    pub profile_name: Option<Profile>,
     /// Pool to try when this one cannot serve.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Sequences each upstream runs at once before requests queue (default 8).
+    #[serde(default)]
+    pub slots: Option<u32>,
+    /// The SLO of requests that send no `x-neocloud-slo` header, in the
+    /// header's syntax (`ttft=500ms,tpot=50ms`).
+    #[serde(default)]
+    pub slo: Option<String>,
 }
 
 fn one() -> u32 {
     1
 }
 
+impl PoolConfig {
+    /// The conformance profile: as configured, else `neocloud` for a pool
+    /// of in-process engines, else `openai`.
+    pub fn profile(&self) -> Profile {
+        match self.profile_name {
+            Some(p) => p,
+            None if self.upstreams.iter().all(|u| u.starts_with("engine:")) => Profile::Neocloud,
+            None => Profile::Openai,
+        }
+    }
+}
+
 /// The router's settings.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouterConfig {
     /// The policy.
     #[serde(default)]
     pub policy: Policy,
+    /// A stream that sends nothing for this long is ended with an error
+    /// event (and, before its first token, retried elsewhere).
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: f64,
+    /// Longest wait for a whole non-streamed answer.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: f64,
+    /// Interval of the active health checks.
+    #[serde(default = "default_health_check_interval")]
+    pub health_check_interval_secs: f64,
+    /// The accelerator catalogue (`accelerators.toml`), for the power of
+    /// pools that name no `watts`.
+    #[serde(default)]
+    pub accelerators_file: Option<String>,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            policy: Policy::default(),
+            stall_timeout_secs: default_stall_timeout(),
+            request_timeout_secs: default_request_timeout(),
+            health_check_interval_secs: default_health_check_interval(),
+            accelerators_file: None,
+        }
+    }
+}
+
+fn default_stall_timeout() -> f64 {
+    30.0
+}
+
+fn default_request_timeout() -> f64 {
+    600.0
+}
+
+fn default_health_check_interval() -> f64 {
+    5.0
 }
 
 /// How an upstream is chosen.
@@ -218,6 +277,21 @@ impl FleetConfig {
     }
 
     fn check(&self) -> Result<(), FleetError> {
+        let router = &self.router;
+        for (name, value) in [
+            ("stall_timeout_secs", router.stall_timeout_secs),
+            ("request_timeout_secs", router.request_timeout_secs),
+            (
+                "health_check_interval_secs",
+                router.health_check_interval_secs,
+            ),
+        ] {
+            if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+                return Err(FleetError::Config(format!(
+                    "[router] {name} must be a positive number of seconds (at most a day)"
+                )));
+            }
+        }
         if self.pools.is_empty() {
             return Err(FleetError::Config("no [[pool]]".into()));
         }
@@ -237,6 +311,12 @@ impl FleetConfig {
             }
             if pool.count == 0 {
                 return Err(at("count must be at least 1".into()));
+            }
+            if pool.slots == Some(0) {
+                return Err(at("slots must be at least 1".into()));
+            }
+            if let Some(slo) = &pool.slo {
+                RequestSlo::parse_header(slo).map_err(|e| at(e.to_string()))?;
             }
             if pool.watts.is_some_and(|w| !(w.is_finite() && w >= 0.0))
                 || pool
@@ -301,7 +381,8 @@ mod tests {
     fn the_documented_example_parses() {
         let c = FleetConfig::parse(EXAMPLE).unwrap();
         assert_eq!(c.pools.len(), 2);
-        assert_eq!(c.pools[0].profile, Profile::Vllm);
+        assert_eq!(c.pools[0].profile(), Profile::Vllm);
+        assert_eq!(c.pools[1].profile(), Profile::Openai);
         assert_eq!(c.pools[1].count, 1);
         assert_eq!(c.router.policy, Policy::Energy);
         assert_eq!(c.pools_for("llama-3.1-8b"), vec![0, 1]);
@@ -317,6 +398,11 @@ mod tests {
         let cases = [
             EXAMPLE.replace("policy = \"energy\"", "policy = \"fastest\""),
             EXAMPLE.replace("count = 1", "cuont = 1"),
+            EXAMPLE.replace("count = 1", "count = 1\nslo = \"ttft=fast\""),
+            EXAMPLE.replace(
+                "policy = \"energy\"",
+                "policy = \"energy\"\nstall_timeout_secs = 0",
+            ),
             EXAMPLE.replace("name = \"h100-pool\"", "name = \"rngd-seoul\""),
             EXAMPLE.replace("fallback = \"h100-pool\"", "fallback = \"nowhere\""),
             EXAMPLE.replace("https://gpu.example.com/v1", "ftp://gpu.example.com/v1"),

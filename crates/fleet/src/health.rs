@@ -56,6 +56,14 @@ impl UpstreamHealth {
         self.ejected_until.is_some_and(|t| now < t)
     }
 
+    /// When the current ejection or cool-down ends, if either is set.
+    pub fn unavailable_until(&self) -> Option<Instant> {
+        match (self.ejected_until, self.cooling_until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Ejections so far.
     pub fn times_ejected(&self) -> u32 {
         self.times_ejected

@@ -4,11 +4,14 @@
 //! [`policy::FleetView`] snapshot, so that the planner can run the same
 //! code on a simulated fleet). [`config`] reads `fleet.toml`.
 
+pub mod accelerators;
 pub mod accounting;
 pub mod config;
 pub mod conformance;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod policy;
+pub mod upstream;
 
 pub use error::FleetError;

@@ -42,6 +42,18 @@ pub enum ServerError {
     /// The engine failed.
     #[error("engine error: {0}")]
     Engine(#[from] EngineError),
+    /// Every upstream that could serve the request is rate limited.
+    #[error("{message}")]
+    RateLimited {
+        /// What happened.
+        message: String,
+        /// Seconds until one may take requests again.
+        retry_after_secs: u64,
+    },
+    /// An upstream refused the request; its error, cleaned of anything
+    /// that is not the client's business.
+    #[error("upstream refused the request: {}", .0.message)]
+    Upstream(ApiError),
     /// A fault on our side (a panic while serving); the detail is logged.
     #[error("internal error: {0}")]
     Internal(String),
@@ -72,6 +84,10 @@ impl ServerError {
             ServerError::NoRoute(_) => ApiError::new(ErrorKind::NotFoundError, self.to_string()),
             ServerError::TooLarge(_) => ApiError::new(ErrorKind::RequestTooLarge, self.to_string()),
             ServerError::Unavailable(m) => ApiError::new(ErrorKind::ServiceUnavailable, m),
+            ServerError::RateLimited { message, .. } => {
+                ApiError::new(ErrorKind::RateLimitError, message).with_code("rate_limit_exceeded")
+            }
+            ServerError::Upstream(api) => api.clone(),
             ServerError::Engine(EngineError::InvalidRequest(m)) => {
                 ApiError::new(ErrorKind::InvalidRequestError, m)
             }
@@ -101,7 +117,15 @@ impl IntoResponse for ServerError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let ServerError::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs.max(1)),
+            );
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp

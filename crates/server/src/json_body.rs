@@ -12,17 +12,17 @@ use serde::de::DeserializeOwned;
 use tokio_stream::StreamExt;
 
 use crate::error::ServerError;
-use crate::AppState;
+use crate::lifecycle::Front;
 
 /// A request body parsed as `T`.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+impl<T: DeserializeOwned, S: Front> FromRequest<S> for JsonBody<T> {
     type Rejection = ServerError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, ServerError> {
-        let limit = state.body_limit;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
+        let limit = state.body_limit();
         let (parts, body) = req.into_parts();
         check_content_type(&parts.headers)?;
         let encoding = content_encoding(&parts.headers)?;

@@ -6,6 +6,7 @@
 
 pub mod engine_worker;
 pub mod error;
+pub mod gateway;
 pub mod json_body;
 pub mod lifecycle;
 pub mod metrics;
@@ -56,8 +57,29 @@ pub struct AppState {
     pub lifecycle: Arc<Lifecycle>,
 }
 
-/// The routes.
+/// The routes, behind the lifecycle and panic layers.
 pub fn router(state: AppState) -> Router {
+    routes()
+        .layer(CatchPanicLayer::custom(|_| {
+            ServerError::Internal("a handler panicked".into()).into_response()
+        }))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            lifecycle::track_requests::<AppState>,
+        ))
+        .with_state(state)
+}
+
+/// The engine's routes alone: what the fleet gateway calls in-process.
+pub fn engine_routes(state: AppState) -> Router {
+    routes()
+        .layer(CatchPanicLayer::custom(|_| {
+            ServerError::Internal("a handler panicked".into()).into_response()
+        }))
+        .with_state(state)
+}
+
+fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/v1/chat/completions",
@@ -70,17 +92,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(routes::health::health))
         .route("/metrics", get(routes::metrics::metrics))
         .fallback(no_route)
-        .layer(CatchPanicLayer::custom(|_| {
-            ServerError::Internal("a handler panicked".into()).into_response()
-        }))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            lifecycle::track_requests,
-        ))
-        .with_state(state)
 }
 
-async fn no_route(method: Method, uri: Uri) -> ServerError {
+pub(crate) async fn no_route(method: Method, uri: Uri) -> ServerError {
     ServerError::NoRoute(format!("{method} {}", uri.path()))
 }
 
@@ -97,20 +111,104 @@ pub async fn serve(
     let state = AppState {
         engine,
         body_limit: config.body_limit,
-        started_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        started_at: unix_now(),
         lifecycle: Arc::clone(&lifecycle),
     };
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
-        ServerError::Unavailable(format!("cannot listen on {}: {e}", config.listen))
-    })?;
+    serve_until_shutdown(
+        config.listen,
+        router(state),
+        lifecycle,
+        config.shutdown_timeout,
+        on_listening,
+    )
+    .await
+}
+
+/// How the fleet gateway runs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Pools and routing.
+    pub fleet: neocloud_fleet::config::FleetConfig,
+    /// Models of the in-process engine (for `engine:MODEL` upstreams).
+    pub engine_models: Vec<ServedModel>,
+    /// The in-process engine's waiting queue.
+    pub queue_capacity: usize,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body in bytes.
+    pub body_limit: usize,
+    /// How long open requests may run on after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+}
+
+/// Runs the fleet gateway (with the in-process engine when a pool names
+/// it) until SIGINT or SIGTERM, draining as [`serve`] does.
+pub async fn serve_gateway(
+    config: GatewayConfig,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::default());
+    let lifecycle = Arc::new(Lifecycle::default());
+    let started_at = unix_now();
+    let engine = if config.engine_models.is_empty() {
+        None
+    } else {
+        let engine = EngineHandle::start(
+            config.engine_models,
+            config.queue_capacity,
+            Arc::clone(&metrics),
+        )?;
+        Some(engine)
+    };
+    let routes = engine.clone().map(|engine| {
+        engine_routes(AppState {
+            engine,
+            body_limit: config.body_limit,
+            started_at,
+            lifecycle: Arc::new(Lifecycle::default()),
+        })
+    });
+    let gateway = Arc::new(gateway::Gateway::new(&config.fleet, routes)?);
+    gateway.spawn_health_checks();
+    let state = gateway::routes::GatewayState {
+        gateway,
+        body_limit: config.body_limit,
+        lifecycle: Arc::clone(&lifecycle),
+        metrics,
+        started_at,
+        engine,
+    };
+    serve_until_shutdown(
+        config.listen,
+        gateway::routes::router(state),
+        lifecycle,
+        config.shutdown_timeout,
+        on_listening,
+    )
+    .await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn serve_until_shutdown(
+    listen: SocketAddr,
+    app: Router,
+    lifecycle: Arc<Lifecycle>,
+    timeout: Duration,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| ServerError::Unavailable(format!("cannot listen on {listen}: {e}")))?;
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Unavailable(e.to_string()))?;
     on_listening(addr);
-    let timeout = config.shutdown_timeout;
     let draining = Arc::clone(&lifecycle);
     let drain = async move {
         shutdown_signal().await;
@@ -121,7 +219,7 @@ pub async fn serve(
         draining.start_draining();
         draining.drained(timeout).await;
     };
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(drain);
+    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
     let deadline = async {
         while !lifecycle.is_draining() {
             tokio::time::sleep(Duration::from_millis(50)).await;

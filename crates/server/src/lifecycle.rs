@@ -17,7 +17,33 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::Notify;
 
 use crate::error::ServerError;
+use crate::metrics::Metrics;
 use crate::AppState;
+
+/// What the HTTP front needs of a server's state, whether it runs the
+/// engine or the fleet gateway.
+pub trait Front: Clone + Send + Sync + 'static {
+    /// Largest request body in bytes.
+    fn body_limit(&self) -> usize;
+    /// Open requests and draining.
+    fn lifecycle(&self) -> &Arc<Lifecycle>;
+    /// Where responses are counted.
+    fn metrics(&self) -> &Metrics;
+}
+
+impl Front for AppState {
+    fn body_limit(&self) -> usize {
+        self.body_limit
+    }
+
+    fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    fn metrics(&self) -> &Metrics {
+        self.engine.metrics()
+    }
+}
 
 /// Whether the server is draining, and how many requests are open.
 #[derive(Debug, Default)]
@@ -98,13 +124,17 @@ impl http_body::Body for TrackedBody {
 
 /// Middleware: refuses requests while draining, keeps count of open ones,
 /// and counts every response by endpoint and status.
-pub async fn track_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn track_requests<S: Front>(
+    State(state): State<S>,
+    req: Request,
+    next: Next,
+) -> Response {
     let endpoint = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
-    let lifecycle = Arc::clone(&state.lifecycle);
+    let lifecycle = Arc::clone(state.lifecycle());
     let response = if lifecycle.is_draining() && endpoint != "/metrics" {
         ServerError::Unavailable("the server is shutting down".into()).into_response()
     } else {
@@ -115,7 +145,6 @@ pub async fn track_requests(State(state): State<AppState>, req: Request, next: N
         Response::from_parts(parts, Body::new(TrackedBody { inner, _open: open }))
     };
     state
-        .engine
         .metrics()
         .http_response(&endpoint, response.status().as_u16());
     response

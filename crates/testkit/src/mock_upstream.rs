@@ -46,6 +46,16 @@ pub enum Behaviour {
         /// Tokens before the close.
         tokens: usize,
     },
+    /// Every request gets this status line, extra headers (each ending in
+    /// CRLF) and body: a redirect, or an error with a body of its own.
+    Fixed {
+        /// For example `307 Temporary Redirect`.
+        status: String,
+        /// For example `location: http://.../v1/chat/completions\r\n`.
+        headers: String,
+        /// The body.
+        body: String,
+    },
 }
 
 /// A running mock; stops accepting when dropped.
@@ -220,6 +230,11 @@ fn serve_one(
             (tokens, Duration::ZERO)
         }
         Behaviour::GarbageSse => (0, Duration::ZERO),
+        Behaviour::Fixed {
+            ref status,
+            ref headers,
+            ref body,
+        } => return respond(writer, status, headers, body),
     };
     if !stream {
         std::thread::sleep(delay * tokens as u32);

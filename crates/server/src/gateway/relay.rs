@@ -1,0 +1,280 @@
+//! Relaying an upstream's stream to the client. The response starts when
+//! an upstream accepts the request; until its first event reaches the
+//! client, a failure (a stall, garbage, an error event, an early close)
+//! moves the request to the next upstream, as the route allows. After the
+//! first event the stream is the client's: the same failures end it with
+//! one OpenAI-style SSE error event, and nothing is retried. The usage
+//! chunk gets the request's energy; a client that did not ask for usage
+//! does not see it. A bounded channel between the upstream and the client
+//! keeps a slow reader from buffering without limit, and a client that
+//! leaves cancels the upstream request at once.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use neocloud_fleet::metrics::UpstreamErrorKind;
+use neocloud_fleet::upstream::BodyStream;
+use neocloud_openai::sse::{frame, SseDecoder, DONE};
+use neocloud_openai::{ApiError, ErrorKind};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use super::dispatch::{add_energy, failed, succeeded, Opened, Route};
+use super::Attempt;
+
+/// Frames buffered between the upstream and a slow client.
+const CHANNEL_FRAMES: usize = 32;
+
+/// A stream an upstream has accepted; [`Relay::into_body`] sends it on.
+pub struct Relay {
+    route: Route,
+    current: Current,
+}
+
+/// The upstream now streaming.
+struct Current {
+    attempt: Attempt,
+    reader: EventReader,
+    rewrite_model: Option<String>,
+    completion_tokens: u64,
+}
+
+/// What an upstream event means.
+enum Event {
+    /// A frame for the client (none for a usage chunk it did not ask for).
+    Chunk(Option<Bytes>),
+    /// The end.
+    Done,
+}
+
+/// Splits a body into SSE event data, with a stall timeout on every read.
+struct EventReader {
+    body: BodyStream,
+    decoder: SseDecoder,
+    /// Bytes of an incomplete UTF-8 sequence from the last chunk.
+    partial: Vec<u8>,
+    queued: VecDeque<String>,
+    stall: Duration,
+}
+
+impl EventReader {
+    fn new(body: BodyStream, stall: Duration) -> Self {
+        EventReader {
+            body,
+            decoder: SseDecoder::new(),
+            partial: Vec::new(),
+            queued: VecDeque::new(),
+            stall,
+        }
+    }
+
+    /// The next event's data, or why there is none.
+    async fn next(&mut self) -> Result<String, UpstreamErrorKind> {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Ok(event);
+            }
+            let chunk = match tokio::time::timeout(self.stall, self.body.next()).await {
+                Err(_) => return Err(UpstreamErrorKind::Timeout),
+                Ok(None) | Ok(Some(Err(_))) => return Err(UpstreamErrorKind::Broken),
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            self.partial.extend_from_slice(&chunk);
+            let valid = match std::str::from_utf8(&self.partial) {
+                Ok(text) => text.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                Err(_) => return Err(UpstreamErrorKind::BadReply),
+            };
+            let text = String::from_utf8_lossy(&self.partial[..valid]).into_owned();
+            self.partial.drain(..valid);
+            self.queued.extend(self.decoder.feed(&text));
+        }
+    }
+}
+
+impl Current {
+    fn new(opened: Opened, stall: Duration) -> Self {
+        Current {
+            attempt: opened.attempt,
+            reader: EventReader::new(opened.body, stall),
+            rewrite_model: opened.rewrite_model,
+            completion_tokens: 0,
+        }
+    }
+
+    /// Makes sense of one event's data.
+    fn interpret(&mut self, data: &str, wants_usage: bool) -> Result<Event, UpstreamErrorKind> {
+        if data.trim() == DONE {
+            return Ok(Event::Done);
+        }
+        let Ok(Value::Object(mut chunk)) = serde_json::from_str::<Value>(data) else {
+            return Err(UpstreamErrorKind::BadReply);
+        };
+        if chunk.contains_key("error") {
+            return Err(UpstreamErrorKind::ServerError);
+        }
+        let has_usage = chunk.get("usage").is_some_and(Value::is_object);
+        if !has_usage && self.rewrite_model.is_none() {
+            return Ok(Event::Chunk(Some(Bytes::from(frame(data)))));
+        }
+        if has_usage {
+            self.completion_tokens = chunk
+                .get("usage")
+                .and_then(|u| u.get("completion_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let joules = self.attempt.finish();
+            add_energy(&mut chunk, joules);
+            if !wants_usage {
+                let no_choices = chunk
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_none_or(|c| c.is_empty());
+                if no_choices {
+                    return Ok(Event::Chunk(None));
+                }
+                chunk.insert("usage".into(), Value::Null);
+            }
+        }
+        if let Some(model) = &self.rewrite_model {
+            chunk.insert("model".into(), Value::String(model.clone()));
+        }
+        Ok(Event::Chunk(Some(encode(&chunk))))
+    }
+}
+
+impl Relay {
+    /// A relay of `opened`, which `route` chose.
+    pub(crate) fn new(route: Route, opened: Opened) -> Self {
+        let stall = route.stall_timeout();
+        Relay {
+            route,
+            current: Current::new(opened, stall),
+        }
+    }
+
+    /// The response body, fed by a task that ends when either side does.
+    pub fn into_body(self) -> Body {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(CHANNEL_FRAMES);
+        tokio::spawn(self.run(tx));
+        Body::from_stream(ReceiverStream::new(rx))
+    }
+
+    async fn run(mut self, tx: mpsc::Sender<Result<Bytes, Infallible>>) {
+        let wants_usage = self.route.wants_usage;
+        let mut sent_any = false;
+        let mut last = Instant::now();
+        let mut first_at = Instant::now();
+        loop {
+            let id = self.current.attempt.upstream;
+            let next = tokio::select! {
+                next = self.current.reader.next() => next,
+                // The client left: dropping the upstream's body cancels it.
+                _ = tx.closed() => return,
+            };
+            let outcome = match next.and_then(|data| self.current.interpret(&data, wants_usage)) {
+                // An empty stream is a failure like any other.
+                Ok(Event::Done) if !sent_any => Err(UpstreamErrorKind::BadReply),
+                outcome => outcome,
+            };
+            let frame = match outcome {
+                Ok(Event::Chunk(None)) => continue,
+                Ok(Event::Chunk(Some(frame))) => frame,
+                Ok(Event::Done) => {
+                    let _ = tx.send(Ok(Bytes::from(frame(DONE)))).await;
+                    self.finished_well(first_at);
+                    return;
+                }
+                Err(kind) if !sent_any => match self.fail_before_first(id, kind).await {
+                    Ok(()) => continue,
+                    Err(error) => {
+                        let _ = tx.send(Ok(error_frame(&error))).await;
+                        return;
+                    }
+                },
+                Err(kind) => {
+                    let kind = if kind == UpstreamErrorKind::Timeout {
+                        kind
+                    } else {
+                        UpstreamErrorKind::Broken
+                    };
+                    failed(self.route.gateway(), id, kind);
+                    let message = if kind == UpstreamErrorKind::Timeout {
+                        format!(
+                            "the upstream stalled: nothing for {} s; the answer is incomplete",
+                            self.current.reader.stall.as_secs_f64()
+                        )
+                    } else {
+                        "the upstream's stream broke off; the answer is incomplete".to_owned()
+                    };
+                    let error = ApiError::new(ErrorKind::ServerError, message)
+                        .with_code("upstream_stream_error");
+                    let _ = tx.send(Ok(error_frame(&error))).await;
+                    return;
+                }
+            };
+            let now = Instant::now();
+            let metrics = &self.route.gateway().metrics.upstreams[id];
+            if sent_any {
+                metrics.inter_token_latency.observe_duration(now - last);
+            } else {
+                metrics
+                    .time_to_first_token
+                    .observe_duration(now - self.current.attempt.started);
+                first_at = now;
+                sent_any = true;
+            }
+            last = now;
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The upstream failed before its first event reached the client: the
+    /// route moves on to the next upstream, or says why it cannot.
+    async fn fail_before_first(
+        &mut self,
+        id: usize,
+        kind: UpstreamErrorKind,
+    ) -> Result<(), ApiError> {
+        self.route.failed(id, kind);
+        match self.route.open_next().await {
+            Ok(opened) => {
+                let stall = self.route.stall_timeout();
+                self.current = Current::new(opened, stall);
+                Ok(())
+            }
+            Err(e) => Err(e.to_api_error()),
+        }
+    }
+
+    /// The stream ended with `[DONE]`: the upstream is healthy, and its
+    /// timing goes into the router's estimates.
+    fn finished_well(&mut self, first_at: Instant) {
+        let current = &mut self.current;
+        succeeded(self.route.gateway(), current.attempt.upstream);
+        let ttft = (first_at - current.attempt.started).as_secs_f64();
+        let decode = first_at.elapsed().as_secs_f64();
+        let tpot = (current.completion_tokens > 1)
+            .then(|| decode / (current.completion_tokens - 1) as f64);
+        current.attempt.observe(Some(ttft), tpot);
+        current.attempt.finish();
+    }
+}
+
+/// One chunk as an SSE frame.
+fn encode(chunk: &Map<String, Value>) -> Bytes {
+    let text = serde_json::to_string(chunk).unwrap_or_else(|_| "{}".into());
+    Bytes::from(frame(&text))
+}
+
+/// An error as an SSE event.
+fn error_frame(error: &ApiError) -> Bytes {
+    Bytes::from(frame(&error.to_json()))
+}

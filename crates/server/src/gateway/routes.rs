@@ -1,0 +1,214 @@
+//! The gateway's HTTP front: the same endpoints as the engine server, each
+//! completion forwarded through [`super::dispatch`]. Every answer names its
+//! pool and upstream in `x-neocloud-pool` and `x-neocloud-upstream`, and the
+//! parameters dropped for the upstream in `x-neocloud-dropped-params`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use neocloud_fleet::conformance::DROPPED_PARAMS_HEADER;
+use neocloud_fleet::policy::RequestSlo;
+use neocloud_fleet::upstream::Endpoint;
+use neocloud_openai::models::{Model, ModelList};
+use serde_json::Value;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use super::dispatch::{forward, Answer, Forward};
+use super::Gateway;
+use crate::error::ServerError;
+use crate::json_body::JsonBody;
+use crate::lifecycle::{self, Front, Lifecycle};
+use crate::metrics::Metrics;
+
+/// The header that carries a request's latency objective.
+pub const SLO_HEADER: &str = "x-neocloud-slo";
+/// The header naming the pool that served a request.
+pub const POOL_HEADER: &str = "x-neocloud-pool";
+/// The header naming the upstream that served a request.
+pub const UPSTREAM_HEADER: &str = "x-neocloud-upstream";
+
+/// Fields that would make a proxy call somewhere else; never followed.
+const REDIRECTING_FIELDS: &[&str] = &["api_base", "base_url", "api_key", "api_version"];
+
+/// Shared state of the gateway's handlers.
+#[derive(Clone)]
+pub struct GatewayState {
+    /// Pools, upstreams and their state.
+    pub gateway: Arc<Gateway>,
+    /// Largest request body.
+    pub body_limit: usize,
+    /// Open requests and draining.
+    pub lifecycle: Arc<Lifecycle>,
+    /// HTTP counters, and the in-process engine's gauges when it runs.
+    pub metrics: Arc<Metrics>,
+    /// Unix seconds at start-up.
+    pub started_at: u64,
+    /// The in-process engine, when a pool names it.
+    pub engine: Option<crate::EngineHandle>,
+}
+
+impl Front for GatewayState {
+    fn body_limit(&self) -> usize {
+        self.body_limit
+    }
+
+    fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// The gateway's routes.
+pub fn router(state: GatewayState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(crate::no_route)
+        .layer(CatchPanicLayer::custom(|_| {
+            ServerError::Internal("a handler panicked".into()).into_response()
+        }))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            lifecycle::track_requests::<GatewayState>,
+        ))
+        .with_state(state)
+}
+
+async fn chat_completions(
+    State(state): State<GatewayState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ServerError> {
+    relay(state, Endpoint::ChatCompletions, &headers, body).await
+}
+
+async fn completions(
+    State(state): State<GatewayState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ServerError> {
+    relay(state, Endpoint::Completions, &headers, body).await
+}
+
+/// Checks what routing needs, forwards, and shapes the response.
+async fn relay(
+    state: GatewayState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Value,
+) -> Result<Response, ServerError> {
+    let Value::Object(body) = body else {
+        return Err(ServerError::InvalidBody(
+            "the request body must be a JSON object".into(),
+        ));
+    };
+    if let Some(field) = REDIRECTING_FIELDS.iter().find(|f| body.contains_key(**f)) {
+        return Err(ServerError::param(
+            *field,
+            format!("`{field}` is not accepted: the gateway chooses where requests go"),
+        ));
+    }
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(_) => return Err(ServerError::param("model", "`model` must be a string")),
+        None => return Err(ServerError::param("model", "`model` is required")),
+    };
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ServerError::param("stream", "`stream` must be a boolean")),
+    };
+    let slo = match headers.get(SLO_HEADER) {
+        None => None,
+        Some(v) => {
+            let text = v.to_str().map_err(|_| {
+                ServerError::InvalidBody(format!("the {SLO_HEADER} header is not text"))
+            })?;
+            Some(
+                RequestSlo::parse_header(text)
+                    .map_err(|e| ServerError::InvalidBody(e.to_string()))?,
+            )
+        }
+    };
+    let dispatched = forward(
+        &state.gateway,
+        Forward {
+            endpoint,
+            body,
+            model,
+            stream,
+            slo,
+        },
+    )
+    .await?;
+    let mut response = match dispatched.answer {
+        Answer::Complete(bytes) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            axum::body::Body::from(bytes),
+        )
+            .into_response(),
+        Answer::Stream(relay) => (
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            relay.into_body(),
+        )
+            .into_response(),
+    };
+    let out = response.headers_mut();
+    for (name, value) in [
+        (POOL_HEADER, dispatched.pool),
+        (UPSTREAM_HEADER, dispatched.upstream),
+        (DROPPED_PARAMS_HEADER, dispatched.dropped.join(",")),
+    ] {
+        if value.is_empty() {
+            continue;
+        }
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            out.insert(name, v);
+        }
+    }
+    Ok(response)
+}
+
+async fn list_models(State(state): State<GatewayState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: state
+            .gateway
+            .models()
+            .into_iter()
+            .map(|id| Model {
+                id,
+                object: "model".into(),
+                created: state.started_at,
+                owned_by: "neocloud".into(),
+            })
+            .collect(),
+    })
+}
+
+/// Ready once the in-process engine (if any) has loaded its models.
+async fn health(State(state): State<GatewayState>) -> Response {
+    match state.engine.as_ref().map(|e| e.models()) {
+        Some(Err(e)) => e.into_response(),
+        _ => Json(serde_json::json!({"status": "ok"})).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<GatewayState>) -> Response {
+    let mut text = state.metrics.render();
+    text.push_str(&state.gateway.metrics().render());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
