@@ -53,7 +53,8 @@ pub const DEFAULT_MODEL: &str = "qwen2.5-coder-0.5b-instruct";
 /// its `NEOCLOUD_*` variable, else the `--config` file, else the default.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with serve settings (unknown keys are errors).
+    /// TOML file with serve settings, and `[[pool]]`s to run the fleet
+    /// gateway (unknown keys are errors).
     #[arg(long, env = "NEOCLOUD_CONFIG")]
     pub config: Option<PathBuf>,
     /// Model to serve (repeatable; default qwen2.5-coder-0.5b-instruct);

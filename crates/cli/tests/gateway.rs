@@ -375,6 +375,24 @@ upstreams = ["http://{}/v1"]
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["model"], "gemma");
     assert!(r.json()["usage"]["energy_joules"].as_f64().unwrap() > 0.0);
+    // Streamed text completions, on every upstream of the pool in turn.
+    for _ in 0..3 {
+        let r = post_json(
+            addr,
+            "/v1/completions",
+            &json!({"model": "gemma", "prompt": "Once upon a time", "max_tokens": 4, "stream": true}),
+        );
+        let text = r.text();
+        assert_eq!(r.status, 200, "{text}");
+        assert!(
+            text.contains("\"model\":\"gemma\"") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("\"usage\":{"),
+            "usage only when asked: {text}"
+        );
+    }
 
     // A stream whose upstream dies mid-way ends with an error event.
     let mut long = chat_body("gemma-direct", true);
@@ -430,4 +448,32 @@ upstreams = ["http://{}/v1"]
     assert!(after_kill.iter().all(|u| u == "gemma/2"), "{served:?}");
     // The in-process engine's own gauges are in the gateway's metrics.
     assert!(metric(addr, "neocloud:generation_tokens_total") > 0.0);
+}
+
+#[test]
+fn the_gateway_sheds_load_beyond_its_in_flight_limit() {
+    let slow = MockUpstream::start(Behaviour::Slow {
+        tokens: 4,
+        per_token: Duration::from_millis(300),
+    });
+    let config = format!(
+        "[router]\nmax_in_flight = 1\n\n[[pool]]\nname = \"slow\"\nmodel = \"m\"\naccelerator = \"cpu\"\nupstreams = [\"{}\"]\n",
+        slow.base_url()
+    );
+    let gw = gateway("gateway-shed", &config);
+    let addr = gw.addr;
+    let first = std::thread::spawn(move || chat(addr, &chat_body("m", false)));
+    while slow.requests() == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let r = chat(addr, &chat_body("m", false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(error_of(&r)["message"]
+        .as_str()
+        .unwrap()
+        .contains("capacity"));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(first.join().unwrap().status, 200);
+    assert_eq!(slow.requests(), 1);
 }

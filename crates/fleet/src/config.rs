@@ -102,6 +102,10 @@ pub struct RouterConfig {
     /// pools that name no `watts`.
     #[serde(default)]
     pub accelerators_file: Option<String>,
+    /// Requests forwarded at once; beyond, 503 at once rather than a pile
+    /// of connections.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 impl Default for RouterConfig {
@@ -112,8 +116,13 @@ impl Default for RouterConfig {
             request_timeout_secs: default_request_timeout(),
             health_check_interval_secs: default_health_check_interval(),
             accelerators_file: None,
+            max_in_flight: default_max_in_flight(),
         }
     }
+}
+
+fn default_max_in_flight() -> usize {
+    4096
 }
 
 fn default_stall_timeout() -> f64 {
@@ -291,6 +300,11 @@ impl FleetConfig {
                     "[router] {name} must be a positive number of seconds (at most a day)"
                 )));
             }
+        }
+        if router.max_in_flight == 0 {
+            return Err(FleetError::Config(
+                "[router] max_in_flight must be at least 1".into(),
+            ));
         }
         if self.pools.is_empty() {
             return Err(FleetError::Config("no [[pool]]".into()));

@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::http::{Method, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -219,6 +220,11 @@ async fn serve_until_shutdown(
         draining.start_draining();
         draining.drained(timeout).await;
     };
+    // Small writes (SSE events) go out at once, not after the client's
+    // delayed acknowledgement of the previous one.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(drain);
     let deadline = async {
         while !lifecycle.is_draining() {

@@ -80,6 +80,8 @@ impl MockUpstream {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
+                // Small writes go out at once, as a real server's would.
+                let _ = conn.set_nodelay(true);
                 let (behaviour, count) = (behaviour.clone(), count.clone());
                 std::thread::spawn(move || serve(conn, &behaviour, &count));
             }

@@ -141,7 +141,7 @@ impl Route {
             fallback_counted: 0,
             tried: Vec::new(),
             last: Last::Nothing,
-            claim: BudgetClaim::new(gw),
+            claim: BudgetClaim::new(gw)?,
             prompt_tokens,
             output_tokens,
             wants_usage,

@@ -11,7 +11,7 @@ pub mod http_upstream;
 pub mod relay;
 pub mod routes;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,8 @@ pub struct Gateway {
     pub(crate) stall_timeout: Duration,
     pub(crate) request_timeout: Duration,
     check_interval: Duration,
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
 }
 
 /// Locks a mutex, taking the data even if a holder panicked (the state
@@ -207,6 +209,8 @@ impl Gateway {
             stall_timeout: Duration::from_secs_f64(config.router.stall_timeout_secs),
             request_timeout: Duration::from_secs_f64(config.router.request_timeout_secs),
             check_interval: Duration::from_secs_f64(config.router.health_check_interval_secs),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: config.router.max_in_flight,
         })
     }
 
@@ -421,20 +425,27 @@ impl Drop for Attempt {
     }
 }
 
-/// One request's place in the retry budget, held until the response ends.
+/// One request's place among those in flight and in the retry budget,
+/// held until its response ends.
 pub(crate) struct BudgetClaim {
     gateway: Arc<Gateway>,
     retries: u32,
 }
 
 impl BudgetClaim {
-    /// Counts a request as active.
-    pub(crate) fn new(gateway: &Arc<Gateway>) -> Self {
+    /// Counts a request as active, unless the gateway is at capacity.
+    pub(crate) fn new(gateway: &Arc<Gateway>) -> Result<Self, ServerError> {
+        if gateway.in_flight.fetch_add(1, Ordering::SeqCst) >= gateway.max_in_flight {
+            gateway.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(ServerError::Unavailable(
+                "the gateway is at capacity; retry later".into(),
+            ));
+        }
         lock(&gateway.budget).request_started();
-        BudgetClaim {
+        Ok(BudgetClaim {
             gateway: Arc::clone(gateway),
             retries: 0,
-        }
+        })
     }
 
     /// Asks the budget for one more retry.
@@ -454,5 +465,6 @@ impl Drop for BudgetClaim {
             budget.retry_finished();
         }
         budget.request_finished();
+        self.gateway.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

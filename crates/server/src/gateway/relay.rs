@@ -5,9 +5,9 @@
 //! first event the stream is the client's: the same failures end it with
 //! one OpenAI-style SSE error event, and nothing is retried. The usage
 //! chunk gets the request's energy; a client that did not ask for usage
-//! does not see it. A bounded channel between the upstream and the client
-//! keeps a slow reader from buffering without limit, and a client that
-//! leaves cancels the upstream request at once.
+//! does not see it. Frames are pulled as the client reads them: a slow
+//! reader buffers nothing beyond the sockets, and a client that leaves
+//! cancels the upstream request at once.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -20,20 +20,23 @@ use neocloud_fleet::upstream::BodyStream;
 use neocloud_openai::sse::{frame, SseDecoder, DONE};
 use neocloud_openai::{ApiError, ErrorKind};
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::dispatch::{add_energy, failed, succeeded, Opened, Route};
 use super::Attempt;
 
-/// Frames buffered between the upstream and a slow client.
-const CHANNEL_FRAMES: usize = 32;
-
 /// A stream an upstream has accepted; [`Relay::into_body`] sends it on.
 pub struct Relay {
     route: Route,
     current: Current,
+    /// Whether a frame has reached the client (after which nothing is retried).
+    sent_any: bool,
+    /// When the first frame went out.
+    first_at: Instant,
+    /// When the last frame went out.
+    last: Instant,
+    /// The last frame (`[DONE]` or an error) has gone out.
+    ended: bool,
 }
 
 /// The upstream now streaming.
@@ -112,6 +115,18 @@ impl Current {
         if data.trim() == DONE {
             return Ok(Event::Done);
         }
+        // Most events are passed on as they came: checked, not rebuilt.
+        if self.rewrite_model.is_none()
+            && !data.contains("\"usage\"")
+            && !data.contains("\"error\"")
+        {
+            return match serde_json::from_str::<serde::de::IgnoredAny>(data) {
+                Ok(_) if data.trim_start().starts_with('{') => {
+                    Ok(Event::Chunk(Some(Bytes::from(frame(data)))))
+                }
+                _ => Err(UpstreamErrorKind::BadReply),
+            };
+        }
         let Ok(Value::Object(mut chunk)) = serde_json::from_str::<Value>(data) else {
             return Err(UpstreamErrorKind::BadReply);
         };
@@ -152,49 +167,55 @@ impl Relay {
     /// A relay of `opened`, which `route` chose.
     pub(crate) fn new(route: Route, opened: Opened) -> Self {
         let stall = route.stall_timeout();
+        let now = Instant::now();
         Relay {
             route,
             current: Current::new(opened, stall),
+            sent_any: false,
+            first_at: now,
+            last: now,
+            ended: false,
         }
     }
 
-    /// The response body, fed by a task that ends when either side does.
+    /// The response body. It is pulled frame by frame as the client takes
+    /// them, so a slow reader holds back the upstream instead of filling a
+    /// buffer, and a client that leaves drops the upstream request with it.
     pub fn into_body(self) -> Body {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(CHANNEL_FRAMES);
-        tokio::spawn(self.run(tx));
-        Body::from_stream(ReceiverStream::new(rx))
+        let frames = futures_util::stream::unfold(self, |mut relay| async move {
+            let frame = relay.next_frame().await?;
+            Some((Ok::<Bytes, Infallible>(frame), relay))
+        });
+        Body::from_stream(frames)
     }
 
-    async fn run(mut self, tx: mpsc::Sender<Result<Bytes, Infallible>>) {
+    /// The next frame for the client, or `None` at the end.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if self.ended {
+            return None;
+        }
         let wants_usage = self.route.wants_usage;
-        let mut sent_any = false;
-        let mut last = Instant::now();
-        let mut first_at = Instant::now();
         loop {
             let id = self.current.attempt.upstream;
-            let next = tokio::select! {
-                next = self.current.reader.next() => next,
-                // The client left: dropping the upstream's body cancels it.
-                _ = tx.closed() => return,
-            };
+            let next = self.current.reader.next().await;
             let outcome = match next.and_then(|data| self.current.interpret(&data, wants_usage)) {
                 // An empty stream is a failure like any other.
-                Ok(Event::Done) if !sent_any => Err(UpstreamErrorKind::BadReply),
+                Ok(Event::Done) if !self.sent_any => Err(UpstreamErrorKind::BadReply),
                 outcome => outcome,
             };
             let frame = match outcome {
                 Ok(Event::Chunk(None)) => continue,
                 Ok(Event::Chunk(Some(frame))) => frame,
                 Ok(Event::Done) => {
-                    let _ = tx.send(Ok(Bytes::from(frame(DONE)))).await;
-                    self.finished_well(first_at);
-                    return;
+                    self.ended = true;
+                    self.finished_well();
+                    return Some(Bytes::from(frame(DONE)));
                 }
-                Err(kind) if !sent_any => match self.fail_before_first(id, kind).await {
+                Err(kind) if !self.sent_any => match self.fail_before_first(id, kind).await {
                     Ok(()) => continue,
                     Err(error) => {
-                        let _ = tx.send(Ok(error_frame(&error))).await;
-                        return;
+                        self.ended = true;
+                        return Some(error_frame(&error));
                     }
                 },
                 Err(kind) => {
@@ -214,25 +235,25 @@ impl Relay {
                     };
                     let error = ApiError::new(ErrorKind::ServerError, message)
                         .with_code("upstream_stream_error");
-                    let _ = tx.send(Ok(error_frame(&error))).await;
-                    return;
+                    self.ended = true;
+                    return Some(error_frame(&error));
                 }
             };
             let now = Instant::now();
             let metrics = &self.route.gateway().metrics.upstreams[id];
-            if sent_any {
-                metrics.inter_token_latency.observe_duration(now - last);
+            if self.sent_any {
+                metrics
+                    .inter_token_latency
+                    .observe_duration(now - self.last);
             } else {
                 metrics
                     .time_to_first_token
                     .observe_duration(now - self.current.attempt.started);
-                first_at = now;
-                sent_any = true;
+                self.first_at = now;
+                self.sent_any = true;
             }
-            last = now;
-            if tx.send(Ok(frame)).await.is_err() {
-                return;
-            }
+            self.last = now;
+            return Some(frame);
         }
     }
 
@@ -256,7 +277,8 @@ impl Relay {
 
     /// The stream ended with `[DONE]`: the upstream is healthy, and its
     /// timing goes into the router's estimates.
-    fn finished_well(&mut self, first_at: Instant) {
+    fn finished_well(&mut self) {
+        let first_at = self.first_at;
         let current = &mut self.current;
         succeeded(self.route.gateway(), current.attempt.upstream);
         let ttft = (first_at - current.attempt.started).as_secs_f64();
