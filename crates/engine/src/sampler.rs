@@ -314,20 +314,38 @@ impl Sampler {
             c.retain(|x| x.1 >= floor);
             sum = c.iter().map(|x| x.1 as f64).sum();
         }
-        if p.top_p < 1.0 {
-            c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_p < 1.0 && !c.is_empty() {
+            // The nucleus is usually a few dozen tokens: select and sort a
+            // head of the candidates, growing it only while the head's mass
+            // falls short, rather than sorting the whole vocabulary.
+            let descending = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
             let target = p.top_p as f64 * sum;
-            let mut acc = 0f64;
-            let mut keep = c.len();
-            for (i, x) in c.iter().enumerate() {
-                acc += x.1 as f64;
-                if acc >= target {
-                    keep = i + 1;
+            let mut head = NUCLEUS_HEAD.min(c.len());
+            loop {
+                if head < c.len() {
+                    c.select_nth_unstable_by(head - 1, descending);
+                }
+                c[..head].sort_unstable_by(descending);
+                let mut acc = 0f64;
+                let mut keep = None;
+                for (i, x) in c[..head].iter().enumerate() {
+                    acc += x.1 as f64;
+                    if acc >= target {
+                        keep = Some(i + 1);
+                        break;
+                    }
+                }
+                if let Some(keep) = keep {
+                    c.truncate(keep);
+                    sum = acc.min(sum);
                     break;
                 }
+                if head == c.len() {
+                    sum = acc.min(sum);
+                    break;
+                }
+                head = (head * 8).min(c.len());
             }
-            c.truncate(keep);
-            sum = acc.min(sum);
         }
         let mut r = self.rng.next_f64() * sum;
         for x in c.iter() {
@@ -344,6 +362,10 @@ impl Sampler {
         self.seen.insert(id, ());
     }
 }
+
+/// Candidates first selected and sorted for top-p; grown eightfold while
+/// their mass falls short of the nucleus.
+const NUCLEUS_HEAD: usize = 64;
 
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -469,6 +491,40 @@ mod tests {
         }
         let mut s = Sampler::new(SamplingParams::default(), &[]);
         assert!(s.sample_allowed(&mut [1.0, 2.0], &|_| false).is_none());
+    }
+
+    #[test]
+    fn a_wide_nucleus_grows_past_the_sorted_head() {
+        // Slowly falling logits: half the mass lies in about 700 tokens,
+        // far more than the first sorted head of 64.
+        let vocab = 10_000;
+        let logits: Vec<f32> = (0..vocab).map(|i| -(i as f32) * 0.001).collect();
+        let weights: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let nucleus = weights
+            .iter()
+            .position(|w| {
+                acc += w;
+                acc >= 0.5 * total
+            })
+            .unwrap()
+            + 1;
+        assert!(nucleus > 8 * NUCLEUS_HEAD, "{nucleus}");
+        let mut s = Sampler::new(
+            SamplingParams {
+                seed: Some(3),
+                top_p: 0.5,
+                ..SamplingParams::default()
+            },
+            &[],
+        );
+        let drawn: Vec<u32> = (0..2000)
+            .map(|_| s.sample(&mut logits.clone()).token.id)
+            .collect();
+        let highest = *drawn.iter().max().unwrap() as usize;
+        assert!(highest < nucleus, "{highest} >= {nucleus}");
+        assert!(highest > nucleus * 9 / 10, "{highest} of {nucleus}");
     }
 
     #[test]
