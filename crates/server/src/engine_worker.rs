@@ -14,7 +14,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use neocloud_engine::generation::{
-    generate, score, FinishReason, GenerateRequest, Generation, LoadedModel, Progress, ScoredToken,
+    generate_cached, score, FinishReason, GenerateRequest, Generation, LoadedModel, PrefixCache,
+    Progress, ScoredToken,
 };
 use neocloud_engine::sampler::Sampled;
 use tokio::sync::mpsc;
@@ -123,6 +124,10 @@ impl EngineHandle {
             }
         }
         let models = self.models.get_or_init(|| loaded).clone();
+        // One sequence's keys and values per model, for the next prompt
+        // that starts the same way.
+        let mut prefix_caches: Vec<PrefixCache> =
+            models.iter().map(|_| PrefixCache::new()).collect();
         let metrics = Arc::clone(&self.metrics);
         // Our own sender must go, or the loop below would never end.
         drop(self);
@@ -133,14 +138,18 @@ impl EngineHandle {
                 metrics.finished(FinishedReason::Abort);
                 continue;
             }
-            let Some(lm) = models.get(job.model) else {
+            let (Some(lm), Some(prefix_cache)) =
+                (models.get(job.model), prefix_caches.get_mut(job.model))
+            else {
                 continue;
             };
             metrics.queue_time.observe_duration(job.arrived.elapsed());
             metrics.running.fetch_add(1, Ordering::Relaxed);
             let events = job.events.clone();
             // A panic fails this job only; the thread goes on with the next.
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(lm, job, &metrics)));
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                run_job(lm, prefix_cache, job, &metrics)
+            }));
             // The gauges are settled before the client hears the end.
             metrics.kv_positions_used.store(0, Ordering::Relaxed);
             metrics.kv_positions_capacity.store(0, Ordering::Relaxed);
@@ -226,7 +235,12 @@ impl EngineHandle {
 
 /// Runs one job on the engine thread, streaming text to its channel, and
 /// returns the job's last event.
-fn run_job(lm: &LoadedModel, job: Job, metrics: &Metrics) -> WorkerEvent {
+fn run_job(
+    lm: &LoadedModel,
+    prefix_cache: &mut PrefixCache,
+    job: Job,
+    metrics: &Metrics,
+) -> WorkerEvent {
     let events = &job.events;
     let request = match job.kind {
         JobKind::Generate(r) => r,
@@ -265,7 +279,7 @@ fn run_job(lm: &LoadedModel, job: Job, metrics: &Metrics) -> WorkerEvent {
     let mut pending: Vec<Sampled> = Vec::new();
     let mut last_token: Option<Instant> = None;
     let mut positions = 0;
-    let result = generate(lm, &request, &mut |p: Progress<'_>| {
+    let result = generate_cached(lm, &request, prefix_cache, &mut |p: Progress<'_>| {
         let text = match p {
             Progress::Prefilled { done, .. } => {
                 positions = done;
@@ -321,6 +335,9 @@ fn run_job(lm: &LoadedModel, job: Job, metrics: &Metrics) -> WorkerEvent {
             let prompt = request.prompt.len() as u64;
             metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
             metrics.request_prompt_tokens.observe(prompt as f64);
+            metrics
+                .prefix_cache_hit_tokens
+                .fetch_add(g.cached_prompt_tokens as u64, Ordering::Relaxed);
             let generated = g.tokens.len() as u64;
             metrics
                 .generation_tokens

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     /// Tokens generated (aborted jobs included).
     pub generation_tokens: AtomicU64,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub prefix_cache_hit_tokens: AtomicU64,
     finished: [AtomicU64; 4],
     /// Time from arrival to the first generated token.
     pub time_to_first_token: Histogram,
@@ -81,6 +83,7 @@ impl Default for Metrics {
             kv_positions_capacity: AtomicUsize::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
+            prefix_cache_hit_tokens: AtomicU64::new(0),
             finished: Default::default(),
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
             inter_token_latency: Histogram::new(ITL_BUCKETS),
@@ -155,6 +158,14 @@ impl Metrics {
             "counter",
             "Tokens generated.",
             self.generation_tokens.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            "neocloud:prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens served from the prefix cache instead of a forward pass.",
+            self.prefix_cache_hit_tokens
+                .load(Ordering::Relaxed)
+                .to_string(),
         );
         let name = "neocloud:request_success_total";
         let _ = writeln!(
