@@ -61,9 +61,7 @@ pub struct AppState {
 /// The routes, behind the lifecycle and panic layers.
 pub fn router(state: AppState) -> Router {
     routes()
-        .layer(CatchPanicLayer::custom(|_| {
-            ServerError::Internal("a handler panicked".into()).into_response()
-        }))
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             lifecycle::track_requests::<AppState>,
@@ -74,9 +72,7 @@ pub fn router(state: AppState) -> Router {
 /// The engine's routes alone: what the fleet gateway calls in-process.
 pub fn engine_routes(state: AppState) -> Router {
     routes()
-        .layer(CatchPanicLayer::custom(|_| {
-            ServerError::Internal("a handler panicked".into()).into_response()
-        }))
+        .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
 }
 
@@ -93,6 +89,13 @@ fn routes() -> Router<AppState> {
         .route("/health", get(routes::health::health))
         .route("/metrics", get(routes::metrics::metrics))
         .fallback(no_route)
+}
+
+/// The answer to a request whose handler panicked: a generic 500.
+pub(crate) fn panic_response(
+    _: Box<dyn std::any::Any + Send + 'static>,
+) -> axum::response::Response {
+    ServerError::Internal("a handler panicked".into()).into_response()
 }
 
 pub(crate) async fn no_route(method: Method, uri: Uri) -> ServerError {

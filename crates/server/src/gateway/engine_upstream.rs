@@ -47,11 +47,7 @@ impl Upstream for EngineUpstream {
                 .await
                 .map_err(|e| UpstreamFailure::Connect(e.to_string()))?;
             let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let retry_after = super::retry_after_header(response.headers());
             let body = response
                 .into_body()
                 .into_data_stream()

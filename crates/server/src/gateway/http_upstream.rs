@@ -74,11 +74,7 @@ impl Upstream for HttpUpstream {
                 .await
                 .map_err(|e| UpstreamFailure::Connect(describe(&e)))?;
             let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let retry_after = super::retry_after_header(response.headers());
             let body = response
                 .bytes_stream()
                 .map(|chunk| chunk.map_err(|e| UpstreamFailure::Body(describe(&e))));

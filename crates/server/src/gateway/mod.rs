@@ -98,6 +98,14 @@ pub struct Gateway {
     max_in_flight: usize,
 }
 
+/// An upstream reply's `Retry-After`, as text.
+pub(crate) fn retry_after_header(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get(axum::http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// Locks a mutex, taking the data even if a holder panicked (the state
 /// here stays consistent across any single update).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -74,9 +74,7 @@ pub fn router(state: GatewayState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(crate::no_route)
-        .layer(CatchPanicLayer::custom(|_| {
-            ServerError::Internal("a handler panicked".into()).into_response()
-        }))
+        .layer(CatchPanicLayer::custom(crate::panic_response))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             lifecycle::track_requests::<GatewayState>,
