@@ -351,28 +351,21 @@ impl FleetMetrics {
                 pick(u).render_series(&mut out, name, &u.labels());
             }
         }
-        family_header(
-            &mut out,
-            "neocloud:fallback_requests_total",
-            "counter",
-            "Requests sent to a fallback pool.",
-        );
-        let _ = writeln!(
-            out,
-            "neocloud:fallback_requests_total {}",
-            self.fallbacks.load(Ordering::Relaxed)
-        );
-        family_header(
-            &mut out,
-            "neocloud:unserved_requests_total",
-            "counter",
-            "Requests no upstream could take.",
-        );
-        let _ = writeln!(
-            out,
-            "neocloud:unserved_requests_total {}",
-            self.unserved.load(Ordering::Relaxed)
-        );
+        for (name, help, count) in [
+            (
+                "neocloud:fallback_requests_total",
+                "Requests sent to a fallback pool.",
+                &self.fallbacks,
+            ),
+            (
+                "neocloud:unserved_requests_total",
+                "Requests no upstream could take.",
+                &self.unserved,
+            ),
+        ] {
+            family_header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", count.load(Ordering::Relaxed));
+        }
         out
     }
 }
