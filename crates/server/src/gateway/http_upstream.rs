@@ -25,19 +25,25 @@ pub struct HttpUpstream {
 }
 
 impl HttpUpstream {
-    /// An upstream at `base_url` (`http(s)://HOST[:PORT]/v1`).
-    pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    /// The HTTP client all upstreams share (one connection pool, kept per
+    /// host): redirects never followed, small writes sent at once.
+    pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+        reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
-            .build()?;
-        Ok(HttpUpstream {
+            .build()
+    }
+
+    /// An upstream at `base_url` (`http(s)://HOST[:PORT]/v1`), reached
+    /// through `client` (see [`HttpUpstream::client`]).
+    pub fn new(base_url: &str, api_key: Option<String>, client: reqwest::Client) -> Self {
+        HttpUpstream {
             base_url: base_url.trim_end_matches('/').to_owned(),
             client,
             api_key,
-        })
+        }
     }
 }
 

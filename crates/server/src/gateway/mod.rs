@@ -126,6 +126,8 @@ impl Gateway {
         };
         let config_error =
             |m: String| ServerError::Unavailable(format!("fleet configuration: {m}"));
+        let client =
+            HttpUpstream::client().map_err(|e| config_error(format!("HTTP client: {e}")))?;
         let mut pools = Vec::new();
         let mut upstreams = Vec::new();
         for (p, pool) in config.pools.iter().enumerate() {
@@ -148,10 +150,7 @@ impl Gateway {
                         .map_err(|e| config_error(e.to_string()))?
                     {
                         UpstreamAddress::Http(url) => (
-                            Arc::new(
-                                HttpUpstream::new(&url, api_key.clone())
-                                    .map_err(|e| config_error(format!("HTTP client: {e}")))?,
-                            ),
+                            Arc::new(HttpUpstream::new(&url, api_key.clone(), client.clone())),
                             pool_model.clone(),
                         ),
                         UpstreamAddress::Engine(model) => match &engine {
