@@ -7,40 +7,13 @@ use std::arch::x86_64::*;
 use crate::integer_dot::{QuantizedRow, ACT_BLOCK};
 use crate::quant::{scale_min_k4, TensorType, QK_K};
 
-/// Products of 32 weight bytes (signed, or unsigned below 128) with 32 int16
-/// activations, as pair sums: the first vector covers values 0..16, the
-/// second values 16..32 (lane order within each does not matter to callers).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn madd_halves(w: __m256i, x: &[i16]) -> (__m256i, __m256i) {
-    assert!(x.len() >= 32);
-    // SAFETY: the assertion guarantees 32 readable i16 values.
-    let (x0, x1) = unsafe {
-        (
-            _mm256_loadu_si256(x.as_ptr().cast()),
-            _mm256_loadu_si256(x.as_ptr().add(16).cast()),
-        )
-    };
-    let w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
-    let w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
-    (_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1))
-}
-
 /// The little-endian f16 at byte `i` of `b`, converted by the F16C unit.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn f16_fast(b: &[u8], i: usize) -> f32 {
     let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-/// Sum of the products of 32 weight bytes with 32 int16 activations, spread
-/// over eight i32 lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot32(w: __m256i, x: &[i16]) -> __m256i {
-    let (a, b) = madd_halves(w, x);
-    _mm256_add_epi32(a, b)
+    // A broadcast, not an insert: an insert would wait on the register it merges into.
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
 }
 
 #[inline]
@@ -96,19 +69,61 @@ fn bits_to_bytes(bits: u32) -> __m256i {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
+    // SAFETY: the caller guarantees the same features.
+    unsafe { dot_rows::<1>(ty, row, [x])[0] }
+}
+
+/// Dots of one weight row with `R` activation rows. Each weight block is
+/// unpacked once for all of them, and each row's arithmetic is exactly that
+/// of [`dot_row_q8`], so a row's result does not depend on its neighbours.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_rows<const R: usize>(
+    ty: TensorType,
+    row: &[u8],
+    xs: [&QuantizedRow; R],
+) -> [f32; R] {
     match ty {
-        TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q5_0 => dot_legacy(ty, row, x),
-        TensorType::Q4K | TensorType::Q5K => dot_q45k(ty, row, x),
-        TensorType::Q6K => dot_q6k(row, x),
-        TensorType::F32 | TensorType::F16 | TensorType::BF16 => 0.0,
+        TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q5_0 => dot_legacy(ty, row, xs),
+        TensorType::Q4K | TensorType::Q5K => dot_q45k(ty, row, xs),
+        TensorType::Q6K => dot_q6k(row, xs),
+        TensorType::F32 | TensorType::F16 | TensorType::BF16 => [0.0; R],
     }
 }
 
+/// 32 weight bytes widened to two vectors of 16 int16 values.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dot_legacy(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
-    let mut acc = _mm256_setzero_ps();
+fn widen(w: __m256i) -> (__m256i, __m256i) {
+    (
+        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)),
+        _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w)),
+    )
+}
+
+/// Pair sums of widened weights with 32 int16 activations: values 0..16 in
+/// the first vector, 16..32 in the second.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn madd_widened(w: (__m256i, __m256i), x: &[i16]) -> (__m256i, __m256i) {
+    assert!(x.len() >= 32);
+    // SAFETY: the assertion guarantees 32 readable i16 values.
+    let (x0, x1) = unsafe {
+        (
+            _mm256_loadu_si256(x.as_ptr().cast()),
+            _mm256_loadu_si256(x.as_ptr().add(16).cast()),
+        )
+    };
+    (_mm256_madd_epi16(w.0, x0), _mm256_madd_epi16(w.1, x1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_legacy<const R: usize>(ty: TensorType, row: &[u8], xs: [&QuantizedRow; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
     for (i, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
-        let w = match ty {
+        let w = widen(match ty {
             TensorType::Q8_0 => load32(&blk[2..]),
             TensorType::Q4_0 => _mm256_sub_epi8(nibbles_16(&blk[2..]), _mm256_set1_epi8(8)),
             _ => {
@@ -117,19 +132,26 @@ fn dot_legacy(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
                 let q = _mm256_or_si256(nibbles_16(&blk[6..]), high);
                 _mm256_sub_epi8(q, _mm256_set1_epi8(16))
             }
-        };
-        let p = _mm256_cvtepi32_ps(dot32(w, &x.q[i * ACT_BLOCK..]));
-        let scale = _mm256_set1_ps(f16_fast(blk, 0) * x.d[i]);
-        acc = _mm256_fmadd_ps(scale, p, acc);
+        });
+        let dw = f16_fast(blk, 0);
+        for (a, x) in acc.iter_mut().zip(xs) {
+            let (p0, p1) = madd_widened(w, &x.q[i * ACT_BLOCK..]);
+            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * x.d[i]), p, *a);
+        }
     }
-    hsum(acc)
+    let mut out = [0f32; R];
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = hsum(a);
+    }
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dot_q45k(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
+fn dot_q45k<const R: usize>(ty: TensorType, row: &[u8], xs: [&QuantizedRow; R]) -> [f32; R] {
     let five = ty == TensorType::Q5K;
-    let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut mins = [0f32; R];
     let m4 = _mm256_set1_epi8(0x0f);
     for (sb, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
         let d = f16_fast(blk, 0);
@@ -158,21 +180,30 @@ fn dot_q45k(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
                 let sub = 2 * c + s;
                 let (sc, m) = scale_min_k4(sub, scales);
                 let ab = a0 + sub;
-                let dx = x.d[ab];
-                let p = _mm256_cvtepi32_ps(dot32(w, &x.q[ab * ACT_BLOCK..]));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32 * dx), p, acc);
-                let xsum = x.sum16[2 * ab] + x.sum16[2 * ab + 1];
-                mins += dmin * m as f32 * dx * xsum as f32;
+                let w = widen(w);
+                for r in 0..R {
+                    let x = xs[r];
+                    let dx = x.d[ab];
+                    let (p0, p1) = madd_widened(w, &x.q[ab * ACT_BLOCK..]);
+                    let p = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32 * dx), p, acc[r]);
+                    let xsum = x.sum16[2 * ab] + x.sum16[2 * ab + 1];
+                    mins[r] += dmin * m as f32 * dx * xsum as f32;
+                }
             }
         }
     }
-    hsum(acc) - mins
+    let mut out = [0f32; R];
+    for ((o, a), m) in out.iter_mut().zip(acc).zip(mins) {
+        *o = hsum(a) - m;
+    }
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dot_q6k(row: &[u8], x: &QuantizedRow) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut offset = 0f32;
+fn dot_q6k<const R: usize>(row: &[u8], xs: [&QuantizedRow; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offset = [0f32; R];
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(0x03);
     for (sb, blk) in row.chunks_exact(TensorType::Q6K.block_bytes()).enumerate() {
@@ -199,19 +230,35 @@ fn dot_q6k(row: &[u8], x: &QuantizedRow) -> f32 {
             ];
             for (g, w) in groups.into_iter().enumerate() {
                 let ab = sb * (QK_K / ACT_BLOCK) + h * 4 + g;
-                let dx = x.d[ab];
                 let (s0, s1) = (
                     sc[h * 8 + 2 * g] as i8 as i32,
                     sc[h * 8 + 2 * g + 1] as i8 as i32,
                 );
-                let (p0, p1) = madd_halves(w, &x.q[ab * ACT_BLOCK..]);
-                let dd = d * dx;
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd * s0 as f32), _mm256_cvtepi32_ps(p0), acc);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dd * s1 as f32), _mm256_cvtepi32_ps(p1), acc);
-                let corr = s0 * x.sum16[2 * ab] + s1 * x.sum16[2 * ab + 1];
-                offset += d * dx * 32.0 * corr as f32;
+                let w = widen(w);
+                for r in 0..R {
+                    let x = xs[r];
+                    let dx = x.d[ab];
+                    let (p0, p1) = madd_widened(w, &x.q[ab * ACT_BLOCK..]);
+                    let dd = d * dx;
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dd * s0 as f32),
+                        _mm256_cvtepi32_ps(p0),
+                        acc[r],
+                    );
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dd * s1 as f32),
+                        _mm256_cvtepi32_ps(p1),
+                        acc[r],
+                    );
+                    let corr = s0 * x.sum16[2 * ab] + s1 * x.sum16[2 * ab + 1];
+                    offset[r] += d * dx * 32.0 * corr as f32;
+                }
             }
         }
     }
-    hsum(acc) - offset
+    let mut out = [0f32; R];
+    for ((o, a), m) in out.iter_mut().zip(acc).zip(offset) {
+        *o = hsum(a) - m;
+    }
+    out
 }

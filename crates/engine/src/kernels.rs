@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::byte_dot::{self, ActivationRow};
 use crate::integer_dot::{self, QuantizedRow};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
@@ -137,6 +138,11 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
         out.iter_mut().for_each(|o| *o = 0.0);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if m <= MAX_BYTE_ROWS && crate::byte_dot_avx512::available() && byte_dot::supports(w.ty, k) {
+        byte_product(w, x, m, out);
+        return;
+    }
     if m <= MAX_INT8_ROWS && integer_dot::supports(w.ty) && k % integer_dot::ACT_BLOCK == 0 {
         integer_product(w, x, m, out);
         return;
@@ -166,51 +172,153 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
         });
 }
 
-/// Small batches (decode, short prompts) multiply with integer activations:
-/// reading the weights dominates, and the integer path never expands them.
+/// Products of up to this many rows (decode steps, batched or not) take the
+/// byte path; longer prompt chunks go faster through the f32 tiles.
+const MAX_BYTE_ROWS: usize = 64;
+
+/// Weight rows the byte product takes together: their packed bytes stay in
+/// the L1 cache while every group of four activation rows goes past them.
+const BYTE_TILE: usize = 16;
+
+thread_local! {
+    static BYTE_ROWS: RefCell<Vec<ActivationRow>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The product with int16 activations and `vpdpwssd` (AVX-512 VNNI), for
+/// any number of rows: weights are unpacked in registers once per group of
+/// four activation rows, and each output row is computed exactly as it
+/// would be alone.
+#[cfg(target_arch = "x86_64")]
+fn byte_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    BYTE_ROWS.with(|cell| {
+        let mut rows = cell.borrow_mut();
+        if rows.len() < m {
+            rows.resize_with(m, ActivationRow::default);
+        }
+        let rows = &mut rows[..m];
+        if m >= 4 {
+            rows.par_iter_mut()
+                .zip(x.par_chunks_exact(k))
+                .for_each(|(q, r)| q.quantize(r));
+        } else {
+            rows.iter_mut()
+                .zip(x.chunks_exact(k))
+                .for_each(|(q, r)| q.quantize(r));
+        }
+        let refs: Vec<&ActivationRow> = rows.iter().collect();
+        let cols_per_task = (n / (rayon::current_num_threads() * 4))
+            .max(BYTE_TILE)
+            .next_multiple_of(BYTE_TILE);
+        // Task `t` owns columns `t * cols_per_task..` of every output row.
+        let tasks = n.div_ceil(cols_per_task);
+        let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
+        for out_row in out.chunks_exact_mut(n) {
+            for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
+                slices[t].push(part);
+            }
+        }
+        slices
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(t, mut parts)| {
+                let n0 = t * cols_per_task;
+                let cols = parts.first().map_or(0, |p| p.len());
+                let mut results = [0f32; 4];
+                for c in (0..cols).step_by(BYTE_TILE) {
+                    let width = BYTE_TILE.min(cols - c);
+                    for (b, block) in refs.chunks(4).enumerate() {
+                        for j in 0..width {
+                            // SAFETY: `available()` checked every feature it needs.
+                            unsafe {
+                                crate::byte_dot_avx512::dot_rows_direct(
+                                    w.ty,
+                                    w.row(n0 + c + j),
+                                    block,
+                                    &mut results[..block.len()],
+                                )
+                            };
+                            for (part, r) in parts[b * 4..].iter_mut().zip(&results[..block.len()])
+                            {
+                                part[c + j] = *r;
+                            }
+                        }
+                    }
+                }
+            });
+    });
+}
+
+/// Batches up to this many rows multiply with integer activations: reading
+/// and unpacking the weights dominates, and the integer path never expands
+/// them to f32. Its rows are computed independently of each other, so a
+/// row's result is the same whatever batch it is in.
 const MAX_INT8_ROWS: usize = 8;
+
+/// Activation rows that share each unpacked weight row before the next
+/// weight row is taken (their int16 values stay in the L1 cache).
+const INT8_ROW_BLOCK: usize = 16;
+
+thread_local! {
+    static QUANTIZED: RefCell<Vec<QuantizedRow>> = const { RefCell::new(Vec::new()) };
+}
 
 fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
-    let rows: Vec<QuantizedRow> = x
-        .chunks_exact(k)
-        .map(|r| {
-            let mut q = QuantizedRow::default();
-            q.quantize(r);
-            q
-        })
-        .collect();
-    let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
-    if m == 1 {
-        out.par_chunks_mut(cols_per_task)
+    QUANTIZED.with(|q| {
+        let mut rows = q.borrow_mut();
+        if rows.len() < m {
+            rows.resize_with(m, QuantizedRow::default);
+        }
+        let rows = &mut rows[..m];
+        if m >= 4 {
+            rows.par_iter_mut()
+                .zip(x.par_chunks_exact(k))
+                .for_each(|(q, r)| q.quantize(r));
+        } else {
+            rows.iter_mut()
+                .zip(x.chunks_exact(k))
+                .for_each(|(q, r)| q.quantize(r));
+        }
+        let rows = &*rows;
+        let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
+        if m == 1 {
+            out.par_chunks_mut(cols_per_task)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    let n0 = t * cols_per_task;
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        *o = dot_row_q8(w.ty, w.row(n0 + j), &rows[0]);
+                    }
+                });
+            return;
+        }
+        // Task `t` owns columns `t * cols_per_task..` of every output row.
+        let tasks = n.div_ceil(cols_per_task);
+        let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
+        for out_row in out.chunks_exact_mut(n) {
+            for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
+                slices[t].push(part);
+            }
+        }
+        slices
+            .into_par_iter()
             .enumerate()
-            .for_each(|(t, chunk)| {
+            .for_each(|(t, mut parts)| {
                 let n0 = t * cols_per_task;
-                for (j, o) in chunk.iter_mut().enumerate() {
-                    *o = dot_row_q8(w.ty, w.row(n0 + j), &rows[0]);
+                let cols = parts.first().map_or(0, |p| p.len());
+                let mut results = [0f32; INT8_ROW_BLOCK];
+                for (b, block) in rows.chunks(INT8_ROW_BLOCK).enumerate() {
+                    for j in 0..cols {
+                        dot_rows_q8(w.ty, w.row(n0 + j), block, &mut results[..block.len()]);
+                        let block_parts = parts[b * INT8_ROW_BLOCK..].iter_mut();
+                        for (part, r) in block_parts.zip(&results[..block.len()]) {
+                            part[j] = *r;
+                        }
+                    }
                 }
             });
-        return;
-    }
-    // Column-major scratch (n x m) so that tasks own disjoint slices.
-    let mut transposed = vec![0f32; n * m];
-    transposed
-        .par_chunks_mut(cols_per_task * m)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let n0 = t * cols_per_task;
-            for (j, col) in chunk.chunks_exact_mut(m).enumerate() {
-                let wr = w.row(n0 + j);
-                for (o, xr) in col.iter_mut().zip(&rows) {
-                    *o = dot_row_q8(w.ty, wr, xr);
-                }
-            }
-        });
-    for (j, col) in transposed.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
-    }
+    });
 }
 
 fn with_scratch(len: usize, f: impl FnOnce(&mut [f32])) {
@@ -273,6 +381,40 @@ fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
         // SAFETY: AVX2, FMA and F16C were detected.
         SimdLevel::Avx2 => unsafe { avx2::dot_row_q8(ty, row, x) },
         _ => integer_dot::dot_row_q8(ty, row, x),
+    }
+}
+
+/// Dots of one weight row with each of `xs`, into `out`; each result is
+/// exactly what [`dot_row_q8`] gives for that row alone.
+#[inline]
+fn dot_rows_q8(ty: TensorType, row: &[u8], xs: &[QuantizedRow], out: &mut [f32]) {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => {
+            let mut i = 0;
+            while i + 4 <= xs.len() {
+                // SAFETY: AVX2, FMA and F16C were detected.
+                let r = unsafe {
+                    crate::integer_dot_avx2::dot_rows::<4>(
+                        ty,
+                        row,
+                        [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]],
+                    )
+                };
+                out[i..i + 4].copy_from_slice(&r);
+                i += 4;
+            }
+            while i < xs.len() {
+                // SAFETY: as above.
+                out[i] = unsafe { crate::integer_dot_avx2::dot_row_q8(ty, row, &xs[i]) };
+                i += 1;
+            }
+        }
+        _ => {
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = integer_dot::dot_row_q8(ty, row, x);
+            }
+        }
     }
 }
 

@@ -7,6 +7,9 @@
 //! [`model_source`] fetches models into the local cache. Nothing here knows
 //! about HTTP.
 
+pub mod byte_dot;
+#[cfg(target_arch = "x86_64")]
+mod byte_dot_avx512;
 pub mod chat_template;
 pub mod error;
 pub mod generation;

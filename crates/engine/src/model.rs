@@ -432,37 +432,37 @@ impl Model {
         cache: &mut KvCache,
         logits_from: usize,
     ) -> Result<Vec<f32>, EngineError> {
+        self.forward_batch(&mut [BatchSequence {
+            tokens,
+            cache,
+            logits_from,
+        }])
+    }
+
+    /// Runs several sequences through the model in one pass: their rows
+    /// share every weight read, while each attends only to its own cache.
+    /// Returns the logits of each sequence's rows from its `logits_from`,
+    /// sequence after sequence. Rows are computed independently of each
+    /// other, so a sequence gets the same logits in any batch.
+    pub fn forward_batch(&self, batch: &mut [BatchSequence<'_>]) -> Result<Vec<f32>, EngineError> {
         let c = &self.config;
-        let t_len = tokens.len();
-        if t_len == 0 {
-            return Err(EngineError::InvalidRequest("no tokens to run".into()));
+        for s in batch.iter_mut() {
+            self.check_sequence(s)?;
         }
-        if logits_from > t_len {
-            return Err(EngineError::InvalidRequest(format!(
-                "logits asked from row {logits_from} of a batch of {t_len}"
-            )));
+        let t_len: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        // Row r belongs to sequence `row_seq[r]` and sits at `row_pos[r]`.
+        let mut row_seq = Vec::with_capacity(t_len);
+        let mut row_pos = Vec::with_capacity(t_len);
+        for (i, s) in batch.iter().enumerate() {
+            let p0 = s.cache.len;
+            row_seq.extend(std::iter::repeat_n(i, s.tokens.len()));
+            row_pos.extend(p0..p0 + s.tokens.len());
         }
-        if cache.len + t_len > c.context_length {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} tokens exceed the model's context of {}",
-                cache.len + t_len,
-                c.context_length
-            )));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                c.vocab_size
-            )));
-        }
-        if cache.keys.len() != c.n_layers {
-            *cache = KvCache::new(self);
-        }
-        let p0 = cache.len;
         let d = c.d_model;
         let mut x = vec![0f32; t_len * d];
         let emb = self.matrix(&self.token_embedding);
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+        let all_tokens = batch.iter().flat_map(|s| s.tokens.iter());
+        for (row, &tok) in x.chunks_exact_mut(d).zip(all_tokens) {
             emb.dequantize_row_into(tok as usize, row);
             if let Some(s) = c.embedding_scale {
                 row.iter_mut().for_each(|v| *v *= s);
@@ -480,11 +480,11 @@ impl Model {
         let mut proj = vec![0f32; t_len * d];
         let mut gate = vec![0f32; t_len * c.ffn_dim];
         let mut up = vec![0f32; t_len * c.ffn_dim];
-        let rope_global = rope_table(c.rope_base, c.rope_dims, p0, t_len);
+        let rope_global = rope_table(c.rope_base, c.rope_dims, &row_pos);
         let rope_sliding = if c.rope_base_sliding == c.rope_base {
             rope_global.clone()
         } else {
-            rope_table(c.rope_base_sliding, c.rope_dims, p0, t_len)
+            rope_table(c.rope_base_sliding, c.rope_dims, &row_pos)
         };
         for (l, w) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &mut xn, &w.attn_norm, c.rms_eps);
@@ -507,14 +507,23 @@ impl Model {
             };
             rope(&mut q, q_dim, c.head_dim, angles, c.rope_style);
             rope(&mut k, k_dim, c.head_dim, angles, c.rope_style);
-            cache.keys[l].extend_from_slice(&k);
-            cache.values[l].extend_from_slice(&v);
+            let mut r0 = 0;
+            for s in batch.iter_mut() {
+                let r1 = r0 + s.tokens.len();
+                s.cache.keys[l].extend_from_slice(&k[r0 * k_dim..r1 * k_dim]);
+                s.cache.values[l].extend_from_slice(&v[r0 * v_dim..r1 * v_dim]);
+                r0 = r1;
+            }
             let window = if c.layer_sliding[l] {
                 c.sliding_window
             } else {
                 None
             };
-            self.attention(&q, &cache.keys[l], &cache.values[l], p0, window, &mut attn);
+            let caches: Vec<(&[f32], &[f32])> = batch
+                .iter()
+                .map(|s| (s.cache.keys[l].as_slice(), s.cache.values[l].as_slice()))
+                .collect();
+            self.attention(&q, &caches, &row_seq, &row_pos, window, &mut attn);
             matmul(&self.matrix(&w.wo), &attn, t_len, &mut proj);
             if let Some(n) = &w.post_attn_norm {
                 rms_norm_in_place(&mut proj, n, c.rms_eps);
@@ -544,27 +553,66 @@ impl Model {
             }
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
-        cache.len = p0 + t_len;
-        let rows = t_len - logits_from;
+        for s in batch.iter_mut() {
+            s.cache.len += s.tokens.len();
+        }
+        // The rows whose logits were asked for.
+        let mut picked = Vec::new();
+        let mut r0 = 0;
+        for s in batch.iter() {
+            picked.extend(r0 + s.logits_from..r0 + s.tokens.len());
+            r0 += s.tokens.len();
+        }
+        let rows = picked.len();
         let mut last = vec![0f32; rows * d];
-        rms_norm_rows(
-            &x[logits_from * d..],
-            &mut last,
-            &self.output_norm,
-            c.rms_eps,
-        );
+        for (out, &r) in last.chunks_exact_mut(d).zip(&picked) {
+            rms_norm_rows(&x[r * d..(r + 1) * d], out, &self.output_norm, c.rms_eps);
+        }
         let mut logits = vec![0f32; rows * c.vocab_size];
         matmul(&self.matrix(&self.output), &last, rows, &mut logits);
         Ok(logits)
     }
 
-    /// Causal attention of the new queries over all cached keys and values.
+    /// Checks one sequence of a batch before anything runs.
+    fn check_sequence(&self, s: &mut BatchSequence<'_>) -> Result<(), EngineError> {
+        let c = &self.config;
+        let t_len = s.tokens.len();
+        if t_len == 0 {
+            return Err(EngineError::InvalidRequest("no tokens to run".into()));
+        }
+        if s.logits_from > t_len {
+            return Err(EngineError::InvalidRequest(format!(
+                "logits asked from row {} of a batch of {t_len}",
+                s.logits_from
+            )));
+        }
+        if s.cache.len + t_len > c.context_length {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} tokens exceed the model's context of {}",
+                s.cache.len + t_len,
+                c.context_length
+            )));
+        }
+        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                c.vocab_size
+            )));
+        }
+        if s.cache.keys.len() != c.n_layers {
+            *s.cache = KvCache::new(self);
+        }
+        Ok(())
+    }
+
+    /// Causal attention of each row's query over its own sequence's cached
+    /// keys and values (`caches[row_seq[r]]`), up to its position.
     fn attention(
         &self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        p0: usize,
+        caches: &[(&[f32], &[f32])],
+        row_seq: &[usize],
+        row_pos: &[usize],
         window: Option<usize>,
         out: &mut [f32],
     ) {
@@ -576,28 +624,48 @@ impl Model {
         let scale = c.attention_scale;
         out.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / c.n_heads, i % c.n_heads);
+            let (keys, values) = caches[row_seq[t]];
             let kvh = h / group;
-            let pos = p0 + t;
+            let pos = row_pos[t];
             let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let qh = &q[t * c.n_heads * hd + h * hd..][..hd];
-            let mut scores = Vec::with_capacity(pos + 1 - start);
-            let mut max = f32::NEG_INFINITY;
-            for j in start..=pos {
-                let s = dot_f32(qh, &keys[j * k_stride + kvh * hd..][..hd]) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut sum = 0f32;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            o.iter_mut().for_each(|v| *v = 0.0);
-            for (j, s) in (start..=pos).zip(&scores) {
-                axpy(s / sum, &values[j * v_stride + kvh * vd..][..vd], o);
-            }
+            SCORES.with(|scores| {
+                let mut scores = scores.borrow_mut();
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for j in start..=pos {
+                    let s = dot_f32(qh, &keys[j * k_stride + kvh * hd..][..hd]) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                o.iter_mut().for_each(|v| *v = 0.0);
+                for (j, s) in (start..=pos).zip(scores.iter()) {
+                    axpy(s / sum, &values[j * v_stride + kvh * vd..][..vd], o);
+                }
+            });
         });
     }
+}
+
+thread_local! {
+    /// Attention scores of one query, reused across calls on each thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One sequence's part of a batched forward pass ([`Model::forward_batch`]).
+#[derive(Debug)]
+pub struct BatchSequence<'a> {
+    /// The tokens to run, after the positions already in `cache`.
+    pub tokens: &'a [u32],
+    /// The sequence's keys and values; the tokens' are appended.
+    pub cache: &'a mut KvCache,
+    /// The first row (of `tokens`) whose logits are wanted.
+    pub logits_from: usize,
 }
 
 fn check_dims(t: &TensorInfo, cols: usize, rows: usize) -> Result<(), EngineError> {
@@ -638,17 +706,17 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// RoPE angles for `t_len` positions from `p0`: `(cos, sin)` for each of the
+/// RoPE angles for each of `positions`: `(cos, sin)` for each of the
 /// `rot / 2` dimension pairs, row after row. Computed once per forward pass
 /// and base, and shared by every layer's queries and keys.
-fn rope_table(base: f32, rot: usize, p0: usize, t_len: usize) -> Vec<(f32, f32)> {
+fn rope_table(base: f32, rot: usize, positions: &[usize]) -> Vec<(f32, f32)> {
     let half = rot / 2;
     let inv_freq: Vec<f64> = (0..half)
         .map(|i| (base as f64).powf(-2.0 * i as f64 / rot as f64))
         .collect();
-    let mut table = Vec::with_capacity(t_len * half);
-    for t in 0..t_len {
-        let pos = (p0 + t) as f64;
+    let mut table = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        let pos = p as f64;
         table.extend(inv_freq.iter().map(|f| {
             let theta = pos * f;
             (theta.cos() as f32, theta.sin() as f32)

@@ -275,10 +275,10 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 fn check_row(ty: TensorType, bytes: &[u8], n: usize) -> Result<(), EngineError> {
-    if n % ty.block_len() != 0 || bytes.len() != ty.row_bytes(n) {
+    if !n.is_multiple_of(ty.block_len()) || bytes.len() != ty.row_bytes(n) {
         return Err(EngineError::Shape(format!(
             "{ty:?} row of {n} values needs {} bytes, got {}",
-            if n % ty.block_len() == 0 {
+            if n.is_multiple_of(ty.block_len()) {
                 ty.row_bytes(n)
             } else {
                 0
@@ -366,7 +366,11 @@ mod tests {
                 let (sc, m) = scale_min_k4(sub, &b[4..16]);
                 let qs_off = if ty == TensorType::Q4K { 16 } else { 48 };
                 let byte = b[qs_off + (sub / 2) * 32 + i % 32];
-                let mut q = if sub % 2 == 0 { byte & 15 } else { byte >> 4 } as u32;
+                let mut q = if sub.is_multiple_of(2) {
+                    byte & 15
+                } else {
+                    byte >> 4
+                } as u32;
                 if ty == TensorType::Q5K {
                     q |= (((b[16 + i % 32] >> sub) & 1) as u32) << 4;
                 }

@@ -210,7 +210,7 @@ fn serve_one(
         Behaviour::Fast { tokens } => (tokens, Duration::ZERO),
         Behaviour::Slow { tokens, per_token } => (tokens, per_token),
         Behaviour::Flaky { every } => {
-            if n % every.max(1) == 0 {
+            if n.is_multiple_of(every.max(1)) {
                 return respond(
                     writer,
                     "500 Internal Server Error",

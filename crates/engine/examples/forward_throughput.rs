@@ -1,0 +1,105 @@
+//! Forward-pass throughput of one model on this machine: prompt processing
+//! in one chunk, and decode steps with 1, 8 and 32 sequences batched.
+//!
+//! `cargo run --release -p neocloud-engine --example forward_throughput -- MODEL.gguf`
+
+use std::time::Instant;
+
+use neocloud_engine::kernels::{matmul, QMatrix};
+use neocloud_engine::model::{BatchSequence, KvCache, Model};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let path = std::env::args()
+        .nth(1)
+        .ok_or("usage: forward_throughput MODEL.gguf")?;
+    let (model, gguf) = Model::open(std::path::Path::new(&path))?;
+    for name in [
+        "token_embd.weight",
+        "blk.0.ffn_up.weight",
+        "blk.0.ffn_down.weight",
+    ] {
+        let Some(t) = gguf.tensor(name) else { continue };
+        let w = QMatrix {
+            ty: t.ty,
+            rows: t.rows(),
+            cols: t.row_len(),
+            bytes: gguf.tensor_bytes(t),
+        };
+        for m in [1usize, 4, 32] {
+            let x: Vec<f32> = (0..m * w.cols)
+                .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
+                .collect();
+            let mut out = vec![0f32; m * w.rows];
+            matmul(&w, &x, m, &mut out);
+            let reps = if m == 32 { 3 } else { 10 };
+            let start = Instant::now();
+            for _ in 0..reps {
+                matmul(&w, &x, m, &mut out);
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{name} {:?} {}x{} m={m}: {:.2} ms, {:.1} GB/s of weights, {:.1} GMAC/s",
+                w.ty,
+                w.rows,
+                w.cols,
+                secs * 1e3,
+                w.bytes.len() as f64 / secs / 1e9,
+                (m * w.rows * w.cols) as f64 / secs / 1e9
+            );
+        }
+    }
+    let vocab = model.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % vocab).collect();
+
+    let mut cache = KvCache::new(&model);
+    model.forward(&prompt[..64], &mut cache, 63)?;
+    let start = Instant::now();
+    let mut cache = KvCache::new(&model);
+    model.forward(&prompt, &mut cache, prompt.len() - 1)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "prefill 512 tokens: {:.3} s, {:.0} tokens/s",
+        secs,
+        512.0 / secs
+    );
+
+    for streams in [1usize, 8, 32] {
+        let mut caches: Vec<KvCache> = (0..streams)
+            .map(|s| {
+                let mut c = KvCache::new(&model);
+                let p: Vec<u32> = prompt[s..s + 32].to_vec();
+                model.forward(&p, &mut c, 31).map(|_| c)
+            })
+            .collect::<Result<_, _>>()?;
+        let steps = 16;
+        let mut tokens: Vec<u32> = (0..streams as u32).collect();
+        let start = Instant::now();
+        for _ in 0..steps {
+            let singles: Vec<[u32; 1]> = tokens.iter().map(|&t| [t]).collect();
+            let mut batch: Vec<BatchSequence<'_>> = singles
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(t, cache)| BatchSequence {
+                    tokens: t,
+                    cache,
+                    logits_from: 0,
+                })
+                .collect();
+            let logits = model.forward_batch(&mut batch)?;
+            for (t, row) in tokens.iter_mut().zip(logits.chunks_exact(vocab as usize)) {
+                *t = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                    .0 as u32;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "decode {streams:>2} streams: {:.1} ms/step, {:.0} tokens/s",
+            secs * 1000.0 / steps as f64,
+            (steps * streams) as f64 / secs
+        );
+    }
+    Ok(())
+}
