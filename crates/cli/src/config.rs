@@ -19,6 +19,8 @@ pub struct ServeFile {
     pub port: Option<u16>,
     /// Requests that may wait; beyond that, 503.
     pub queue: Option<usize>,
+    /// Sequences generated together.
+    pub max_batch: Option<usize>,
     /// Largest request body in bytes.
     pub body_limit: Option<usize>,
     /// Seconds open requests may run on after SIGTERM.

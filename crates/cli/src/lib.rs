@@ -67,9 +67,14 @@ pub struct ServeArgs {
     /// Port to listen on, 0 picks a free one [default: 8080].
     #[arg(long, env = "NEOCLOUD_PORT")]
     pub port: Option<u16>,
-    /// Requests that may wait while one runs; beyond that, 503 [default: 64].
+    /// Requests that may wait for a place in the batch; beyond that, 503
+    /// [default: 64].
     #[arg(long, env = "NEOCLOUD_QUEUE")]
     pub queue: Option<usize>,
+    /// Sequences generated together, each step one batched forward pass
+    /// [default: 32].
+    #[arg(long, env = "NEOCLOUD_MAX_BATCH")]
+    pub max_batch: Option<usize>,
     /// Largest request body in bytes; beyond that, 413 [default: 2 MiB].
     #[arg(long, env = "NEOCLOUD_BODY_LIMIT")]
     pub body_limit: Option<usize>,
@@ -223,6 +228,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         .or(file.shutdown_timeout_secs)
         .unwrap_or(30);
     let queue_capacity = args.queue.or(file.queue).unwrap_or(64).max(1);
+    let max_batch = args.max_batch.or(file.max_batch).unwrap_or(32).max(1);
     let body_limit = args
         .body_limit
         .or(file.body_limit)
@@ -241,6 +247,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             fleet,
             engine_models: models,
             queue_capacity,
+            max_batch,
             listen,
             body_limit,
             shutdown_timeout,
@@ -251,6 +258,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             models,
             listen,
             queue_capacity,
+            max_batch,
             body_limit,
             shutdown_timeout,
         };

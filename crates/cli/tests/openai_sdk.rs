@@ -77,6 +77,8 @@ fn the_official_openai_sdk_works_against_neocloud_serve() {
             "gemma-3-270m",
             "--queue",
             "1",
+            "--max-batch",
+            "1",
         ],
     );
     run_compat_script(&python, &format!("http://{}/v1", server.addr));
@@ -92,6 +94,7 @@ fn the_official_openai_sdk_works_through_the_fleet_gateway() {
         &config,
         r#"
 queue = 1
+max_batch = 1
 
 [[pool]]
 name = "qwen-cpu"

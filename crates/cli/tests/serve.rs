@@ -271,7 +271,7 @@ fn open_stream(s: &Server, chunks: usize) -> (std::net::TcpStream, usize) {
 fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
     let server = Server::start(
         env!("CARGO_BIN_EXE_neocloud"),
-        &["--model", GEMMA, "--queue", "1"],
+        &["--model", GEMMA, "--queue", "1", "--max-batch", "1"],
     );
     let s = &server;
 

@@ -11,7 +11,7 @@ use crate::chat_template::ChatTemplate;
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::json_grammar::{Grammar, JsonPrefix};
-use crate::model::{KvCache, Model};
+use crate::model::{BatchSequence, KvCache, Model};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -248,93 +248,239 @@ pub fn generate_cached(
     cache: &mut PrefixCache,
     on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, EngineError> {
-    let mut kv = cache.kv.take().unwrap_or_else(|| KvCache::new(&lm.model));
-    let mut kv_tokens = std::mem::take(&mut cache.tokens);
-    // At least the prompt's last token goes through the model: its logits
-    // give the first sampled token.
-    let common = kv_tokens
-        .iter()
-        .zip(&req.prompt)
-        .take_while(|(a, b)| a == b)
-        .count()
-        .min(req.prompt.len().saturating_sub(1))
-        .min(cache.reusable)
-        .min(kv.len());
-    let reuse = common - common % PREFILL_CHUNK;
-    kv.truncate(reuse, &lm.model);
-    kv_tokens.truncate(reuse);
-    cache.reusable = 0;
-    let result = run_generation(lm, req, &mut kv, &mut kv_tokens, on_progress);
-    if result.is_ok() {
-        // Whole chunks of this prompt, from the reuse point on.
-        cache.reusable = reuse + (req.prompt.len() - reuse) / PREFILL_CHUNK * PREFILL_CHUNK;
-        cache.kv = Some(kv);
-        cache.tokens = kv_tokens;
+    let mut run = SequenceRun::start(lm, req.clone(), cache)?;
+    while let Some(pass) = run.next_pass(PREFILL_CHUNK) {
+        let mut logits = lm.model.forward_batch(&mut [pass])?;
+        run.advance(&mut logits, on_progress);
     }
-    result
+    Ok(run.finish(cache))
 }
 
-/// The generation itself, after `cache`'s first `kv_tokens.len()`
-/// positions, which it extends as tokens go through the model.
-fn run_generation(
-    lm: &LoadedModel,
-    req: &GenerateRequest,
-    cache: &mut KvCache,
-    kv_tokens: &mut Vec<u32>,
-    on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
-) -> Result<Generation, EngineError> {
-    let model = &lm.model;
-    let tok = &lm.tokenizer;
-    let vocab = model.config.vocab_size;
-    req.sampling.validate(vocab)?;
-    if req.prompt.is_empty() {
-        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+/// Where a [`SequenceRun`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The prompt is going through the model.
+    Prefill,
+    /// The last sampled token waits for its forward pass.
+    Decode(u32),
+    /// Nothing more to run.
+    Done,
+}
+
+/// One generation as a sequence of forward passes that someone else runs:
+/// [`SequenceRun::next_pass`] says what to run next (a prompt chunk or the
+/// last sampled token), and [`SequenceRun::advance`] takes the logits of its
+/// last row. The engine's scheduler runs many at once in batched passes;
+/// [`generate_cached`] runs one alone. Either way the text, the stop rules
+/// and the progress reports are the same.
+#[derive(Debug)]
+pub struct SequenceRun<'a> {
+    lm: &'a LoadedModel,
+    req: GenerateRequest,
+    sampler: Sampler,
+    json: Option<JsonPrefix>,
+    decoder: StreamDecoder,
+    hold_back: usize,
+    out: Generation,
+    emitted: usize,
+    kv: KvCache,
+    kv_tokens: Vec<u32>,
+    /// Prompt positions taken from the prefix cache.
+    reuse: usize,
+    /// The length of the chunk handed out by `next_pass`, not yet advanced.
+    in_flight: usize,
+    budget: usize,
+    phase: Phase,
+    start: Instant,
+    decode_start: Option<Instant>,
+}
+
+impl<'a> SequenceRun<'a> {
+    /// Checks `req` and prepares its run, taking from `cache` the positions
+    /// its prompt starts with (the cache is left empty until
+    /// [`SequenceRun::finish`] gives this sequence's positions back).
+    pub fn start(
+        lm: &'a LoadedModel,
+        req: GenerateRequest,
+        cache: &mut PrefixCache,
+    ) -> Result<Self, EngineError> {
+        let model = &lm.model;
+        let vocab = model.config.vocab_size;
+        req.sampling.validate(vocab)?;
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let ctx = model.config.context_length;
+        if req.prompt.len() >= ctx {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; the model's context is {ctx}",
+                req.prompt.len()
+            )));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if req.stop.iter().any(String::is_empty) {
+            return Err(EngineError::InvalidRequest(
+                "stop strings must not be empty".into(),
+            ));
+        }
+        let mut kv = cache.kv.take().unwrap_or_else(|| KvCache::new(model));
+        let mut kv_tokens = std::mem::take(&mut cache.tokens);
+        // At least the prompt's last token goes through the model: its
+        // logits give the first sampled token.
+        let common = kv_tokens
+            .iter()
+            .zip(&req.prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(req.prompt.len().saturating_sub(1))
+            .min(cache.reusable)
+            .min(kv.len());
+        let reuse = common - common % PREFILL_CHUNK;
+        kv.truncate(reuse, model);
+        kv_tokens.truncate(reuse);
+        cache.reusable = 0;
+        let hold_back = req.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
+        Ok(SequenceRun {
+            lm,
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
+            json: req.grammar.map(|Grammar::JsonObject| JsonPrefix::default()),
+            decoder: StreamDecoder::new(),
+            hold_back,
+            out: Generation {
+                tokens: Vec::new(),
+                text: String::new(),
+                steps: Vec::new(),
+                finish_reason: FinishReason::Length,
+                prefill_time: Duration::ZERO,
+                decode_time: Duration::ZERO,
+                cached_prompt_tokens: reuse,
+            },
+            emitted: 0,
+            kv,
+            kv_tokens,
+            reuse,
+            in_flight: 0,
+            budget: req.max_tokens.min(ctx - req.prompt.len()),
+            phase: Phase::Prefill,
+            start: Instant::now(),
+            decode_start: None,
+            req,
+        })
     }
-    let ctx = model.config.context_length;
-    if req.prompt.len() >= ctx {
-        return Err(EngineError::InvalidRequest(format!(
-            "the prompt has {} tokens; the model's context is {ctx}",
-            req.prompt.len()
-        )));
+
+    /// The next forward pass of this sequence (a prompt chunk of at most
+    /// `max_prefill` tokens, and at most [`PREFILL_CHUNK`], or the last
+    /// sampled token), asking for the logits of its last row only; `None`
+    /// when the run is over.
+    pub fn next_pass(&mut self, max_prefill: usize) -> Option<BatchSequence<'_>> {
+        let (tokens, len): (&[u32], usize) = match self.phase {
+            Phase::Prefill => {
+                let from = self.kv_tokens.len();
+                let len = (self.req.prompt.len() - from).min(max_prefill.clamp(1, PREFILL_CHUNK));
+                (&self.req.prompt[from..from + len], len)
+            }
+            Phase::Decode(id) => {
+                // The pending token joins the sequence's tokens before the
+                // pass, so that the pass can borrow it.
+                let at = self.kv.len();
+                if self.kv_tokens.len() == at {
+                    self.kv_tokens.push(id);
+                }
+                (&self.kv_tokens[at..at + 1], 1)
+            }
+            Phase::Done => return None,
+        };
+        self.in_flight = len;
+        Some(BatchSequence {
+            tokens,
+            cache: &mut self.kv,
+            logits_from: len - 1,
+        })
     }
-    if req.stop.iter().any(String::is_empty) {
-        return Err(EngineError::InvalidRequest(
-            "stop strings must not be empty".into(),
-        ));
-    }
-    let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt);
-    let mut json = req.grammar.map(|Grammar::JsonObject| JsonPrefix::default());
-    let reused = kv_tokens.len();
-    let mut decoder = StreamDecoder::new();
-    let hold_back = req.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
-    let mut out = Generation {
-        tokens: Vec::new(),
-        text: String::new(),
-        steps: Vec::new(),
-        finish_reason: FinishReason::Length,
-        prefill_time: Duration::ZERO,
-        decode_time: Duration::ZERO,
-        cached_prompt_tokens: reused,
-    };
-    let mut emitted = 0usize;
-    let start = Instant::now();
-    let total = req.prompt.len();
-    let mut logits = Vec::new();
-    let mut done = reused;
-    for chunk in req.prompt[reused..].chunks(PREFILL_CHUNK) {
-        done += chunk.len();
-        logits = model.forward(chunk, cache, chunk.len() - 1)?;
-        kv_tokens.extend_from_slice(chunk);
-        if on_progress(Progress::Prefilled { done, total }).is_break() {
-            out.finish_reason = FinishReason::Cancelled;
-            out.prefill_time = start.elapsed();
-            return Ok(out);
+
+    /// Prompt tokens still to go through the model (0 once decoding).
+    pub fn prompt_left(&self) -> usize {
+        match self.phase {
+            Phase::Prefill => self.req.prompt.len() - self.kv_tokens.len(),
+            _ => 0,
         }
     }
-    out.prefill_time = start.elapsed();
-    let decode_start = Instant::now();
-    let budget = req.max_tokens.min(ctx - req.prompt.len());
-    while out.tokens.len() < budget {
+
+    /// Positions held in the sequence's cache.
+    pub fn positions(&self) -> usize {
+        self.kv.len()
+    }
+
+    /// Whether the run is over.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Takes the logits of the last row of the pass that ran
+    /// `next_pass`'s tokens (`vocab_size` values; they are modified):
+    /// samples the next token when the prompt is done, applies the stop
+    /// rules and reports to `on_progress`. Returning `Break` from it cancels
+    /// the run.
+    pub fn advance(
+        &mut self,
+        logits: &mut [f32],
+        on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
+    ) {
+        let ran = std::mem::take(&mut self.in_flight);
+        match self.phase {
+            Phase::Done => return,
+            Phase::Prefill => {
+                let from = self.kv_tokens.len();
+                let chunk = &self.req.prompt[from..from + ran];
+                self.kv_tokens.extend_from_slice(chunk);
+                let (done, total) = (self.kv_tokens.len(), self.req.prompt.len());
+                if on_progress(Progress::Prefilled { done, total }).is_break() {
+                    self.out.finish_reason = FinishReason::Cancelled;
+                    self.out.prefill_time = self.start.elapsed();
+                    self.phase = Phase::Done;
+                    return;
+                }
+                if done < total {
+                    return;
+                }
+                self.out.prefill_time = self.start.elapsed();
+                self.decode_start = Some(Instant::now());
+            }
+            Phase::Decode(_) => {}
+        }
+        self.phase = match self.sample(logits, on_progress) {
+            Some(id) => Phase::Decode(id),
+            None => Phase::Done,
+        };
+        if self.phase == Phase::Done && self.out.finish_reason != FinishReason::Cancelled {
+            if self.out.finish_reason == FinishReason::Length {
+                self.out.text.push_str(&self.decoder.finish());
+            }
+            // The generation is over: a request to stop changes nothing now.
+            let _ = on_progress(Progress::Finished {
+                text: &self.out.text[self.emitted..],
+            });
+        }
+    }
+
+    /// One decode step on `logits`: the token to run next, or `None` when
+    /// the generation ended (its reason set).
+    fn sample(
+        &mut self,
+        logits: &mut [f32],
+        on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
+    ) -> Option<u32> {
+        let lm = self.lm;
+        let tok = &lm.tokenizer;
+        let req = &self.req;
+        let out = &mut self.out;
+        if out.tokens.len() >= self.budget {
+            return None;
+        }
         if out.tokens.len() < req.min_tokens {
             let enders = tok.end_of_generation().iter().chain(&req.stop_token_ids);
             for &id in enders {
@@ -343,7 +489,7 @@ fn run_generation(
                 }
             }
         }
-        let sampled = match (&mut json, req.grammar) {
+        let sampled = match (&mut self.json, req.grammar) {
             (Some(state), Some(Grammar::JsonObject)) => {
                 let table = lm.token_bytes_table();
                 let current = *state;
@@ -352,27 +498,27 @@ fn run_generation(
                         .get(id as usize)
                         .is_some_and(|b| !b.is_empty() && current.accepts(b))
                 };
-                let Some(sampled) = sampler.sample_allowed(&mut logits, &allowed) else {
+                let Some(sampled) = self.sampler.sample_allowed(logits, &allowed) else {
                     // Nothing can continue the text: end it here.
                     out.finish_reason = FinishReason::Stop;
-                    break;
+                    return None;
                 };
                 if let Some(bytes) = table.get(sampled.token.id as usize) {
                     state.feed(bytes);
                 }
                 sampled
             }
-            _ => sampler.sample(&mut logits),
+            _ => self.sampler.sample(logits),
         };
         let id = sampled.token.id;
         let is_eog = tok.end_of_generation().contains(&id) && !req.ignore_eos;
         if is_eog || req.stop_token_ids.contains(&id) {
             out.finish_reason = FinishReason::Stop;
-            break;
+            return None;
         }
         out.tokens.push(id);
-        let search_from = out.text.len().saturating_sub(hold_back);
-        out.text.push_str(&decoder.push(tok, id));
+        let search_from = out.text.len().saturating_sub(self.hold_back);
+        out.text.push_str(&self.decoder.push(tok, id));
         let stopped = find_stop(&out.text, search_from, &req.stop);
         if let Some(cut) = stopped {
             out.text.truncate(cut);
@@ -380,42 +526,58 @@ fn run_generation(
         }
         let safe = match stopped {
             // The rest goes out with `Finished`.
-            Some(_) => emitted,
-            None => floor_char_boundary(&out.text, out.text.len().saturating_sub(hold_back)),
+            Some(_) => self.emitted,
+            None => floor_char_boundary(&out.text, out.text.len().saturating_sub(self.hold_back)),
         };
         let flow = on_progress(Progress::Token {
             sampled: &sampled,
-            text: &out.text[emitted..safe],
+            text: &out.text[self.emitted..safe],
         });
-        emitted = safe;
+        self.emitted = safe;
         out.steps.push(sampled);
         if stopped.is_some() {
-            break;
+            return None;
         }
         if flow.is_break() {
             out.finish_reason = FinishReason::Cancelled;
-            out.decode_time = decode_start.elapsed();
-            return Ok(out);
+            return None;
         }
-        if json.is_some_and(|state| state.is_done()) {
+        if self.json.is_some_and(|state| state.is_done()) {
             out.finish_reason = FinishReason::Stop;
-            break;
+            return None;
         }
-        if out.tokens.len() == budget {
-            break;
+        if out.tokens.len() == self.budget {
+            return None;
         }
-        logits = model.forward(&[id], cache, 0)?;
-        kv_tokens.push(id);
+        Some(id)
     }
-    if out.finish_reason == FinishReason::Length {
-        out.text.push_str(&decoder.finish());
+
+    /// Cancels the run (the client left); `finish` then reports `Cancelled`.
+    pub fn cancel(&mut self) {
+        if self.phase != Phase::Done {
+            self.out.finish_reason = FinishReason::Cancelled;
+            self.phase = Phase::Done;
+        }
     }
-    // The generation is over: a request to stop changes nothing now.
-    let _ = on_progress(Progress::Finished {
-        text: &out.text[emitted..],
-    });
-    out.decode_time = decode_start.elapsed();
-    Ok(out)
+
+    /// Ends the run: its result, with this sequence's positions left in
+    /// `cache` for the next prompt that starts the same way.
+    pub fn finish(mut self, cache: &mut PrefixCache) -> Generation {
+        if let Some(t) = self.decode_start {
+            self.out.decode_time = t.elapsed();
+        } else if self.out.prefill_time.is_zero() {
+            self.out.prefill_time = self.start.elapsed();
+        }
+        // The keys of a token handed out but never run are not in the cache.
+        self.kv_tokens.truncate(self.kv.len());
+        let computed = self.kv_tokens.len().min(self.req.prompt.len());
+        // Whole chunks of this prompt, from the reuse point on.
+        cache.reusable =
+            self.reuse + computed.saturating_sub(self.reuse) / PREFILL_CHUNK * PREFILL_CHUNK;
+        cache.tokens = self.kv_tokens;
+        cache.kv = Some(self.kv);
+        self.out
+    }
 }
 
 /// The log-probability a model gives one token of a sequence, with the most

@@ -1,9 +1,13 @@
-//! The engine's own thread: it loads the served models, then runs queued
-//! generation jobs one at a time, sending text to each job's channel. A job
-//! whose receiver is gone (the client left) is cancelled before the next
-//! forward pass, and never starts if it was still queued. The queue is
-//! bounded: when it is full, new requests are refused at once. A panic
-//! while running a job fails that job alone.
+//! The engine's own thread: it loads the served models, then runs the
+//! generation jobs with continuous batching. Each step is one forward pass
+//! over the sequences of one model: every decoding sequence gives its last
+//! token, and prompts waiting to start give chunks, up to a token budget.
+//! New jobs join between steps (up to the batch limit) and finished ones
+//! leave, so a long generation never holds the others up. A job whose
+//! receiver is gone (the client left) is dropped before the next step, and
+//! never starts if it was still queued. The queue of jobs waiting for a
+//! batch slot is bounded: when it is full, new requests are refused at
+//! once. A panic while running fails the jobs of that step alone.
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
@@ -14,8 +18,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use neocloud_engine::generation::{
-    generate_cached, score, FinishReason, GenerateRequest, Generation, LoadedModel, PrefixCache,
-    Progress, ScoredToken,
+    score, FinishReason, GenerateRequest, Generation, LoadedModel, PrefixCache, Progress,
+    ScoredToken, SequenceRun, PREFILL_CHUNK,
 };
 use neocloud_engine::sampler::Sampled;
 use tokio::sync::mpsc;
@@ -71,9 +75,14 @@ pub enum JobKind {
 struct Job {
     model: usize,
     kind: JobKind,
-    events: mpsc::Sender<WorkerEvent>,
+    events: mpsc::UnboundedSender<WorkerEvent>,
     arrived: Instant,
 }
+
+/// The events of one job, as the HTTP side receives them. Unbounded, so
+/// that a slow reader never holds up the batch; a job's events are bounded
+/// by its token limit.
+pub type JobEvents = mpsc::UnboundedReceiver<WorkerEvent>;
 
 /// Shared view of the engine thread: its models once loaded, and its queue.
 #[derive(Clone)]
@@ -85,15 +94,14 @@ pub struct EngineHandle {
     metrics: Arc<Metrics>,
 }
 
-/// Events buffered per job between the engine thread and the HTTP side.
-const EVENTS_PER_JOB: usize = 64;
-
 impl EngineHandle {
-    /// Starts the engine thread; it loads `models` in the background.
-    /// At most `queue_capacity` jobs wait while one runs.
+    /// Starts the engine thread; it loads `models` in the background. At
+    /// most `max_batch` sequences run together, and at most
+    /// `queue_capacity` jobs wait for a place among them.
     pub fn start(
         models: Vec<ServedModel>,
         queue_capacity: usize,
+        max_batch: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServerError> {
         let (tx, rx) = sync_channel(queue_capacity);
@@ -107,12 +115,12 @@ impl EngineHandle {
         let shared = handle.clone();
         std::thread::Builder::new()
             .name("neocloud-engine".into())
-            .spawn(move || shared.run(models, rx))
+            .spawn(move || shared.run(models, max_batch, rx))
             .map_err(|e| ServerError::Unavailable(format!("cannot start the engine: {e}")))?;
         Ok(handle)
     }
 
-    fn run(self, served: Vec<ServedModel>, jobs: Receiver<Job>) {
+    fn run(self, served: Vec<ServedModel>, max_batch: usize, jobs: Receiver<Job>) {
         let mut loaded = Vec::with_capacity(served.len());
         for m in &served {
             match LoadedModel::open(&m.path) {
@@ -124,44 +132,19 @@ impl EngineHandle {
             }
         }
         let models = self.models.get_or_init(|| loaded).clone();
-        // One sequence's keys and values per model, for the next prompt
-        // that starts the same way.
-        let mut prefix_caches: Vec<PrefixCache> =
-            models.iter().map(|_| PrefixCache::new()).collect();
         let metrics = Arc::clone(&self.metrics);
         // Our own sender must go, or the loop below would never end.
         drop(self);
-        for job in jobs {
-            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-            if job.events.is_closed() {
-                // The client left while the job waited: it never starts.
-                metrics.finished(FinishedReason::Abort);
-                continue;
-            }
-            let (Some(lm), Some(prefix_cache)) =
-                (models.get(job.model), prefix_caches.get_mut(job.model))
-            else {
-                continue;
-            };
-            metrics.queue_time.observe_duration(job.arrived.elapsed());
-            metrics.running.fetch_add(1, Ordering::Relaxed);
-            let events = job.events.clone();
-            // A panic fails this job only; the thread goes on with the next.
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                run_job(lm, prefix_cache, job, &metrics)
-            }));
-            // The gauges are settled before the client hears the end.
-            metrics.kv_positions_used.store(0, Ordering::Relaxed);
-            metrics.kv_positions_capacity.store(0, Ordering::Relaxed);
-            metrics.running.fetch_sub(1, Ordering::Release);
-            let last = outcome.unwrap_or_else(|_| {
-                metrics.finished(FinishedReason::Error);
-                WorkerEvent::Failed(ServerError::Internal(
-                    "the engine failed on this request".into(),
-                ))
-            });
-            let _ = events.blocking_send(last);
+        Scheduler {
+            models: &models,
+            // One sequence's keys and values per model, for the next prompt
+            // that starts the same way.
+            prefix_caches: models.iter().map(|_| PrefixCache::new()).collect(),
+            active: Vec::new(),
+            max_batch: max_batch.max(1),
+            metrics,
         }
+        .run(jobs);
     }
 
     /// The server's measurements.
@@ -194,21 +177,13 @@ impl EngineHandle {
     }
 
     /// Queues a generation; refuses at once when the queue is full.
-    pub fn submit(
-        &self,
-        model: usize,
-        request: GenerateRequest,
-    ) -> Result<mpsc::Receiver<WorkerEvent>, ServerError> {
+    pub fn submit(&self, model: usize, request: GenerateRequest) -> Result<JobEvents, ServerError> {
         self.submit_job(model, JobKind::Generate(request))
     }
 
     /// Queues a job of any kind; refuses at once when the queue is full.
-    pub fn submit_job(
-        &self,
-        model: usize,
-        kind: JobKind,
-    ) -> Result<mpsc::Receiver<WorkerEvent>, ServerError> {
-        let (tx, rx) = mpsc::channel(EVENTS_PER_JOB);
+    pub fn submit_job(&self, model: usize, kind: JobKind) -> Result<JobEvents, ServerError> {
+        let (tx, rx) = mpsc::unbounded_channel();
         let job = Job {
             model,
             kind,
@@ -233,17 +208,279 @@ impl EngineHandle {
     }
 }
 
-/// Runs one job on the engine thread, streaming text to its channel, and
-/// returns the job's last event.
-fn run_job(
-    lm: &LoadedModel,
-    prefix_cache: &mut PrefixCache,
-    job: Job,
-    metrics: &Metrics,
-) -> WorkerEvent {
-    let events = &job.events;
-    let request = match job.kind {
-        JobKind::Generate(r) => r,
+/// Prompt tokens one step takes from sequences still prefilling, beyond
+/// the one token of each decoding sequence: bounds how long a step holds up
+/// the sequences that are decoding.
+const PREFILL_TOKENS_PER_STEP: usize = PREFILL_CHUNK;
+
+/// The engine thread's state between steps.
+struct Scheduler<'m> {
+    models: &'m [Arc<LoadedModel>],
+    prefix_caches: Vec<PrefixCache>,
+    active: Vec<ActiveJob<'m>>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// A generation in the batch.
+struct ActiveJob<'m> {
+    model: usize,
+    run: SequenceRun<'m>,
+    report: JobReport,
+}
+
+impl<'m> Scheduler<'m> {
+    fn run(mut self, jobs: Receiver<Job>) {
+        loop {
+            // Wait for work when there is none; otherwise take what has
+            // arrived, as far as the batch has room.
+            if self.active.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => self.admit(job),
+                    Err(_) => return,
+                }
+            }
+            while self.active.len() < self.max_batch {
+                match jobs.try_recv() {
+                    Ok(job) => self.admit(job),
+                    Err(_) => break,
+                }
+            }
+            self.step();
+        }
+    }
+
+    /// Starts `job`: a generation joins the batch; other kinds run at once.
+    fn admit(&mut self, job: Job) {
+        let metrics = &self.metrics;
+        metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        if job.events.is_closed() {
+            // The client left while the job waited: it never starts.
+            metrics.finished(FinishedReason::Abort);
+            return;
+        }
+        let (Some(lm), Some(prefix_cache)) = (
+            self.models.get(job.model),
+            self.prefix_caches.get_mut(job.model),
+        ) else {
+            return;
+        };
+        metrics.queue_time.observe_duration(job.arrived.elapsed());
+        let request = match job.kind {
+            JobKind::Generate(request) => request,
+            other => {
+                // Scoring (and injected faults) run alone, between steps.
+                metrics.running.fetch_add(1, Ordering::Relaxed);
+                let events = job.events.clone();
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    run_other(lm, other, job.arrived, metrics)
+                }));
+                metrics.running.fetch_sub(1, Ordering::Release);
+                let _ = events.send(outcome.unwrap_or_else(|_| failed_in_engine(metrics)));
+                return;
+            }
+        };
+        let capacity = lm
+            .model
+            .config
+            .context_length
+            .min(request.prompt.len() + request.max_tokens);
+        let prompt_tokens = request.prompt.len();
+        match SequenceRun::start(lm, request, prefix_cache) {
+            Ok(run) => {
+                metrics.running.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .kv_positions_capacity
+                    .fetch_add(capacity, Ordering::Relaxed);
+                self.active.push(ActiveJob {
+                    model: job.model,
+                    run,
+                    report: JobReport {
+                        events: job.events,
+                        arrived: job.arrived,
+                        pending: Vec::new(),
+                        last_token: None,
+                        prompt_tokens,
+                        capacity,
+                    },
+                });
+            }
+            Err(e) => {
+                metrics.finished(FinishedReason::Error);
+                let _ = job.events.send(WorkerEvent::Failed(e.into()));
+            }
+        }
+    }
+
+    /// One forward pass over the sequences of the model whose job has
+    /// waited longest, then each sequence's sampling and reports.
+    fn step(&mut self) {
+        for job in &mut self.active {
+            if job.report.events.is_closed() {
+                job.run.cancel();
+            }
+        }
+        self.retire_finished();
+        let Some(model) = self.active.first().map(|j| j.model) else {
+            return;
+        };
+        let lm = &self.models[model];
+        let mut budget = PREFILL_TOKENS_PER_STEP;
+        let mut members = Vec::with_capacity(self.active.len());
+        let mut passes = Vec::with_capacity(self.active.len());
+        for (i, job) in self.active.iter_mut().enumerate() {
+            if job.model != model {
+                continue;
+            }
+            let prefilling = job.run.prompt_left() > 0;
+            if prefilling && budget == 0 {
+                continue;
+            }
+            if let Some(pass) = job.run.next_pass(budget) {
+                if prefilling {
+                    budget -= pass.tokens.len();
+                }
+                members.push(i);
+                passes.push(pass);
+            }
+        }
+        let metrics = Arc::clone(&self.metrics);
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| lm.model.forward_batch(&mut passes)));
+        drop(passes);
+        let vocab = lm.model.config.vocab_size;
+        match outcome {
+            Ok(Ok(mut logits)) => {
+                for (&i, row) in members.iter().zip(logits.chunks_exact_mut(vocab)) {
+                    let job = &mut self.active[i];
+                    let report = &mut job.report;
+                    job.run
+                        .advance(row, &mut |p: Progress<'_>| report.progress(p, &metrics));
+                }
+            }
+            failed => {
+                // Runs are checked when they start, so a failed pass is a
+                // fault of ours: the step's sequences fail; the others go on.
+                if let Ok(Err(e)) = failed {
+                    tracing::error!("a batched forward pass failed: {e}");
+                }
+                for &i in members.iter().rev() {
+                    let job = self.active.remove(i);
+                    self.settle(&job.report);
+                    let _ = job.report.events.send(failed_in_engine(&metrics));
+                }
+            }
+        }
+        let used: usize = self.active.iter().map(|j| j.run.positions()).sum();
+        metrics.kv_positions_used.store(used, Ordering::Relaxed);
+        self.retire_finished();
+    }
+
+    /// Ends the jobs whose runs are over and sends their results.
+    fn retire_finished(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if !self.active[i].run.is_done() {
+                i += 1;
+                continue;
+            }
+            let job = self.active.remove(i);
+            self.settle(&job.report);
+            let generation = job.run.finish(&mut self.prefix_caches[job.model]);
+            let report = job.report;
+            let metrics = &self.metrics;
+            metrics
+                .e2e_request_latency
+                .observe_duration(report.arrived.elapsed());
+            let prompt = report.prompt_tokens as u64;
+            metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+            metrics.request_prompt_tokens.observe(prompt as f64);
+            metrics
+                .prefix_cache_hit_tokens
+                .fetch_add(generation.cached_prompt_tokens as u64, Ordering::Relaxed);
+            let generated = generation.tokens.len() as u64;
+            metrics
+                .generation_tokens
+                .fetch_add(generated, Ordering::Relaxed);
+            metrics.request_generation_tokens.observe(generated as f64);
+            metrics.finished(match generation.finish_reason {
+                FinishReason::Stop => FinishedReason::Stop,
+                FinishReason::Length => FinishedReason::Length,
+                FinishReason::Cancelled => FinishedReason::Abort,
+            });
+            let _ = report.events.send(WorkerEvent::Done(Box::new(generation)));
+        }
+    }
+
+    /// Gives back the gauges a job held; before the client hears the end.
+    fn settle(&self, report: &JobReport) {
+        self.metrics
+            .kv_positions_capacity
+            .fetch_sub(report.capacity, Ordering::Relaxed);
+        self.metrics.running.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// What a running generation reports to its client and to the metrics.
+struct JobReport {
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    arrived: Instant,
+    /// Tokens generated since the last text event.
+    pending: Vec<Sampled>,
+    last_token: Option<Instant>,
+    prompt_tokens: usize,
+    /// KV positions the job may grow to (its share of the capacity gauge).
+    capacity: usize,
+}
+
+impl JobReport {
+    /// Handles one progress report of the run; `Break` cancels it.
+    fn progress(&mut self, p: Progress<'_>, metrics: &Metrics) -> ControlFlow<()> {
+        let text = match p {
+            Progress::Prefilled { .. } => "",
+            Progress::Token { sampled, text } => {
+                let now = Instant::now();
+                match self.last_token {
+                    None => metrics
+                        .time_to_first_token
+                        .observe_duration(now - self.arrived),
+                    Some(t) => metrics.inter_token_latency.observe_duration(now - t),
+                }
+                self.last_token = Some(now);
+                self.pending.push(sampled.clone());
+                text
+            }
+            // The rest of the text and steps go out with `Done`.
+            Progress::Finished { .. } => return ControlFlow::Continue(()),
+        };
+        if text.is_empty() {
+            return if self.events.is_closed() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            };
+        }
+        let event = WorkerEvent::Text {
+            text: text.to_owned(),
+            steps: std::mem::take(&mut self.pending),
+        };
+        match self.events.send(event) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+}
+
+fn failed_in_engine(metrics: &Metrics) -> WorkerEvent {
+    metrics.finished(FinishedReason::Error);
+    WorkerEvent::Failed(ServerError::Internal(
+        "the engine failed on this request".into(),
+    ))
+}
+
+/// Runs a job that is not a generation, and returns its last event.
+fn run_other(lm: &LoadedModel, kind: JobKind, arrived: Instant, metrics: &Metrics) -> WorkerEvent {
+    match kind {
         JobKind::Score { tokens, top } => {
             let result = score(lm, &tokens, top);
             metrics.finished(match result {
@@ -256,13 +493,15 @@ fn run_job(
                 metrics.request_prompt_tokens.observe(n as f64);
                 metrics
                     .e2e_request_latency
-                    .observe_duration(job.arrived.elapsed());
+                    .observe_duration(arrived.elapsed());
             }
-            return match result {
+            match result {
                 Ok(s) => WorkerEvent::Scored(s),
                 Err(e) => WorkerEvent::Failed(e.into()),
-            };
+            }
         }
+        // Generations never come here.
+        JobKind::Generate(_) => failed_in_engine(metrics),
         #[cfg(test)]
         JobKind::Panic => {
             #[allow(clippy::panic)]
@@ -270,90 +509,6 @@ fn run_job(
                 panic!("a fault injected by a test");
             }
         }
-    };
-    let context = lm.model.config.context_length;
-    metrics.kv_positions_capacity.store(
-        context.min(request.prompt.len() + request.max_tokens),
-        Ordering::Relaxed,
-    );
-    let mut pending: Vec<Sampled> = Vec::new();
-    let mut last_token: Option<Instant> = None;
-    let mut positions = 0;
-    let result = generate_cached(lm, &request, prefix_cache, &mut |p: Progress<'_>| {
-        let text = match p {
-            Progress::Prefilled { done, .. } => {
-                positions = done;
-                metrics
-                    .kv_positions_used
-                    .store(positions, Ordering::Relaxed);
-                return if events.is_closed() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                };
-            }
-            Progress::Token { sampled, text } => {
-                let now = Instant::now();
-                match last_token {
-                    None => metrics
-                        .time_to_first_token
-                        .observe_duration(now - job.arrived),
-                    Some(t) => metrics.inter_token_latency.observe_duration(now - t),
-                }
-                last_token = Some(now);
-                positions += 1;
-                metrics
-                    .kv_positions_used
-                    .store(positions, Ordering::Relaxed);
-                pending.push(sampled.clone());
-                text
-            }
-            // The rest of the text and steps go out with `Done`.
-            Progress::Finished { .. } => return ControlFlow::Continue(()),
-        };
-        if text.is_empty() {
-            return if events.is_closed() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            };
-        }
-        let event = WorkerEvent::Text {
-            text: text.to_owned(),
-            steps: std::mem::take(&mut pending),
-        };
-        match events.blocking_send(event) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }
-    });
-    metrics
-        .e2e_request_latency
-        .observe_duration(job.arrived.elapsed());
-    match &result {
-        Ok(g) => {
-            let prompt = request.prompt.len() as u64;
-            metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-            metrics.request_prompt_tokens.observe(prompt as f64);
-            metrics
-                .prefix_cache_hit_tokens
-                .fetch_add(g.cached_prompt_tokens as u64, Ordering::Relaxed);
-            let generated = g.tokens.len() as u64;
-            metrics
-                .generation_tokens
-                .fetch_add(generated, Ordering::Relaxed);
-            metrics.request_generation_tokens.observe(generated as f64);
-            metrics.finished(match g.finish_reason {
-                FinishReason::Stop => FinishedReason::Stop,
-                FinishReason::Length => FinishedReason::Length,
-                FinishReason::Cancelled => FinishedReason::Abort,
-            });
-        }
-        Err(_) => metrics.finished(FinishedReason::Error),
-    }
-    match result {
-        Ok(g) => WorkerEvent::Done(Box::new(g)),
-        Err(e) => WorkerEvent::Failed(e.into()),
     }
 }
 
@@ -363,6 +518,10 @@ mod tests {
     use neocloud_engine::model_source::ModelStore;
 
     fn start_gemma(queue: usize) -> (EngineHandle, Arc<Metrics>) {
+        start_gemma_batched(queue, 1)
+    }
+
+    fn start_gemma_batched(queue: usize, max_batch: usize) -> (EngineHandle, Arc<Metrics>) {
         let path = ModelStore::from_env()
             .pull("gemma-3-270m", &mut |p| eprintln!("{p}"))
             .unwrap();
@@ -371,11 +530,11 @@ mod tests {
             name: "gemma-3-270m".into(),
             path,
         }];
-        let engine = EngineHandle::start(served, queue, Arc::clone(&metrics)).unwrap();
+        let engine = EngineHandle::start(served, queue, max_batch, Arc::clone(&metrics)).unwrap();
         (engine, metrics)
     }
 
-    async fn finish(mut events: mpsc::Receiver<WorkerEvent>) -> Result<Generation, ServerError> {
+    async fn finish(mut events: JobEvents) -> Result<Generation, ServerError> {
         while let Some(ev) = events.recv().await {
             match ev {
                 WorkerEvent::Done(g) => return Ok(*g),
@@ -443,5 +602,73 @@ mod tests {
             "the abandoned prompt was never prefilled"
         );
         assert_eq!(metrics.queue_time.count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_job_finishes_while_a_long_one_runs_and_both_answer_as_alone() {
+        let (engine, metrics) = start_gemma_batched(8, 4);
+        while engine.models().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let lm = Arc::clone(&engine.models().unwrap()[0]);
+        let long_prompt = lm
+            .tokenizer
+            .encode("Write a long story about the sea.", true, true);
+        let short_prompt = lm.tokenizer.encode("The capital of France is", true, true);
+        let mut ignore = |_: Progress<'_>| ControlFlow::Continue(());
+        let long_alone = neocloud_engine::generation::generate(
+            &lm,
+            &GenerateRequest {
+                ignore_eos: true,
+                ..GenerateRequest::greedy(long_prompt.clone(), 96)
+            },
+            &mut ignore,
+        )
+        .unwrap();
+        let short_alone = neocloud_engine::generation::generate(
+            &lm,
+            &GenerateRequest::greedy(short_prompt.clone(), 6),
+            &mut ignore,
+        )
+        .unwrap();
+
+        let long = engine
+            .submit(
+                0,
+                GenerateRequest {
+                    ignore_eos: true,
+                    ..GenerateRequest::greedy(long_prompt, 96)
+                },
+            )
+            .unwrap();
+        let long = tokio::spawn(finish(long));
+        // Let the long one start before the short one arrives.
+        while metrics.generation_tokens.load(Ordering::Relaxed) == 0
+            && metrics.running.load(Ordering::Relaxed) == 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let short = finish(
+            engine
+                .submit(0, GenerateRequest::greedy(short_prompt, 6))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            !long.is_finished(),
+            "the short job waited for the long one instead of joining its batch"
+        );
+        let long = long.await.unwrap().unwrap();
+        assert_eq!(short.tokens, short_alone.tokens);
+        assert_eq!(long.tokens, long_alone.tokens);
+        assert_eq!(long.tokens.len(), 96);
+        for (a, b) in short.steps.iter().zip(&short_alone.steps) {
+            assert!(
+                (a.token.logprob - b.token.logprob).abs() < 1e-2,
+                "{a:?} {b:?}"
+            );
+        }
+        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
     }
 }

@@ -37,8 +37,10 @@ pub struct ServerConfig {
     pub models: Vec<ServedModel>,
     /// Address to listen on (port 0 picks a free one).
     pub listen: SocketAddr,
-    /// Requests that may wait while one runs; beyond that, 503.
+    /// Requests that may wait for a place in the batch; beyond that, 503.
     pub queue_capacity: usize,
+    /// Sequences generated together (continuous batching).
+    pub max_batch: usize,
     /// Largest request body in bytes; beyond that, 413.
     pub body_limit: usize,
     /// How long open requests may run on after SIGTERM/SIGINT.
@@ -110,7 +112,12 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::default());
-    let engine = EngineHandle::start(config.models, config.queue_capacity, metrics)?;
+    let engine = EngineHandle::start(
+        config.models,
+        config.queue_capacity,
+        config.max_batch,
+        metrics,
+    )?;
     let lifecycle = Arc::new(Lifecycle::default());
     let state = AppState {
         engine,
@@ -137,6 +144,8 @@ pub struct GatewayConfig {
     pub engine_models: Vec<ServedModel>,
     /// The in-process engine's waiting queue.
     pub queue_capacity: usize,
+    /// Sequences the in-process engine generates together.
+    pub max_batch: usize,
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Largest request body in bytes.
@@ -160,6 +169,7 @@ pub async fn serve_gateway(
         let engine = EngineHandle::start(
             config.engine_models,
             config.queue_capacity,
+            config.max_batch,
             Arc::clone(&metrics),
         )?;
         Some(engine)

@@ -11,9 +11,8 @@ use neocloud_openai::chat::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
     ChatCompletionRequest, ChatDelta, ChoiceLogprobs, TokenLogprob, ToolCallDelta, Usage,
 };
-use tokio::sync::mpsc;
 
-use crate::engine_worker::WorkerEvent;
+use crate::engine_worker::{JobEvents, WorkerEvent};
 use crate::error::ServerError;
 use crate::json_body::JsonBody;
 use crate::routes::choices::{
@@ -337,11 +336,7 @@ struct ChoiceStream {
     tool_calls: Option<ToolCallStream>,
 }
 
-fn stream_response(
-    jobs: Vec<mpsc::Receiver<WorkerEvent>>,
-    answer: Answer,
-    include_usage: bool,
-) -> Response {
+fn stream_response(jobs: Vec<JobEvents>, answer: Answer, include_usage: bool) -> Response {
     let n = jobs.len();
     let mut events = merge(jobs);
     let (out, response) = event_stream();

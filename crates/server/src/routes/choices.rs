@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use neocloud_engine::generation::{GenerateRequest, Generation};
 use tokio::sync::mpsc;
 
-use crate::engine_worker::WorkerEvent;
+use crate::engine_worker::{JobEvents, WorkerEvent};
 use crate::error::ServerError;
 use crate::AppState;
 
@@ -20,7 +20,7 @@ pub(crate) fn submit_all(
     state: &AppState,
     model: usize,
     requests: Vec<GenerateRequest>,
-) -> Result<Vec<mpsc::Receiver<WorkerEvent>>, ServerError> {
+) -> Result<Vec<JobEvents>, ServerError> {
     requests
         .into_iter()
         .map(|r| state.engine.submit(model, r))
@@ -40,9 +40,7 @@ pub(crate) fn choices_of(request: &GenerateRequest, n: usize) -> Vec<GenerateReq
 }
 
 /// Events of every job, tagged with the job's position.
-pub(crate) fn merge(
-    receivers: Vec<mpsc::Receiver<WorkerEvent>>,
-) -> mpsc::Receiver<(usize, WorkerEvent)> {
+pub(crate) fn merge(receivers: Vec<JobEvents>) -> mpsc::Receiver<(usize, WorkerEvent)> {
     let (tx, rx) = mpsc::channel(16 * receivers.len().max(1));
     for (index, mut events) in receivers.into_iter().enumerate() {
         let tx = tx.clone();
@@ -68,9 +66,7 @@ pub(crate) fn merge(
 }
 
 /// Waits for every job to finish; the first failure fails the whole.
-pub(crate) async fn collect_all(
-    receivers: Vec<mpsc::Receiver<WorkerEvent>>,
-) -> Result<Vec<Generation>, ServerError> {
+pub(crate) async fn collect_all(receivers: Vec<JobEvents>) -> Result<Vec<Generation>, ServerError> {
     let n = receivers.len();
     let mut done: Vec<Option<Generation>> = (0..n).map(|_| None).collect();
     let mut merged = merge(receivers);

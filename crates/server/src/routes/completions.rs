@@ -15,9 +15,8 @@ use neocloud_openai::chat::Usage;
 use neocloud_openai::completions::{
     Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
 };
-use tokio::sync::mpsc;
 
-use crate::engine_worker::{JobKind, WorkerEvent};
+use crate::engine_worker::{JobEvents, JobKind, WorkerEvent};
 use crate::error::ServerError;
 use crate::json_body::JsonBody;
 use crate::routes::choices::{
@@ -282,7 +281,7 @@ pub async fn completions(
 
 fn stream_response(
     plan: Plan,
-    jobs: Vec<mpsc::Receiver<WorkerEvent>>,
+    jobs: Vec<JobEvents>,
     heads: Vec<(String, Option<CompletionLogprobs>)>,
     id: String,
     model: String,
