@@ -24,6 +24,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rows: t.rows(),
             cols: t.row_len(),
             bytes: gguf.tensor_bytes(t),
+            panels: None,
+        };
+        let packed = neocloud_engine::panel::PanelMatrix::pack(&w);
+        let w = QMatrix {
+            panels: packed.as_ref(),
+            ..w
         };
         for m in [1usize, 4, 32] {
             let x: Vec<f32> = (0..m * w.cols)

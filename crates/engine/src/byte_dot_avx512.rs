@@ -4,12 +4,8 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use crate::byte_dot::{ActivationRow, STEP};
-#[cfg(test)]
-use crate::byte_dot::{UnpackedRow, LANE};
-#[cfg(test)]
-use crate::quant::QK_K;
-use crate::quant::{scale_min_k4, TensorType};
+use crate::byte_dot::{ActivationRow, UnpackedRow, LANE, STEP};
+use crate::quant::{scale_min_k4, TensorType, QK_K};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
 /// asked for), detected once.
@@ -27,7 +23,6 @@ pub fn available() -> bool {
     })
 }
 
-#[cfg(test)]
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 fn f16_fast(b: &[u8], i: usize) -> f32 {
@@ -44,7 +39,6 @@ fn load32(b: &[u8]) -> __m256i {
     unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
 }
 
-#[cfg(test)]
 #[inline]
 #[target_feature(enable = "avx2")]
 fn store32(out: &mut [u8], v: __m256i) {
@@ -54,7 +48,6 @@ fn store32(out: &mut [u8], v: __m256i) {
 }
 
 /// Writes `a` and `b` into the eight lanes of one block of 32 values.
-#[cfg(test)]
 #[inline]
 #[target_feature(enable = "avx2")]
 fn fill8(out_a: &mut [f32], out_b: &mut [f32], a: f32, b: f32) {
@@ -100,7 +93,6 @@ fn bits_to_bytes(bits: u32) -> __m256i {
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C.
-#[cfg(test)]
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn unpack(w: &mut UnpackedRow, ty: TensorType, row: &[u8], cols: usize) {
     w.u.resize(cols, 0);

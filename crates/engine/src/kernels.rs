@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::byte_dot::{self, ActivationRow};
 use crate::integer_dot::{self, QuantizedRow};
+use crate::panel::{PanelActivations, PanelMatrix, PANEL_ROWS};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
 /// The instruction set the kernels use on this CPU.
@@ -42,6 +43,19 @@ pub fn simd_level() -> SimdLevel {
         }
         SimdLevel::Portable
     })
+}
+
+/// Whether the models' matrices are repacked in panels for this CPU's
+/// product (AVX-512 VNNI).
+pub fn panels_in_use() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::panel_avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Dot product of two equally long f32 slices.
@@ -92,6 +106,8 @@ pub struct QMatrix<'a> {
     pub cols: usize,
     /// The packed rows, `rows * ty.row_bytes(cols)` bytes.
     pub bytes: &'a [u8],
+    /// The same weights repacked in panels, when the CPU's product uses them.
+    pub panels: Option<&'a PanelMatrix>,
 }
 
 impl QMatrix<'_> {
@@ -139,6 +155,13 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if let Some(panels) = w.panels {
+        if crate::panel_avx512::available() {
+            panel_product(panels, x, m, out);
+            return;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
     if m <= MAX_BYTE_ROWS && crate::byte_dot_avx512::available() && byte_dot::supports(w.ty, k) {
         byte_product(w, x, m, out);
         return;
@@ -170,6 +193,70 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
                 tile_product(w, 0, n, x_rows, rows, out_rows, n, tile);
             });
         });
+}
+
+thread_local! {
+    static PANEL_ROWS_IN: RefCell<Vec<PanelActivations>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The product with weights in panels (AVX-512 VNNI), for any number of
+/// rows: each task owns a run of panels, and every group of four
+/// activation rows goes past a panel while its bytes are in the L1 cache.
+#[cfg(target_arch = "x86_64")]
+fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    PANEL_ROWS_IN.with(|cell| {
+        let mut rows = cell.borrow_mut();
+        if rows.len() < m {
+            rows.resize_with(m, PanelActivations::default);
+        }
+        let rows = &mut rows[..m];
+        if m >= 4 {
+            rows.par_iter_mut()
+                .zip(x.par_chunks_exact(k))
+                .for_each(|(q, r)| q.quantize(r));
+        } else {
+            rows.iter_mut()
+                .zip(x.chunks_exact(k))
+                .for_each(|(q, r)| q.quantize(r));
+        }
+        let refs: Vec<&PanelActivations> = rows.iter().collect();
+        let panels = n / PANEL_ROWS;
+        let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
+        let cols_per_task = panels_per_task * PANEL_ROWS;
+        // Task `t` owns columns `t * cols_per_task..` of every output row.
+        let tasks = n.div_ceil(cols_per_task);
+        let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
+        for out_row in out.chunks_exact_mut(n) {
+            for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
+                slices[t].push(part);
+            }
+        }
+        slices
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(t, mut parts)| {
+                let p0 = t * panels_per_task;
+                let cols = parts.first().map_or(0, |p| p.len());
+                let mut results = [0f32; 4 * PANEL_ROWS];
+                for local in 0..cols / PANEL_ROWS {
+                    for (b, block) in refs.chunks(4).enumerate() {
+                        let results = &mut results[..block.len() * PANEL_ROWS];
+                        // SAFETY: `available()` checked every feature it needs.
+                        unsafe {
+                            crate::panel_avx512::panel_product(w, p0 + local, block, results)
+                        };
+                        let at = local * PANEL_ROWS;
+                        for (part, r) in parts[b * 4..]
+                            .iter_mut()
+                            .zip(results.chunks_exact(PANEL_ROWS))
+                        {
+                            part[at..at + PANEL_ROWS].copy_from_slice(r);
+                        }
+                    }
+                }
+            });
+    });
 }
 
 /// Products of up to this many rows (decode steps, batched or not) take the
@@ -568,7 +655,7 @@ mod tests {
             let x = &seed[..m * k];
             let wf = &seed[7 * 96..7 * 96 + n * k];
             let bytes: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let w = QMatrix { ty: TensorType::F32, rows: n, cols: k, bytes: &bytes };
+            let w = QMatrix { ty: TensorType::F32, rows: n, cols: k, bytes: &bytes, panels: None };
             let mut out = vec![0f32; m * n];
             matmul(&w, x, m, &mut out);
             for i in 0..m {

@@ -21,6 +21,9 @@ pub mod json_grammar;
 pub mod kernels;
 pub mod model;
 pub mod model_source;
+pub mod panel;
+#[cfg(target_arch = "x86_64")]
+mod panel_avx512;
 pub mod quant;
 pub mod sampler;
 pub mod tokenizer;

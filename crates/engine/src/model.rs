@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use crate::error::EngineError;
 use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
 use crate::kernels::{axpy, dot_f32, matmul, QMatrix};
+use crate::panel::PanelMatrix;
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
 /// Model family, from `general.architecture`.
@@ -91,7 +92,8 @@ pub struct ModelConfig {
     pub context_length: usize,
 }
 
-/// A weight matrix that lives in the memory map.
+/// A weight matrix that lives in the memory map, with its panels when the
+/// CPU's product uses them.
 #[derive(Debug, Clone)]
 struct WeightRef {
     ty: TensorType,
@@ -99,6 +101,7 @@ struct WeightRef {
     cols: usize,
     offset: usize,
     len: usize,
+    panels: Option<Arc<PanelMatrix>>,
 }
 
 #[derive(Debug)]
@@ -356,6 +359,7 @@ impl Model {
                 cols,
                 offset: t.file_offset,
                 len: t.byte_len,
+                panels: None,
             })
         };
         let vector = |name: &str, len: usize| -> Result<Vec<f32>, EngineError> {
@@ -404,22 +408,59 @@ impl Model {
             Some(_) => weight("output.weight", c.d_model, c.vocab_size)?,
             None => token_embedding.clone(),
         };
-        Ok(Model {
+        let mut model = Model {
             output_norm: vector("output_norm.weight", c.d_model)?,
             config,
             bytes: gguf.shared_bytes(),
             token_embedding,
             output,
             layers,
-        })
+        };
+        model.pack_panels();
+        Ok(model)
     }
 
-    fn matrix(&self, w: &WeightRef) -> QMatrix<'_> {
+    /// Repacks every matrix the forward pass multiplies by into panels, when
+    /// this CPU's product uses them (the embedding table stays as it is:
+    /// only single rows are read from it).
+    fn pack_panels(&mut self) {
+        if !crate::kernels::panels_in_use() {
+            return;
+        }
+        let bytes = Arc::clone(&self.bytes);
+        let pack = |w: &mut WeightRef| {
+            let m = QMatrix {
+                ty: w.ty,
+                rows: w.rows,
+                cols: w.cols,
+                bytes: bytes.slice(w.offset, w.len),
+                panels: None,
+            };
+            w.panels = PanelMatrix::pack(&m).map(Arc::new);
+        };
+        pack(&mut self.output);
+        for l in &mut self.layers {
+            for w in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ] {
+                pack(w);
+            }
+        }
+    }
+
+    fn matrix<'a>(&'a self, w: &'a WeightRef) -> QMatrix<'a> {
         QMatrix {
             ty: w.ty,
             rows: w.rows,
             cols: w.cols,
             bytes: self.bytes.slice(w.offset, w.len),
+            panels: w.panels.as_deref(),
         }
     }
 

@@ -1,0 +1,262 @@
+//! Weights repacked at load time into panels of 16 rows, for the product
+//! on CPUs with AVX-512 VNNI.
+//!
+//! Every weight type is first unpacked to the common form of
+//! [`crate::byte_dot`] (unsigned bytes `u` with a multiplier `a` and an
+//! offset `b`, the value being `a * u - b`), then laid out so that one
+//! 512-bit register holds four consecutive values of each of 16 rows: the
+//! 16 lanes of a `vpdpwssd` are 16 output features, and the activation
+//! operand is one broadcast pair. Per group of 16 values a panel stores four
+//! such registers of bytes, then `a` and `b` for its 16 rows as f16. The
+//! float work (scales, offsets) is then done once per 16 products instead of
+//! once per product, and a group of activation rows shares every weight
+//! load. Each activation row's arithmetic is the same in any batch.
+
+use rayon::prelude::*;
+
+use crate::byte_dot::{UnpackedRow, LANE};
+use crate::integer_dot::ACT_BLOCK;
+use crate::kernels::QMatrix;
+use crate::quant::{f16_to_f32, f32_to_f16};
+
+/// Weight rows per panel (one output feature per 32-bit lane).
+pub const PANEL_ROWS: usize = 16;
+/// Values per scale group.
+pub const GROUP: usize = 16;
+/// Bytes per group of a panel: 16 rows x 16 values.
+const GROUP_BYTES: usize = PANEL_ROWS * GROUP;
+
+/// A weight matrix in panels (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct PanelMatrix {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Per panel, per group: four 64-byte registers; lane `r` of register
+    /// `q` holds values `4q..4q + 4` of row `r` of the group.
+    pub bytes: Vec<u8>,
+    /// Per panel, per group: `a` of its 16 rows, then `b`, as f16 bits.
+    pub scales: Vec<u16>,
+}
+
+impl PanelMatrix {
+    /// Whether a matrix can be packed.
+    pub fn supports(w: &QMatrix<'_>) -> bool {
+        crate::integer_dot::supports(w.ty)
+            && w.rows.is_multiple_of(PANEL_ROWS)
+            && w.cols.is_multiple_of(ACT_BLOCK)
+            && w.cols > 0
+    }
+
+    /// Repacks `w` (see [`PanelMatrix::supports`]), spread over the rayon pool.
+    pub fn pack(w: &QMatrix<'_>) -> Option<Self> {
+        if !Self::supports(w) {
+            return None;
+        }
+        let (rows, cols) = (w.rows, w.cols);
+        let groups = cols / GROUP;
+        let mut bytes = vec![0u8; rows * cols];
+        let mut scales = vec![0u16; rows / PANEL_ROWS * groups * 2 * PANEL_ROWS];
+        bytes
+            .par_chunks_mut(PANEL_ROWS * cols)
+            .zip(scales.par_chunks_mut(groups * 2 * PANEL_ROWS))
+            .enumerate()
+            .for_each_init(UnpackedRow::default, |unpacked, (p, (bytes, scales))| {
+                for r in 0..PANEL_ROWS {
+                    unpack_row(unpacked, w, p * PANEL_ROWS + r);
+                    for g in 0..groups {
+                        let group = &mut bytes[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
+                        for q in 0..GROUP / LANE {
+                            let from = g * GROUP + q * LANE;
+                            let to = q * 64 + r * LANE;
+                            group[to..to + LANE].copy_from_slice(&unpacked.u[from..from + LANE]);
+                        }
+                        let lane = g * GROUP / LANE;
+                        let s = &mut scales[g * 2 * PANEL_ROWS..(g + 1) * 2 * PANEL_ROWS];
+                        s[r] = f32_to_f16(unpacked.a[lane]);
+                        s[PANEL_ROWS + r] = f32_to_f16(unpacked.b[lane]);
+                    }
+                }
+            });
+        Some(PanelMatrix {
+            rows,
+            cols,
+            bytes,
+            scales,
+        })
+    }
+
+    /// Bytes held.
+    pub fn size_bytes(&self) -> usize {
+        self.bytes.len() + 2 * self.scales.len()
+    }
+
+    /// The bytes of panel `p`.
+    pub fn panel_bytes(&self, p: usize) -> &[u8] {
+        let len = PANEL_ROWS * self.cols;
+        &self.bytes[p * len..(p + 1) * len]
+    }
+
+    /// The scales of panel `p`.
+    pub fn panel_scales(&self, p: usize) -> &[u16] {
+        let len = self.cols / GROUP * 2 * PANEL_ROWS;
+        &self.scales[p * len..(p + 1) * len]
+    }
+}
+
+fn unpack_row(unpacked: &mut UnpackedRow, w: &QMatrix<'_>, r: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        // SAFETY: AVX2 and F16C were just detected.
+        unsafe { crate::byte_dot_avx512::unpack(unpacked, w.ty, w.row(r), w.cols) };
+        return;
+    }
+    unpacked.unpack(w.ty, w.row(r), w.cols);
+}
+
+/// An activation row for the panel product: int16 values in blocks of 32
+/// with an f32 scale, and per group of 16 the scale and the scale times the
+/// group's sum (for the weights' offsets).
+#[derive(Debug, Default, Clone)]
+pub struct PanelActivations {
+    /// Quantised values, in order.
+    pub q: Vec<i16>,
+    /// Per group of 16: the scale of its block.
+    pub scale: Vec<f32>,
+    /// Per group of 16: the scale times the sum of its values.
+    pub scaled_sum: Vec<f32>,
+}
+
+/// Largest quantised activation magnitude.
+const ACT_MAX: f32 = 32767.0;
+
+impl PanelActivations {
+    /// Quantises `x` (length a multiple of 32) into `self`, reusing its buffers.
+    pub fn quantize(&mut self, x: &[f32]) {
+        let groups = x.len() / GROUP;
+        self.q.resize(x.len(), 0);
+        self.scale.resize(groups, 0.0);
+        self.scaled_sum.resize(groups, 0.0);
+        for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / ACT_MAX;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let qs = &mut self.q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = (v * inv).round() as i16;
+            }
+            for h in 0..ACT_BLOCK / GROUP {
+                let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum();
+                let g = b * ACT_BLOCK / GROUP + h;
+                self.scale[g] = d;
+                self.scaled_sum[g] = d * sum as f32;
+            }
+        }
+    }
+}
+
+/// The portable product of panel `p` with one activation row: the
+/// reference for the vector code. Returns the panel's 16 outputs.
+pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f32; PANEL_ROWS] {
+    let bytes = w.panel_bytes(p);
+    let scales = w.panel_scales(p);
+    let mut out = [0f32; PANEL_ROWS];
+    for g in 0..w.cols / GROUP {
+        let group = &bytes[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
+        let s = &scales[g * 2 * PANEL_ROWS..(g + 1) * 2 * PANEL_ROWS];
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut sum = 0i32;
+            for q in 0..GROUP / LANE {
+                for t in 0..LANE {
+                    let u = group[q * 64 + r * LANE + t] as i32;
+                    sum += u * x.q[g * GROUP + q * LANE + t] as i32;
+                }
+            }
+            let (a, b) = (f16_to_f32(s[r]), f16_to_f32(s[PANEL_ROWS + r]));
+            *o += a * x.scale[g] * sum as f32 - b * x.scaled_sum[g];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{dequantize_row, TensorType};
+    use proptest::prelude::*;
+
+    const TYPES: [TensorType; 6] = [
+        TensorType::Q4_0,
+        TensorType::Q5_0,
+        TensorType::Q8_0,
+        TensorType::Q4K,
+        TensorType::Q5K,
+        TensorType::Q6K,
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        #[test]
+        fn panel_products_match_float_products(
+            ty_index in 0usize..TYPES.len(),
+            seed in any::<u64>(),
+            xs in proptest::collection::vec(-3.0f32..3.0, 512),
+        ) {
+            let ty = TYPES[ty_index];
+            let (rows, cols) = (32, 512);
+            // Random blocks with sane f16 scales.
+            let mut state = seed | 1;
+            let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
+            let mut bytes = Vec::new();
+            for _ in 0..rows * cols / ty.block_len() {
+                let mut blk: Vec<u8> = (0..ty.block_bytes()).map(|_| next() as u8).collect();
+                let h = f32_to_f16(0.01 + (next() % 100) as f32 / 1000.0).to_le_bytes();
+                match ty {
+                    TensorType::Q6K => blk[208..210].copy_from_slice(&h),
+                    TensorType::Q4K | TensorType::Q5K => {
+                        blk[0..2].copy_from_slice(&h);
+                        blk[2..4].copy_from_slice(&h);
+                    }
+                    _ => blk[0..2].copy_from_slice(&h),
+                }
+                bytes.extend(blk);
+            }
+            let w = QMatrix { ty, rows, cols, bytes: &bytes, panels: None };
+            let packed = PanelMatrix::pack(&w).unwrap();
+            let mut x = PanelActivations::default();
+            x.quantize(&xs);
+            let xq: Vec<f32> = (0..cols).map(|i| x.q[i] as f32 * x.scale[i / GROUP]).collect();
+            let mut wrow = vec![0f32; cols];
+            for p in 0..rows / PANEL_ROWS {
+                let got = panel_dot_portable(&packed, p, &x);
+                #[cfg(target_arch = "x86_64")]
+                let simd = crate::panel_avx512::available().then(|| {
+                    let mut out = [0f32; 5 * PANEL_ROWS];
+                    let xs = [&x, &x, &x, &x, &x];
+                    // SAFETY: the features were just detected.
+                    unsafe { crate::panel_avx512::panel_product(&packed, p, &xs, &mut out) };
+                    out
+                });
+                for r in 0..PANEL_ROWS {
+                    dequantize_row(ty, w.row(p * PANEL_ROWS + r), &mut wrow).unwrap();
+                    let want: f64 = wrow.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let scale: f64 = wrow.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() + 1e-3;
+                    // The f16 scales round a and b by at most 2^-11.
+                    prop_assert!((got[r] as f64 - want).abs() <= 2e-3 * scale, "{ty:?} row {r}: {} vs {want}", got[r]);
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(simd) = simd {
+                        for i in 0..5 {
+                            let v = simd[i * PANEL_ROWS + r] as f64;
+                            prop_assert!((v - got[r] as f64).abs() <= 1e-4 * scale, "{ty:?} row {r}: AVX-512 {v} vs portable {}", got[r]);
+                            prop_assert_eq!(simd[i * PANEL_ROWS + r].to_bits(), simd[r].to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

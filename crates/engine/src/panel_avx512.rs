@@ -1,0 +1,125 @@
+//! The panel product of [`crate::panel`] with AVX-512 VNNI: per group of 16
+//! values, eight `vpdpwssd` sum the products of 16 weight rows with one
+//! broadcast activation pair each, and the scales apply once per group.
+
+use std::arch::x86_64::*;
+
+use crate::panel::{PanelActivations, PanelMatrix, GROUP, PANEL_ROWS};
+
+/// Whether this CPU has the instructions (and the portable kernels were not
+/// asked for).
+pub fn available() -> bool {
+    crate::byte_dot_avx512::available()
+}
+
+/// The byte shuffle that widens bytes `first` and `first + 1` of each
+/// 32-bit lane to two zero-extended int16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn pair_pattern(first: i8) -> __m512i {
+    let z = -1i8; // a set top bit writes zero
+    let f = first;
+    let lane = _mm_setr_epi8(
+        f,
+        z,
+        f + 1,
+        z,
+        f + 4,
+        z,
+        f + 5,
+        z,
+        f + 8,
+        z,
+        f + 9,
+        z,
+        f + 12,
+        z,
+        f + 13,
+        z,
+    );
+    _mm512_broadcast_i32x4(lane)
+}
+
+/// The 16 outputs of panel `p` for each of `xs`, into `out` (row `i`'s at
+/// `16 i..16 i + 16`). Rows go four at a time; a row's outputs are the
+/// same in any group.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[&PanelActivations], out: &mut [f32]) {
+    assert!(out.len() >= xs.len() * PANEL_ROWS);
+    let store = |out: &mut [f32], first: usize, sums: &[__m512]| {
+        for (j, s) in sums.iter().enumerate() {
+            let o = &mut out[(first + j) * PANEL_ROWS..(first + j + 1) * PANEL_ROWS];
+            // SAFETY: `o` holds exactly 16 floats.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *s) };
+        }
+    };
+    let mut i = 0;
+    while i + 4 <= xs.len() {
+        let sums = panel_rows::<4>(w, p, [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
+        store(out, i, &sums);
+        i += 4;
+    }
+    while i < xs.len() {
+        let sums = panel_rows::<1>(w, p, [xs[i]]);
+        store(out, i, &sums);
+        i += 1;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn panel_rows<const R: usize>(
+    w: &PanelMatrix,
+    p: usize,
+    xs: [&PanelActivations; R],
+) -> [__m512; R] {
+    let groups = w.cols / GROUP;
+    let bytes = w.panel_bytes(p);
+    let scales = w.panel_scales(p);
+    assert!(bytes.len() == groups * GROUP * PANEL_ROWS && scales.len() == groups * 2 * PANEL_ROWS);
+    for x in xs {
+        assert!(x.q.len() >= w.cols && x.scale.len() >= groups && x.scaled_sum.len() >= groups);
+    }
+    let low_pair = pair_pattern(0);
+    let high_pair = pair_pattern(2);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut corr = [_mm512_setzero_ps(); R];
+    for g in 0..groups {
+        // SAFETY: the assertions above bound every load below: 256 bytes
+        // and 32 scales per group, 16 int16 values and one scale per group
+        // of each activation row.
+        unsafe {
+            let gb = bytes.as_ptr().add(g * GROUP * PANEL_ROWS);
+            let mut wv = [_mm512_setzero_si512(); 8];
+            for q in 0..4 {
+                let u = _mm512_loadu_si512(gb.add(q * 64).cast());
+                wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
+                wv[2 * q + 1] = _mm512_shuffle_epi8(u, high_pair);
+            }
+            let sp = scales.as_ptr().add(g * 2 * PANEL_ROWS);
+            let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
+            let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
+            for r in 0..R {
+                let x = xs[r];
+                let pairs = x.q.as_ptr().add(g * GROUP).cast::<i32>();
+                let mut s = _mm512_setzero_si512();
+                for (j, wj) in wv.iter().enumerate() {
+                    let pair = pairs.add(j).read_unaligned();
+                    s = _mm512_dpwssd_epi32(s, *wj, _mm512_set1_epi32(pair));
+                }
+                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g)));
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r]);
+                let offset = _mm512_set1_ps(*x.scaled_sum.get_unchecked(g));
+                corr[r] = _mm512_fmadd_ps(b, offset, corr[r]);
+            }
+        }
+    }
+    let mut out = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        out[r] = _mm512_sub_ps(acc[r], corr[r]);
+    }
+    out
+}
