@@ -69,7 +69,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         512.0 / secs
     );
 
-    for streams in [1usize, 8, 32] {
+    // `forward_throughput MODEL STREAMS...` measures only those decode widths.
+    let widths: Vec<usize> = std::env::args()
+        .skip(2)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let widths = if widths.is_empty() {
+        vec![1, 8, 32]
+    } else {
+        widths
+    };
+    for streams in widths {
         let mut caches: Vec<KvCache> = (0..streams)
             .map(|s| {
                 let mut c = KvCache::new(&model);
@@ -77,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 model.forward(&p, &mut c, 31).map(|_| c)
             })
             .collect::<Result<_, _>>()?;
-        let steps = 16;
+        let steps = if streams == 1 { 64 } else { 16 };
         let mut tokens: Vec<u32> = (0..streams as u32).collect();
         let start = Instant::now();
         for _ in 0..steps {

@@ -122,6 +122,10 @@ struct LayerWeights {
     w_up: WeightRef,
     w_down: WeightRef,
     post_ffn_norm: Option<Vec<f32>>,
+    /// Query, key and value projections stacked, when in panels.
+    qkv: Option<PanelMatrix>,
+    /// Gate and up projections stacked, when in panels.
+    gate_up: Option<PanelMatrix>,
 }
 
 /// A loaded model: configuration plus weights referenced in the memory map.
@@ -401,6 +405,8 @@ impl Model {
                 w_up: weight(&p("ffn_up.weight"), c.d_model, c.ffn_dim)?,
                 w_down: weight(&p("ffn_down.weight"), c.ffn_dim, c.d_model)?,
                 post_ffn_norm: optional_vector(&p("post_ffw_norm.weight"), c.d_model)?,
+                qkv: None,
+                gate_up: None,
             });
         }
         let token_embedding = weight("token_embd.weight", c.d_model, c.vocab_size)?;
@@ -451,6 +457,9 @@ impl Model {
             ] {
                 pack(w);
             }
+            // Projections of the same input are stacked: one product each.
+            l.qkv = stack_panels(&mut [&mut l.wq, &mut l.wk, &mut l.wv]);
+            l.gate_up = stack_panels(&mut [&mut l.w_gate, &mut l.w_up]);
         }
     }
 
@@ -521,6 +530,8 @@ impl Model {
         let mut proj = vec![0f32; t_len * d];
         let mut gate = vec![0f32; t_len * c.ffn_dim];
         let mut up = vec![0f32; t_len * c.ffn_dim];
+        // Outputs of stacked projections, before they are split.
+        let mut stacked = Vec::new();
         let rope_global = rope_table(c.rope_base, c.rope_dims, &row_pos);
         let rope_sliding = if c.rope_base_sliding == c.rope_base {
             rope_global.clone()
@@ -529,9 +540,20 @@ impl Model {
         };
         for (l, w) in self.layers.iter().enumerate() {
             rms_norm_rows(&x, &mut xn, &w.attn_norm, c.rms_eps);
-            matmul(&self.matrix(&w.wq), &xn, t_len, &mut q);
-            matmul(&self.matrix(&w.wk), &xn, t_len, &mut k);
-            matmul(&self.matrix(&w.wv), &xn, t_len, &mut v);
+            if let Some(qkv) = &w.qkv {
+                let width = q_dim + k_dim + v_dim;
+                stacked.resize(t_len * width, 0.0);
+                matmul(&stacked_matrix(qkv), &xn, t_len, &mut stacked);
+                for (r, row) in stacked.chunks_exact(width).enumerate() {
+                    q[r * q_dim..(r + 1) * q_dim].copy_from_slice(&row[..q_dim]);
+                    k[r * k_dim..(r + 1) * k_dim].copy_from_slice(&row[q_dim..q_dim + k_dim]);
+                    v[r * v_dim..(r + 1) * v_dim].copy_from_slice(&row[q_dim + k_dim..]);
+                }
+            } else {
+                matmul(&self.matrix(&w.wq), &xn, t_len, &mut q);
+                matmul(&self.matrix(&w.wk), &xn, t_len, &mut k);
+                matmul(&self.matrix(&w.wv), &xn, t_len, &mut v);
+            }
             add_bias(&mut q, w.bq.as_deref());
             add_bias(&mut k, w.bk.as_deref());
             add_bias(&mut v, w.bv.as_deref());
@@ -572,8 +594,18 @@ impl Model {
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
             rms_norm_rows(&x, &mut xn, &w.ffn_norm, c.rms_eps);
-            matmul(&self.matrix(&w.w_gate), &xn, t_len, &mut gate);
-            matmul(&self.matrix(&w.w_up), &xn, t_len, &mut up);
+            if let Some(gate_up) = &w.gate_up {
+                let f = c.ffn_dim;
+                stacked.resize(t_len * 2 * f, 0.0);
+                matmul(&stacked_matrix(gate_up), &xn, t_len, &mut stacked);
+                for (r, row) in stacked.chunks_exact(2 * f).enumerate() {
+                    gate[r * f..(r + 1) * f].copy_from_slice(&row[..f]);
+                    up[r * f..(r + 1) * f].copy_from_slice(&row[f..]);
+                }
+            } else {
+                matmul(&self.matrix(&w.w_gate), &xn, t_len, &mut gate);
+                matmul(&self.matrix(&w.w_up), &xn, t_len, &mut up);
+            }
             match c.activation {
                 Activation::GeluTanh => gate
                     .par_chunks_mut(4096)
@@ -707,6 +739,29 @@ pub struct BatchSequence<'a> {
     pub cache: &'a mut KvCache,
     /// The first row (of `tokens`) whose logits are wanted.
     pub logits_from: usize,
+}
+
+/// A stacked matrix for [`matmul`], which reads only its panels.
+fn stacked_matrix(panels: &PanelMatrix) -> QMatrix<'_> {
+    QMatrix {
+        ty: TensorType::Q8_0,
+        rows: panels.rows,
+        cols: panels.cols,
+        bytes: &[],
+        panels: Some(panels),
+    }
+}
+
+/// The panels of `parts` stacked into one matrix, which then holds them
+/// alone (the parts give theirs up); `None`, and the parts untouched, when
+/// one of them has no panels.
+fn stack_panels(parts: &mut [&mut WeightRef]) -> Option<PanelMatrix> {
+    let panels: Option<Vec<&PanelMatrix>> = parts.iter().map(|w| w.panels.as_deref()).collect();
+    let stacked = PanelMatrix::stack(&panels?)?;
+    for w in parts.iter_mut() {
+        w.panels = None;
+    }
+    Some(stacked)
 }
 
 fn check_dims(t: &TensorInfo, cols: usize, rows: usize) -> Result<(), EngineError> {

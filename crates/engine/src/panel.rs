@@ -87,6 +87,25 @@ impl PanelMatrix {
         })
     }
 
+    /// The matrices stacked: the rows of `parts` one after another (their
+    /// columns must agree). Panels do not depend on the weight type, so
+    /// matrices of different types stack, and one product computes them all.
+    pub fn stack(parts: &[&PanelMatrix]) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        Some(PanelMatrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            bytes: parts.iter().flat_map(|p| p.bytes.iter().copied()).collect(),
+            scales: parts
+                .iter()
+                .flat_map(|p| p.scales.iter().copied())
+                .collect(),
+        })
+    }
+
     /// Bytes held.
     pub fn size_bytes(&self) -> usize {
         self.bytes.len() + 2 * self.scales.len()
@@ -144,7 +163,9 @@ impl PanelActivations {
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let qs = &mut self.q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
             for (q, v) in qs.iter_mut().zip(xs) {
-                *q = (v * inv).round() as i16;
+                // Half away from zero, as `round`, without a libm call.
+                let t = v * inv;
+                *q = (t + 0.5f32.copysign(t)) as i16;
             }
             for h in 0..ACT_BLOCK / GROUP {
                 let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
