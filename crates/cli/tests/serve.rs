@@ -59,10 +59,11 @@ fn a_repeated_prefix_is_served_from_the_cache(s: &Server) {
     let before = metric(s, "neocloud:prefix_cache_hit_tokens_total");
     let prompt = ask("How tall is the tower?");
     let reused = metric(s, "neocloud:prefix_cache_hit_tokens_total") - before;
-    // The system prompt's first whole prefill chunk (512 tokens) came from
-    // the cache; the rest of the prompt did not.
+    // The shared system prompt came from the cache (all of it where the
+    // kernels compute each row on its own, else its first whole prefill
+    // chunk of 512 tokens); the question did not.
     assert!(prompt > 700, "{prompt}");
-    assert_eq!(reused, 512);
+    assert!((512..prompt - 4).contains(&reused), "{reused} of {prompt}");
 }
 
 fn chat(s: &Server, body: Value) -> neocloud_testkit::http::Response {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use neocloud_engine::kernels::{matmul, QMatrix};
 use neocloud_engine::model::{BatchSequence, KvCache, Model};
+use neocloud_engine::sampler::{Sampler, SamplingParams};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
@@ -56,6 +57,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let vocab = model.config.vocab_size as u32;
     let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % vocab).collect();
+
+    // Greedy sampling of one token over the whole vocabulary, as each
+    // decoding sequence does every step.
+    let logits: Vec<f32> = (0..vocab)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
+    let mut sampler = Sampler::new(SamplingParams::greedy(), &[]);
+    let mut l = logits.clone();
+    let start = Instant::now();
+    for _ in 0..100 {
+        l.copy_from_slice(&logits);
+        std::hint::black_box(sampler.sample(&mut l));
+    }
+    println!(
+        "greedy sampling: {:.2} ms per token",
+        start.elapsed().as_secs_f64() * 10.0
+    );
 
     let mut cache = KvCache::new(&model);
     model.forward(&prompt[..64], &mut cache, 63)?;

@@ -165,19 +165,19 @@ pub struct Generation {
 /// the next prompt starting the same way (a system prompt, an earlier turn
 /// of the conversation) skips that part of the prefill.
 ///
-/// Only positions computed in whole prefill chunks (of [`PREFILL_CHUNK`]
-/// tokens, starting at a multiple of it) are reused, and reuse starts a
-/// chunk: the rest of the prompt then goes through exactly the forward
-/// passes a fresh prefill would make, so a cached answer is the same, bit
-/// for bit, as an uncached one. (Small batches take the integer kernels and
-/// large ones the dequantising kernels, whose results differ in the last
-/// bits; finer reuse would need kernels whose rows do not depend on the
-/// batch.)
+/// A cached answer is the same, bit for bit, as an uncached one. Where the
+/// kernels compute every row on its own (the panel product), any number of
+/// leading positions is reused. Elsewhere small batches take the integer
+/// kernels and large ones the dequantising kernels, whose results differ in
+/// the last bits, so only positions computed in whole prefill chunks (of
+/// [`PREFILL_CHUNK`] tokens, starting at a multiple of it) are reused, and
+/// the rest of the prompt then goes through exactly the forward passes a
+/// fresh prefill would make (see [`reuse_unit`]).
 #[derive(Debug, Default)]
 pub struct PrefixCache {
     /// The tokens whose positions `kv` holds.
     tokens: Vec<u32>,
-    /// Leading positions computed in whole prefill chunks.
+    /// Leading positions that may be reused (see [`reuse_unit`]).
     reusable: usize,
     kv: Option<KvCache>,
 }
@@ -196,6 +196,19 @@ impl PrefixCache {
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+}
+
+/// The positions prefix reuse counts in for `model`: any number when its
+/// rows are computed independently of their batch, so that reused keys and
+/// values are the ones a fresh pass would compute; otherwise whole prefill
+/// chunks starting at a multiple of [`PREFILL_CHUNK`], which the rest of
+/// the prompt then meets exactly as in a fresh prefill.
+pub fn reuse_unit(model: &Model) -> usize {
+    if model.batch_invariant() {
+        1
+    } else {
+        PREFILL_CHUNK
     }
 }
 
@@ -339,7 +352,8 @@ impl<'a> SequenceRun<'a> {
             .min(req.prompt.len().saturating_sub(1))
             .min(cache.reusable)
             .min(kv.len());
-        let reuse = common - common % PREFILL_CHUNK;
+        let unit = reuse_unit(model);
+        let reuse = common - common % unit;
         kv.truncate(reuse, model);
         kv_tokens.truncate(reuse);
         cache.reusable = 0;
@@ -570,10 +584,15 @@ impl<'a> SequenceRun<'a> {
         }
         // The keys of a token handed out but never run are not in the cache.
         self.kv_tokens.truncate(self.kv.len());
-        let computed = self.kv_tokens.len().min(self.req.prompt.len());
-        // Whole chunks of this prompt, from the reuse point on.
-        cache.reusable =
-            self.reuse + computed.saturating_sub(self.reuse) / PREFILL_CHUNK * PREFILL_CHUNK;
+        cache.reusable = if reuse_unit(&self.lm.model) == 1 {
+            // Every position: the prompt and the answer so far (the next
+            // turn of a conversation starts with both).
+            self.kv_tokens.len()
+        } else {
+            // Whole chunks of this prompt, from the reuse point on.
+            let computed = self.kv_tokens.len().min(self.req.prompt.len());
+            self.reuse + computed.saturating_sub(self.reuse) / PREFILL_CHUNK * PREFILL_CHUNK
+        };
         cache.tokens = self.kv_tokens;
         cache.kv = Some(self.kv);
         self.out

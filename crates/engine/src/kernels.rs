@@ -87,6 +87,91 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The largest value (NEG_INFINITY for an empty slice; NaN is ignored).
+pub fn max_f32(x: &[f32]) -> f32 {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected.
+        SimdLevel::Avx2 => unsafe { avx2::max_f32(x) },
+        _ => max_f32_portable(x),
+    }
+}
+
+/// Index of the first largest value (0 for an empty slice).
+pub fn argmax(x: &[f32]) -> usize {
+    let max = max_f32(x);
+    x.iter().position(|&v| v == max).unwrap_or(0)
+}
+
+/// `sum(e^(x - max))` over `x`, every `x <= max`: f32 terms within about
+/// 2 ulp, lanes summed in f32 per chunk of 256 and chunks in f64.
+pub fn sum_exp_below(x: &[f32], max: f32) -> f64 {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected.
+        SimdLevel::Avx2 => unsafe { avx2::sum_exp_below(x, max) },
+        _ => sum_exp_below_portable(x, max),
+    }
+}
+
+#[inline(always)]
+fn max_f32_portable(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut groups = x.chunks_exact(16);
+    for g in &mut groups {
+        for (m, &v) in lanes.iter_mut().zip(g) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(groups.remainder()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+#[inline(always)]
+fn sum_exp_below_portable(x: &[f32], max: f32) -> f64 {
+    let mut sum = 0f64;
+    for chunk in x.chunks(256) {
+        let mut lanes = [0f32; 16];
+        let mut groups = chunk.chunks_exact(16);
+        for g in &mut groups {
+            for (acc, &v) in lanes.iter_mut().zip(g) {
+                *acc += exp_non_positive(v - max);
+            }
+        }
+        let rest: f32 = groups
+            .remainder()
+            .iter()
+            .map(|&v| exp_non_positive(v - max))
+            .sum();
+        sum += lanes.iter().map(|&v| v as f64).sum::<f64>() + rest as f64;
+    }
+    sum
+}
+
+/// `e^x` for `x <= 0`, to about 2 ulp, in plain arithmetic that
+/// vectorises: `x = n ln 2 + r` (n rounded with the 1.5 * 2^23 trick, no
+/// float-to-int conversion), a degree-6 polynomial for `e^r`, and `2^n`
+/// built from its bits. Below -87 it is `e^-87`.
+#[inline(always)]
+fn exp_non_positive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let k = x * std::f32::consts::LOG2_E + ROUND;
+    let n = k - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let n_int = k.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    p * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
+}
+
 /// `y += a * x` over equally long slices.
 #[inline]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
@@ -546,6 +631,24 @@ mod avx2 {
         unsafe { crate::integer_dot_avx2::dot_row_q8(ty, row, x) }
     }
 
+    /// The portable maximum, compiled with AVX2 so its loop vectorises.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn max_f32(x: &[f32]) -> f32 {
+        super::max_f32_portable(x)
+    }
+
+    /// The portable sum of exponentials, compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum_exp_below(x: &[f32], max: f32) -> f64 {
+        super::sum_exp_below_portable(x, max)
+    }
+
     /// The portable dequantisation, compiled with AVX2 so its loops vectorise.
     ///
     /// # Safety
@@ -637,6 +740,25 @@ mod avx2 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn fast_exp_is_close_to_exp() {
+        let mut worst = 0f64;
+        for i in 0..=87_000 {
+            let x = -(i as f32) / 1000.0;
+            let want = (x as f64).exp();
+            let got = exp_non_positive(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 1e-6, "{worst}");
+        assert_eq!(exp_non_positive(-200.0), exp_non_positive(-87.0));
+        let x = [-1.0f32, -2.0, 0.0];
+        let want: f64 = x.iter().map(|&v| (v as f64).exp()).sum();
+        assert!((sum_exp_below(&x, 0.0) - want).abs() < 1e-6);
+        assert!((sum_exp_below_portable(&x, 0.0) - want).abs() < 1e-6);
+        assert_eq!(max_f32(&[1.0, 5.0, -3.0]), 5.0);
+        assert_eq!(argmax(&[1.0, 5.0, 5.0, -3.0]), 1);
+    }
 
     proptest! {
         #[test]

@@ -426,6 +426,21 @@ impl Model {
         Ok(model)
     }
 
+    /// Whether a row's results are the same in any batch: every matrix is in
+    /// panels, whose product computes each row on its own. Then keys and
+    /// values computed in one pass can be reused by any other, position by
+    /// position.
+    pub fn batch_invariant(&self) -> bool {
+        self.output.panels.is_some()
+            && self.layers.iter().all(|l| {
+                (l.qkv.is_some() || [&l.wq, &l.wk, &l.wv].iter().all(|w| w.panels.is_some()))
+                    && (l.gate_up.is_some()
+                        || [&l.w_gate, &l.w_up].iter().all(|w| w.panels.is_some()))
+                    && l.wo.panels.is_some()
+                    && l.w_down.panels.is_some()
+            })
+    }
+
     /// Repacks every matrix the forward pass multiplies by into panels, when
     /// this CPU's product uses them (the embedding table stays as it is:
     /// only single rows are read from it).

@@ -381,22 +381,17 @@ fn random_seed() -> u64 {
 
 /// Index of the largest logit (first on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best = i;
-            best_v = v;
-        }
-    }
-    best as u32
+    crate::kernels::argmax(logits) as u32
 }
 
-/// log(sum(exp(logits))), computed stably in f64.
+/// log(sum(exp(logits))), computed stably: f32 terms within about 2 ulp,
+/// summed in f64 per chunk (see [`crate::kernels::sum_exp_below`]).
 pub fn log_sum_exp(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    max as f64 + sum.ln()
+    let max = crate::kernels::max_f32(logits);
+    if !max.is_finite() {
+        return max as f64;
+    }
+    max as f64 + crate::kernels::sum_exp_below(logits, max).ln()
 }
 
 /// Log-probabilities of all tokens (softmax of the logits, in log space).
@@ -432,6 +427,35 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<TokenLogprob> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vocabulary_reductions_match_plain_ones() {
+        let logits: Vec<f32> = (0..10_007)
+            .map(|i| ((i * 7919) % 2003) as f32 / 37.0 - 20.0)
+            .collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let want = max as f64
+            + logits
+                .iter()
+                .map(|&l| ((l - max) as f64).exp())
+                .sum::<f64>()
+                .ln();
+        assert!(
+            (log_sum_exp(&logits) - want).abs() < 1e-6,
+            "{} {want}",
+            log_sum_exp(&logits)
+        );
+        let best = logits
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &v)| if v > logits[b] { i } else { b });
+        assert_eq!(argmax(&logits) as usize, best);
+        let mut ties = vec![1.0f32; 100];
+        ties[37] = 2.0;
+        ties[80] = 2.0;
+        assert_eq!(argmax(&ties), 37, "the first of equal maxima");
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+    }
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.5, -1.0, 0.0, 2.9]
