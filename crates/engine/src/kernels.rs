@@ -172,9 +172,96 @@ fn exp_non_positive(x: f32) -> f32 {
     p * f32::from_bits((n_int.wrapping_add(127) as u32) << 23)
 }
 
+/// `gate[i] = gelu(gate[i]) * up[i]`, GELU in its tanh form (Gemma).
+pub fn gelu_tanh_gated(gate: &mut [f32], up: &[f32]) {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected.
+        SimdLevel::Avx2 => unsafe { avx2::gelu_tanh_gated(gate, up) },
+        _ => gelu_tanh_gated_portable(gate, up),
+    }
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` (Qwen, Llama).
+pub fn silu_gated(gate: &mut [f32], up: &[f32]) {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected.
+        SimdLevel::Avx2 => unsafe { avx2::silu_gated(gate, up) },
+        _ => silu_gated_portable(gate, up),
+    }
+}
+
+#[inline(always)]
+fn gelu_tanh_gated_portable(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let y = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
+        // tanh |y| = (1 - e^-2|y|) / (1 + e^-2|y|), sign restored.
+        let e = exp_non_positive(-2.0 * y.abs());
+        let t = ((1.0 - e) / (1.0 + e)).copysign(y);
+        *g = 0.5 * x * (1.0 + t) * u;
+    }
+}
+
+#[inline(always)]
+fn silu_gated_portable(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        // e^-|x| keeps the exponential in range on either side of zero.
+        let e = exp_non_positive(-x.abs());
+        let s = if x >= 0.0 {
+            1.0 / (1.0 + e)
+        } else {
+            e / (1.0 + e)
+        };
+        *g = x * s * u;
+    }
+}
+
+/// `x[i] = e^(x[i] - max)` for every `x[i] <= max`; returns their sum
+/// (attention's softmax numerators).
+pub fn exp_below_in_place(x: &mut [f32], max: f32) -> f32 {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected.
+        SimdLevel::Avx2 => unsafe { avx2::exp_below_in_place(x, max) },
+        _ => exp_below_in_place_portable(x, max),
+    }
+}
+
+#[inline(always)]
+fn exp_below_in_place_portable(x: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut groups = x.chunks_exact_mut(8);
+    for g in &mut groups {
+        for (acc, v) in lanes.iter_mut().zip(g.iter_mut()) {
+            *v = exp_non_positive(*v - max);
+            *acc += *v;
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for v in groups.into_remainder() {
+        *v = exp_non_positive(*v - max);
+        sum += *v;
+    }
+    sum
+}
+
 /// `y += a * x` over equally long slices.
 #[inline]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    match simd_level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected.
+        SimdLevel::Avx2 => unsafe { avx2::axpy(a, x, y) },
+        _ => axpy_portable(a, x, y),
+    }
+}
+
+#[inline(always)]
+fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }
@@ -631,6 +718,42 @@ mod avx2 {
         unsafe { crate::integer_dot_avx2::dot_row_q8(ty, row, x) }
     }
 
+    /// The portable softmax numerators, compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_below_in_place(x: &mut [f32], max: f32) -> f32 {
+        super::exp_below_in_place_portable(x, max)
+    }
+
+    /// The portable `y += a x`, compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        super::axpy_portable(a, x, y)
+    }
+
+    /// The portable gated GELU, compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_tanh_gated(gate: &mut [f32], up: &[f32]) {
+        super::gelu_tanh_gated_portable(gate, up)
+    }
+
+    /// The portable gated SiLU, compiled with AVX2 and FMA.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_gated(gate: &mut [f32], up: &[f32]) {
+        super::silu_gated_portable(gate, up)
+    }
+
     /// The portable maximum, compiled with AVX2 so its loop vectorises.
     ///
     /// # Safety
@@ -757,6 +880,24 @@ mod tests {
         assert!((sum_exp_below(&x, 0.0) - want).abs() < 1e-6);
         assert!((sum_exp_below_portable(&x, 0.0) - want).abs() < 1e-6);
         assert_eq!(max_f32(&[1.0, 5.0, -3.0]), 5.0);
+        let xs: Vec<f32> = (-800..800).map(|i| i as f32 / 50.0).collect();
+        let (mut g, mut s) = (xs.clone(), xs.clone());
+        gelu_tanh_gated(&mut g, &vec![1.0; xs.len()]);
+        silu_gated(&mut s, &vec![1.0; xs.len()]);
+        for ((&x, g), s) in xs.iter().zip(g).zip(s) {
+            let x64 = x as f64;
+            let gelu =
+                0.5 * x64 * (1.0 + (0.797_884_6 * x64 * (1.0 + 0.044_715 * x64 * x64)).tanh());
+            let silu = x64 / (1.0 + (-x64).exp());
+            assert!(
+                (g as f64 - gelu).abs() < 1e-5 * (1.0 + gelu.abs()),
+                "gelu {x}: {g} vs {gelu}"
+            );
+            assert!(
+                (s as f64 - silu).abs() < 1e-5 * (1.0 + silu.abs()),
+                "silu {x}: {s} vs {silu}"
+            );
+        }
         assert_eq!(argmax(&[1.0, 5.0, 5.0, -3.0]), 1);
     }
 

@@ -14,7 +14,9 @@ use rayon::prelude::*;
 
 use crate::error::EngineError;
 use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
-use crate::kernels::{axpy, dot_f32, matmul, QMatrix};
+use crate::kernels::{
+    axpy, dot_f32, exp_below_in_place, gelu_tanh_gated, matmul, silu_gated, QMatrix,
+};
 use crate::panel::PanelMatrix;
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
@@ -621,19 +623,16 @@ impl Model {
                 matmul(&self.matrix(&w.w_gate), &xn, t_len, &mut gate);
                 matmul(&self.matrix(&w.w_up), &xn, t_len, &mut up);
             }
-            match c.activation {
-                Activation::GeluTanh => gate
-                    .par_chunks_mut(4096)
+            let activate = match c.activation {
+                Activation::GeluTanh => gelu_tanh_gated,
+                Activation::Silu => silu_gated,
+            };
+            if gate.len() <= 4096 {
+                activate(&mut gate, &up);
+            } else {
+                gate.par_chunks_mut(4096)
                     .zip(up.par_chunks(4096))
-                    .for_each(|(g, u)| {
-                        g.iter_mut()
-                            .zip(u)
-                            .for_each(|(g, u)| *g = gelu_tanh(*g) * u)
-                    }),
-                Activation::Silu => gate
-                    .par_chunks_mut(4096)
-                    .zip(up.par_chunks(4096))
-                    .for_each(|(g, u)| g.iter_mut().zip(u).for_each(|(g, u)| *g = silu(*g) * u)),
+                    .for_each(|(g, u)| activate(g, u));
             }
             matmul(&self.matrix(&w.w_down), &gate, t_len, &mut proj);
             if let Some(n) = &w.post_ffn_norm {
@@ -726,11 +725,7 @@ impl Model {
                     max = max.max(s);
                     scores.push(s);
                 }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
+                let sum = exp_below_in_place(&mut scores, max);
                 o.iter_mut().for_each(|v| *v = 0.0);
                 for (j, s) in (start..=pos).zip(scores.iter()) {
                     axpy(s / sum, &values[j * v_stride + kvh * vd..][..vd], o);
@@ -857,15 +852,4 @@ fn rope(x: &mut [f32], row_width: usize, head_dim: usize, table: &[(f32, f32)], 
             }
         }
     }
-}
-
-#[inline]
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
-}
-
-#[inline]
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
