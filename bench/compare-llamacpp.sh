@@ -7,6 +7,7 @@
 #   3. total output tokens/s with 8 and with 32 concurrent streams
 #      (llama-server started with -np 8 and -np 32), TTFT p50 at 8
 #   4. TTFT of requests sharing a 1,000-token prefix, second vs first
+#   5. peak resident memory of both servers, and the model file's size
 #
 #   bench/compare-llamacpp.sh [--model gemma-3-270m] [--threads 2]
 #                             [--requests 8] [--out target/compare-llamacpp]
@@ -70,6 +71,9 @@ wait_ready() { # URL
   echo "nothing ready at $1" >&2; exit 1
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+peak_rss_mb() { # PID: the process's peak resident memory so far, in MB
+  awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "?"
+}
 
 port=$(free_port)
 "$neocloud" --threads "$threads" serve --model "$model" --port "$port" > "$out/neocloud.log" 2>&1 &
@@ -96,6 +100,8 @@ run() { # NAME, then bench arguments
     --model "$model" --out "$out/$name.json" "$@" 2> /dev/null
 }
 
+echo "neocloud resident after loading: $(awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$neocloud_pid/status") MB" \
+  | tee "$out/memory.txt"
 start_llama 1
 run single-stream --concurrency 1 --requests "$requests" --input-tokens 32 --output-tokens 128
 run long-prompt --concurrency 1 --requests "$requests" --input-tokens 1024 --output-tokens 8
@@ -107,6 +113,11 @@ run streams-8 --concurrency 8 --requests $((requests * 4)) --input-tokens 128 --
 stop "$llama_pid"
 start_llama 32
 run streams-32 --concurrency 32 --requests $((requests * 8)) --input-tokens 128 --output-tokens 128
+{
+  echo "neocloud peak resident: $(peak_rss_mb "$neocloud_pid") MB"
+  echo "llama-server -np 32 peak resident: $(peak_rss_mb "$llama_pid") MB"
+  echo "model file: $(( $(stat -c %s "$gguf") / 1000000 )) MB"
+} | tee -a "$out/memory.txt"
 stop "$llama_pid"
 
 python3 - "$out" <<'PY'

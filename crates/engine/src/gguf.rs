@@ -158,6 +158,23 @@ pub enum GgufBytes {
 }
 
 impl GgufBytes {
+    /// Lets the kernel drop the resident pages of `len` bytes from `offset`
+    /// (bytes copied elsewhere, such as weights repacked into panels). They
+    /// stay readable: a later read brings them back from the file.
+    pub fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        if let GgufBytes::Mapped(m) = self {
+            if offset.checked_add(len).is_some_and(|end| end <= m.len()) {
+                // SAFETY: the map is read-only and never written, so dropping
+                // its pages changes nothing a reader can see: the next access
+                // reads the same bytes from the file again.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+                };
+            }
+        }
+    }
+
     fn as_slice(&self) -> &[u8] {
         match self {
             GgufBytes::Mapped(m) => m,

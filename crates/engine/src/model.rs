@@ -460,6 +460,10 @@ impl Model {
                 panels: None,
             };
             w.panels = PanelMatrix::pack(&m).map(Arc::new);
+            if w.panels.is_some() {
+                // The panels replace these bytes in every product.
+                bytes.release(w.offset, w.len);
+            }
         };
         pack(&mut self.output);
         for l in &mut self.layers {
