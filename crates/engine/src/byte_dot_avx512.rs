@@ -5,6 +5,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use crate::byte_dot::{ActivationRow, UnpackedRow, LANE, STEP};
+use crate::integer_dot_avx2::{bits_to_bytes, f16_fast, load32, nibbles_16, q45k_pair, q6k_groups};
 use crate::quant::{scale_min_k4, TensorType, QK_K};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
@@ -19,24 +20,9 @@ pub fn available() -> bool {
             && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
     })
-}
-
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-fn f16_fast(b: &[u8], i: usize) -> f32 {
-    let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-    // A broadcast, not an insert: an insert would wait on the register it merges into.
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-fn load32(b: &[u8]) -> __m256i {
-    assert!(b.len() >= 32);
-    // SAFETY: the assertion guarantees 32 readable bytes.
-    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
 }
 
 #[inline]
@@ -59,47 +45,16 @@ fn fill8(out_a: &mut [f32], out_b: &mut [f32], a: f32, b: f32) {
     }
 }
 
-/// 16 packed nibble bytes -> 32 bytes: low nibbles first, then high nibbles.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn nibbles_16(b: &[u8]) -> __m256i {
-    assert!(b.len() >= 16);
-    // SAFETY: the assertion guarantees 16 readable bytes.
-    let v = unsafe { _mm_loadu_si128(b.as_ptr().cast()) };
-    let m = _mm_set1_epi8(0x0f);
-    let lo = _mm_and_si128(v, m);
-    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m);
-    _mm256_set_m128i(hi, lo)
-}
-
-/// Byte `e` is 0xFF when bit `e` of `bits` is set.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn bits_to_bytes(bits: u32) -> __m256i {
-    let spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(bits as i32),
-        _mm256_set_epi64x(
-            0x0303_0303_0303_0303,
-            0x0202_0202_0202_0202,
-            0x0101_0101_0101_0101,
-            0x0000_0000_0000_0000,
-        ),
-    );
-    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
-}
-
 /// [`UnpackedRow::unpack`] with vector instructions; the same result.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C.
-#[target_feature(enable = "avx2,f16c")]
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn unpack(w: &mut UnpackedRow, ty: TensorType, row: &[u8], cols: usize) {
     w.u.resize(cols, 0);
     w.a.resize(cols / LANE, 0.0);
     w.b.resize(cols / LANE, 0.0);
     let bb = ty.block_bytes();
-    let m4 = _mm256_set1_epi8(0x0f);
     match ty {
         TensorType::Q8_0 | TensorType::Q4_0 | TensorType::Q5_0 => {
             for (i, blk) in row.chunks_exact(bb).enumerate() {
@@ -132,18 +87,7 @@ pub unsafe fn unpack(w: &mut UnpackedRow, ty: TensorType, row: &[u8], cols: usiz
                     (&blk[16..144], None)
                 };
                 for c in 0..4 {
-                    let q = load32(&qs[c * 32..]);
-                    let mut lo = _mm256_and_si256(q, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-                    if let Some(qh) = qh {
-                        let bit = |k: usize| {
-                            let mask = _mm256_set1_epi8((1u8 << k) as i8);
-                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, mask), mask);
-                            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-                        };
-                        lo = _mm256_or_si256(lo, bit(2 * c));
-                        hi = _mm256_or_si256(hi, bit(2 * c + 1));
-                    }
+                    let (lo, hi) = q45k_pair(qs, qh, c);
                     let base = i * QK_K + c * 64;
                     store32(&mut w.u[base..], lo);
                     store32(&mut w.u[base + 32..], hi);
@@ -161,29 +105,11 @@ pub unsafe fn unpack(w: &mut UnpackedRow, ty: TensorType, row: &[u8], cols: usiz
             }
         }
         TensorType::Q6K => {
-            let m3 = _mm256_set1_epi8(0x03);
             for (i, blk) in row.chunks_exact(bb).enumerate() {
                 prefetch_ahead(blk);
                 let d = f16_fast(blk, 208);
                 for h in 0..2 {
-                    let ql0 = load32(&blk[h * 64..]);
-                    let ql1 = load32(&blk[h * 64 + 32..]);
-                    let qh = load32(&blk[128 + h * 32..]);
-                    let high = |shift: i32| {
-                        let v = match shift {
-                            0 => qh,
-                            2 => _mm256_srli_epi16::<2>(qh),
-                            4 => _mm256_srli_epi16::<4>(qh),
-                            _ => _mm256_srli_epi16::<6>(qh),
-                        };
-                        _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3))
-                    };
-                    let groups = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
-                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), high(4)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), high(6)),
-                    ];
+                    let groups = q6k_groups(blk, h);
                     for (g, v) in groups.into_iter().enumerate() {
                         store32(&mut w.u[i * QK_K + h * 128 + g * 32..], v);
                     }
@@ -317,7 +243,7 @@ fn f16_pair(b: &[u8], i: usize, j: usize) -> __m128 {
 /// 32-bit lane to two zero-extended int16.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn pair_pattern(first: i8) -> __m512i {
+pub(crate) fn pair_pattern(first: i8) -> __m512i {
     let z = -1i8; // a set top bit writes zero
     let f = first;
     let lane = _mm_setr_epi8(
@@ -353,8 +279,8 @@ fn join(lo: __m256i, hi: __m256i) -> __m512i {
 /// in registers; bit for bit what [`dot_rows`] gives after [`unpack`].
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, DQ and VNNI, AVX2 and F16C.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,f16c")]
+/// The CPU must support AVX-512 F, BW, DQ and VNNI, AVX2, FMA and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn dot_rows_direct(ty: TensorType, row: &[u8], xs: &[&ActivationRow], out: &mut [f32]) {
     assert!(out.len() >= xs.len());
     let mut i = 0;
@@ -370,11 +296,10 @@ pub unsafe fn dot_rows_direct(ty: TensorType, row: &[u8], xs: &[&ActivationRow],
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")]
 fn direct<const R: usize>(ty: TensorType, row: &[u8], xs: [&ActivationRow; R]) -> [f32; R] {
     let mut acc = [Accumulators::new(); R];
     let bb = ty.block_bytes();
-    let m4 = _mm256_set1_epi8(0x0f);
     // Lane patterns: eight of value 0 then eight of value 1; the same for
     // values 0 and 2, and 1 and 3.
     let first_two = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -421,18 +346,7 @@ fn direct<const R: usize>(ty: TensorType, row: &[u8], xs: [&ActivationRow; R]) -
                     (&blk[16..144], None)
                 };
                 for c in 0..4 {
-                    let q = load32(&qs[c * 32..]);
-                    let mut lo = _mm256_and_si256(q, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-                    if let Some(qh) = qh {
-                        let bit = |k: usize| {
-                            let mask = _mm256_set1_epi8((1u8 << k) as i8);
-                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, mask), mask);
-                            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-                        };
-                        lo = _mm256_or_si256(lo, bit(2 * c));
-                        hi = _mm256_or_si256(hi, bit(2 * c + 1));
-                    }
+                    let (lo, hi) = q45k_pair(qs, qh, c);
                     let (sc0, m0) = scale_min_k4(2 * c, scales);
                     let (sc1, m1) = scale_min_k4(2 * c + 1, scales);
                     // (d sc0, dmin m0, d sc1, dmin m1)
@@ -455,30 +369,12 @@ fn direct<const R: usize>(ty: TensorType, row: &[u8], xs: [&ActivationRow; R]) -
             }
         }
         TensorType::Q6K => {
-            let m3 = _mm256_set1_epi8(0x03);
             // Lane l of a step takes the scale of its group of 16 values.
             let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
             for (i, blk) in row.chunks_exact(bb).enumerate() {
                 let d = _mm_broadcastss_ps(f16_pair(blk, 208, 208));
                 for h in 0..2 {
-                    let ql0 = load32(&blk[h * 64..]);
-                    let ql1 = load32(&blk[h * 64 + 32..]);
-                    let qh = load32(&blk[128 + h * 32..]);
-                    let high = |shift: i32| {
-                        let v = match shift {
-                            0 => qh,
-                            2 => _mm256_srli_epi16::<2>(qh),
-                            4 => _mm256_srli_epi16::<4>(qh),
-                            _ => _mm256_srli_epi16::<6>(qh),
-                        };
-                        _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3))
-                    };
-                    let groups = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
-                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), high(4)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), high(6)),
-                    ];
+                    let groups = q6k_groups(blk, h);
                     for j in 0..2 {
                         let first = h * 8 + j * 4;
                         let sc = &blk[192 + first..192 + first + 4];
@@ -524,7 +420,7 @@ mod tests {
             let types = [TensorType::Q4_0, TensorType::Q5_0, TensorType::Q8_0,
                          TensorType::Q4K, TensorType::Q5K, TensorType::Q6K];
             let ty = types[ty_index];
-            if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+            if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
                 return Ok(());
             }
             let cols = 2 * QK_K;

@@ -198,17 +198,10 @@ pub fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{dequantize_row, f32_to_f16};
+    use crate::quant::dequantize_row;
     use proptest::prelude::*;
 
-    const TYPES: [TensorType; 6] = [
-        TensorType::Q4_0,
-        TensorType::Q5_0,
-        TensorType::Q8_0,
-        TensorType::Q4K,
-        TensorType::Q5K,
-        TensorType::Q6K,
-    ];
+    use crate::quant::test_blocks::{blocks, INTEGER_TYPES as TYPES};
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
@@ -222,20 +215,7 @@ mod tests {
             let ty = TYPES[ty_index];
             let n = 2 * ty.block_len().max(QK);
             let nblocks = n / ty.block_len();
-            let mut bytes = Vec::new();
-            for b in 0..nblocks {
-                let mut blk = raw[b * 210..b * 210 + ty.block_bytes()].to_vec();
-                let h = f32_to_f16(s).to_le_bytes();
-                match ty {
-                    TensorType::Q6K => blk[208..210].copy_from_slice(&h),
-                    TensorType::Q4K | TensorType::Q5K => {
-                        blk[0..2].copy_from_slice(&h);
-                        blk[2..4].copy_from_slice(&f32_to_f16(s * 0.5).to_le_bytes());
-                    }
-                    _ => blk[0..2].copy_from_slice(&h),
-                }
-                bytes.extend(blk);
-            }
+            let bytes = blocks(ty, &raw, nblocks, s);
             let x = &xs[..n];
             let mut w = vec![0f32; n];
             dequantize_row(ty, &bytes, &mut w).unwrap();

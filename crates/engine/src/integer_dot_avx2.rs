@@ -10,10 +10,56 @@ use crate::quant::{scale_min_k4, TensorType, QK_K};
 /// The little-endian f16 at byte `i` of `b`, converted by the F16C unit.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16_fast(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_fast(b: &[u8], i: usize) -> f32 {
     let bits = u16::from_le_bytes([b[i], b[i + 1]]);
     // A broadcast, not an insert: an insert would wait on the register it merges into.
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
+}
+
+/// The four groups of 32 six-bit values (0..64) of half `h` of a Q6_K
+/// block, as bytes: values `128 h + 32 g..` in group `g`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn q6k_groups(blk: &[u8], h: usize) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(0x03);
+    let ql0 = load32(&blk[h * 64..]);
+    let ql1 = load32(&blk[h * 64 + 32..]);
+    let qh = load32(&blk[128 + h * 32..]);
+    let high = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3));
+    [
+        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(qh)),
+        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(_mm256_srli_epi16::<2>(qh))),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+            high(_mm256_srli_epi16::<4>(qh)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+            high(_mm256_srli_epi16::<6>(qh)),
+        ),
+    ]
+}
+
+/// Sub-blocks `2c` and `2c + 1` of a Q4_K (or, with its high bits `qh`,
+/// Q5_K) block as bytes: `qs` holds the packed nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn q45k_pair(qs: &[u8], qh: Option<__m256i>, c: usize) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let q = load32(&qs[c * 32..]);
+    let mut lo = _mm256_and_si256(q, m4);
+    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+    if let Some(qh) = qh {
+        let bit = |k: usize| {
+            let mask = _mm256_set1_epi8((1u8 << k) as i8);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, mask), mask);
+            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        };
+        lo = _mm256_or_si256(lo, bit(2 * c));
+        hi = _mm256_or_si256(hi, bit(2 * c + 1));
+    }
+    (lo, hi)
 }
 
 #[inline]
@@ -27,7 +73,7 @@ fn hsum(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn load32(b: &[u8]) -> __m256i {
+pub(crate) fn load32(b: &[u8]) -> __m256i {
     assert!(b.len() >= 32);
     // SAFETY: the assertion guarantees 32 readable bytes; loadu has no alignment needs.
     unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
@@ -36,7 +82,7 @@ fn load32(b: &[u8]) -> __m256i {
 /// 16 packed nibble bytes -> 32 bytes: low nibbles first, then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles_16(b: &[u8]) -> __m256i {
+pub(crate) fn nibbles_16(b: &[u8]) -> __m256i {
     assert!(b.len() >= 16);
     // SAFETY: the assertion guarantees 16 readable bytes.
     let v = unsafe { _mm_loadu_si128(b.as_ptr().cast()) };
@@ -49,7 +95,7 @@ fn nibbles_16(b: &[u8]) -> __m256i {
 /// Byte `e` is 0xFF when bit `e` of `bits` is set.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bits_to_bytes(bits: u32) -> __m256i {
+pub(crate) fn bits_to_bytes(bits: u32) -> __m256i {
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),
         _mm256_set_epi64x(
@@ -152,7 +198,6 @@ fn dot_q45k<const R: usize>(ty: TensorType, row: &[u8], xs: [&QuantizedRow; R]) 
     let five = ty == TensorType::Q5K;
     let mut acc = [_mm256_setzero_ps(); R];
     let mut mins = [0f32; R];
-    let m4 = _mm256_set1_epi8(0x0f);
     for (sb, blk) in row.chunks_exact(ty.block_bytes()).enumerate() {
         let d = f16_fast(blk, 0);
         let dmin = f16_fast(blk, 2);
@@ -164,18 +209,7 @@ fn dot_q45k<const R: usize>(ty: TensorType, row: &[u8], xs: [&QuantizedRow; R]) 
         };
         let a0 = sb * (QK_K / ACT_BLOCK);
         for c in 0..4 {
-            let q = load32(&qs[c * 32..]);
-            let mut lo = _mm256_and_si256(q, m4);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-            if let Some(qh) = qh {
-                let bit = |k: usize| {
-                    let mask = _mm256_set1_epi8((1u8 << k) as i8);
-                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, mask), mask);
-                    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-                };
-                lo = _mm256_or_si256(lo, bit(2 * c));
-                hi = _mm256_or_si256(hi, bit(2 * c + 1));
-            }
+            let (lo, hi) = q45k_pair(qs, qh, c);
             for (s, w) in [(0, lo), (1, hi)] {
                 let sub = 2 * c + s;
                 let (sc, m) = scale_min_k4(sub, scales);
@@ -204,30 +238,11 @@ fn dot_q45k<const R: usize>(ty: TensorType, row: &[u8], xs: [&QuantizedRow; R]) 
 fn dot_q6k<const R: usize>(row: &[u8], xs: [&QuantizedRow; R]) -> [f32; R] {
     let mut acc = [_mm256_setzero_ps(); R];
     let mut offset = [0f32; R];
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(0x03);
     for (sb, blk) in row.chunks_exact(TensorType::Q6K.block_bytes()).enumerate() {
         let d = f16_fast(blk, 208);
         let sc = &blk[192..208];
         for h in 0..2 {
-            let ql0 = load32(&blk[h * 64..]);
-            let ql1 = load32(&blk[h * 64 + 32..]);
-            let qh = load32(&blk[128 + h * 32..]);
-            let high = |shift: i32| {
-                let v = match shift {
-                    0 => qh,
-                    2 => _mm256_srli_epi16::<2>(qh),
-                    4 => _mm256_srli_epi16::<4>(qh),
-                    _ => _mm256_srli_epi16::<6>(qh),
-                };
-                _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3))
-            };
-            let groups = [
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), high(4)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), high(6)),
-            ];
+            let groups = q6k_groups(blk, h);
             for (g, w) in groups.into_iter().enumerate() {
                 let ab = sb * (QK_K / ACT_BLOCK) + h * 4 + g;
                 let (s0, s1) = (

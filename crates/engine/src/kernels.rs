@@ -367,6 +367,67 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
         });
 }
 
+/// An activation row quantised for one of the integer products.
+trait QuantizedActivations: Default + Send + Sync {
+    /// Quantises `x` into `self`, reusing its buffers.
+    fn quantize_from(&mut self, x: &[f32]);
+}
+
+impl QuantizedActivations for PanelActivations {
+    fn quantize_from(&mut self, x: &[f32]) {
+        self.quantize(x)
+    }
+}
+
+impl QuantizedActivations for ActivationRow {
+    fn quantize_from(&mut self, x: &[f32]) {
+        self.quantize(x)
+    }
+}
+
+impl QuantizedActivations for QuantizedRow {
+    fn quantize_from(&mut self, x: &[f32]) {
+        self.quantize(x)
+    }
+}
+
+/// Quantises the `m` rows of `x` (each `k` long) into the first `m` of
+/// `rows`, grown as needed; in parallel from four rows on.
+fn quantize_rows<'r, T: QuantizedActivations>(
+    rows: &'r mut Vec<T>,
+    x: &[f32],
+    k: usize,
+    m: usize,
+) -> &'r mut [T] {
+    if rows.len() < m {
+        rows.resize_with(m, T::default);
+    }
+    let rows = &mut rows[..m];
+    if m >= 4 {
+        rows.par_iter_mut()
+            .zip(x.par_chunks_exact(k))
+            .for_each(|(q, r)| q.quantize_from(r));
+    } else {
+        rows.iter_mut()
+            .zip(x.chunks_exact(k))
+            .for_each(|(q, r)| q.quantize_from(r));
+    }
+    rows
+}
+
+/// The output rows (`m` of `n` columns) cut for parallel tasks: task `t`
+/// owns columns `t * cols_per_task..` of every row.
+fn column_tasks(out: &mut [f32], n: usize, m: usize, cols_per_task: usize) -> Vec<Vec<&mut [f32]>> {
+    let tasks = n.div_ceil(cols_per_task);
+    let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
+    for out_row in out.chunks_exact_mut(n) {
+        for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
+            slices[t].push(part);
+        }
+    }
+    slices
+}
+
 thread_local! {
     static PANEL_ROWS_IN: RefCell<Vec<PanelActivations>> = const { RefCell::new(Vec::new()) };
 }
@@ -379,32 +440,12 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     PANEL_ROWS_IN.with(|cell| {
         let mut rows = cell.borrow_mut();
-        if rows.len() < m {
-            rows.resize_with(m, PanelActivations::default);
-        }
-        let rows = &mut rows[..m];
-        if m >= 4 {
-            rows.par_iter_mut()
-                .zip(x.par_chunks_exact(k))
-                .for_each(|(q, r)| q.quantize(r));
-        } else {
-            rows.iter_mut()
-                .zip(x.chunks_exact(k))
-                .for_each(|(q, r)| q.quantize(r));
-        }
+        let rows = quantize_rows(&mut rows, x, k, m);
         let refs: Vec<&PanelActivations> = rows.iter().collect();
         let panels = n / PANEL_ROWS;
         let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
         let cols_per_task = panels_per_task * PANEL_ROWS;
-        // Task `t` owns columns `t * cols_per_task..` of every output row.
-        let tasks = n.div_ceil(cols_per_task);
-        let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
-        for out_row in out.chunks_exact_mut(n) {
-            for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
-                slices[t].push(part);
-            }
-        }
-        slices
+        column_tasks(out, n, m, cols_per_task)
             .into_par_iter()
             .enumerate()
             .for_each(|(t, mut parts)| {
@@ -452,32 +493,12 @@ fn byte_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     BYTE_ROWS.with(|cell| {
         let mut rows = cell.borrow_mut();
-        if rows.len() < m {
-            rows.resize_with(m, ActivationRow::default);
-        }
-        let rows = &mut rows[..m];
-        if m >= 4 {
-            rows.par_iter_mut()
-                .zip(x.par_chunks_exact(k))
-                .for_each(|(q, r)| q.quantize(r));
-        } else {
-            rows.iter_mut()
-                .zip(x.chunks_exact(k))
-                .for_each(|(q, r)| q.quantize(r));
-        }
+        let rows = quantize_rows(&mut rows, x, k, m);
         let refs: Vec<&ActivationRow> = rows.iter().collect();
         let cols_per_task = (n / (rayon::current_num_threads() * 4))
             .max(BYTE_TILE)
             .next_multiple_of(BYTE_TILE);
-        // Task `t` owns columns `t * cols_per_task..` of every output row.
-        let tasks = n.div_ceil(cols_per_task);
-        let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
-        for out_row in out.chunks_exact_mut(n) {
-            for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
-                slices[t].push(part);
-            }
-        }
-        slices
+        column_tasks(out, n, m, cols_per_task)
             .into_par_iter()
             .enumerate()
             .for_each(|(t, mut parts)| {
@@ -524,21 +545,9 @@ thread_local! {
 
 fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
-    QUANTIZED.with(|q| {
-        let mut rows = q.borrow_mut();
-        if rows.len() < m {
-            rows.resize_with(m, QuantizedRow::default);
-        }
-        let rows = &mut rows[..m];
-        if m >= 4 {
-            rows.par_iter_mut()
-                .zip(x.par_chunks_exact(k))
-                .for_each(|(q, r)| q.quantize(r));
-        } else {
-            rows.iter_mut()
-                .zip(x.chunks_exact(k))
-                .for_each(|(q, r)| q.quantize(r));
-        }
+    QUANTIZED.with(|cell| {
+        let mut rows = cell.borrow_mut();
+        let rows = quantize_rows(&mut rows, x, k, m);
         let rows = &*rows;
         let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
         if m == 1 {
@@ -552,15 +561,7 @@ fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
                 });
             return;
         }
-        // Task `t` owns columns `t * cols_per_task..` of every output row.
-        let tasks = n.div_ceil(cols_per_task);
-        let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
-        for out_row in out.chunks_exact_mut(n) {
-            for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
-                slices[t].push(part);
-            }
-        }
-        slices
+        column_tasks(out, n, m, cols_per_task)
             .into_par_iter()
             .enumerate()
             .for_each(|(t, mut parts)| {

@@ -126,8 +126,11 @@ impl PanelMatrix {
 
 fn unpack_row(unpacked: &mut UnpackedRow, w: &QMatrix<'_>, r: usize) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
-        // SAFETY: AVX2 and F16C were just detected.
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        // SAFETY: AVX2, FMA and F16C were just detected.
         unsafe { crate::byte_dot_avx512::unpack(unpacked, w.ty, w.row(r), w.cols) };
         return;
     }
@@ -207,17 +210,10 @@ pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{dequantize_row, TensorType};
+    use crate::quant::dequantize_row;
     use proptest::prelude::*;
 
-    const TYPES: [TensorType; 6] = [
-        TensorType::Q4_0,
-        TensorType::Q5_0,
-        TensorType::Q8_0,
-        TensorType::Q4K,
-        TensorType::Q5K,
-        TensorType::Q6K,
-    ];
+    use crate::quant::test_blocks::{blocks, INTEGER_TYPES as TYPES};
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(40))]
@@ -225,6 +221,7 @@ mod tests {
         fn panel_products_match_float_products(
             ty_index in 0usize..TYPES.len(),
             seed in any::<u64>(),
+            scale in 0.01f32..0.1,
             xs in proptest::collection::vec(-3.0f32..3.0, 512),
         ) {
             let ty = TYPES[ty_index];
@@ -232,20 +229,9 @@ mod tests {
             // Random blocks with sane f16 scales.
             let mut state = seed | 1;
             let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
-            let mut bytes = Vec::new();
-            for _ in 0..rows * cols / ty.block_len() {
-                let mut blk: Vec<u8> = (0..ty.block_bytes()).map(|_| next() as u8).collect();
-                let h = f32_to_f16(0.01 + (next() % 100) as f32 / 1000.0).to_le_bytes();
-                match ty {
-                    TensorType::Q6K => blk[208..210].copy_from_slice(&h),
-                    TensorType::Q4K | TensorType::Q5K => {
-                        blk[0..2].copy_from_slice(&h);
-                        blk[2..4].copy_from_slice(&h);
-                    }
-                    _ => blk[0..2].copy_from_slice(&h),
-                }
-                bytes.extend(blk);
-            }
+            let count = rows * cols / ty.block_len();
+            let raw: Vec<u8> = (0..count * ty.block_bytes()).map(|_| next() as u8).collect();
+            let bytes = blocks(ty, &raw, count, scale);
             let w = QMatrix { ty, rows, cols, bytes: &bytes, panels: None };
             let packed = PanelMatrix::pack(&w).unwrap();
             let mut x = PanelActivations::default();

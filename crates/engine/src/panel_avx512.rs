@@ -4,40 +4,13 @@
 
 use std::arch::x86_64::*;
 
+use crate::byte_dot_avx512::pair_pattern;
 use crate::panel::{PanelActivations, PanelMatrix, GROUP, PANEL_ROWS};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
 /// asked for).
 pub fn available() -> bool {
     crate::byte_dot_avx512::available()
-}
-
-/// The byte shuffle that widens bytes `first` and `first + 1` of each
-/// 32-bit lane to two zero-extended int16.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn pair_pattern(first: i8) -> __m512i {
-    let z = -1i8; // a set top bit writes zero
-    let f = first;
-    let lane = _mm_setr_epi8(
-        f,
-        z,
-        f + 1,
-        z,
-        f + 4,
-        z,
-        f + 5,
-        z,
-        f + 8,
-        z,
-        f + 9,
-        z,
-        f + 12,
-        z,
-        f + 13,
-        z,
-    );
-    _mm512_broadcast_i32x4(lane)
 }
 
 /// The 16 outputs of panel `p` for each of `xs`, into `out` (row `i`'s at

@@ -477,3 +477,42 @@ mod tests {
         assert!(err.is_err());
     }
 }
+
+/// Quantised blocks for the kernels' property tests.
+#[cfg(test)]
+pub(crate) mod test_blocks {
+    use super::{f32_to_f16, TensorType};
+
+    /// The quantised types with integer products.
+    pub const INTEGER_TYPES: [TensorType; 6] = [
+        TensorType::Q4_0,
+        TensorType::Q5_0,
+        TensorType::Q8_0,
+        TensorType::Q4K,
+        TensorType::Q5K,
+        TensorType::Q6K,
+    ];
+
+    /// `count` blocks of `ty` cut from `raw` (wrapping around it), with
+    /// their f16 scale set to `scale` (and a K-quant's minimum scale to half
+    /// of it), so that every value is finite.
+    pub fn blocks(ty: TensorType, raw: &[u8], count: usize, scale: f32) -> Vec<u8> {
+        let bb = ty.block_bytes();
+        let mut out = Vec::with_capacity(count * bb);
+        for b in 0..count {
+            let off = (b * bb) % (raw.len() - bb + 1);
+            let mut blk = raw[off..off + bb].to_vec();
+            let h = f32_to_f16(scale).to_le_bytes();
+            match ty {
+                TensorType::Q6K => blk[208..210].copy_from_slice(&h),
+                TensorType::Q4K | TensorType::Q5K => {
+                    blk[0..2].copy_from_slice(&h);
+                    blk[2..4].copy_from_slice(&f32_to_f16(scale * 0.5).to_le_bytes());
+                }
+                _ => blk[0..2].copy_from_slice(&h),
+            }
+            out.extend(blk);
+        }
+        out
+    }
+}
