@@ -330,11 +330,7 @@ impl<'a> SequenceRun<'a> {
                 req.prompt.len()
             )));
         }
-        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
-        }
+        model.check_tokens(&req.prompt)?;
         if req.stop.iter().any(String::is_empty) {
             return Err(EngineError::InvalidRequest(
                 "stop strings must not be empty".into(),

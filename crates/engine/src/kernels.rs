@@ -11,7 +11,6 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::byte_dot::{self, ActivationRow};
 use crate::integer_dot::{self, QuantizedRow};
 use crate::panel::{PanelActivations, PanelMatrix, PANEL_ROWS};
 use crate::quant::{dequantize_row_unchecked, TensorType};
@@ -333,11 +332,6 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
             return;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if m <= MAX_BYTE_ROWS && crate::byte_dot_avx512::available() && byte_dot::supports(w.ty, k) {
-        byte_product(w, x, m, out);
-        return;
-    }
     if m <= MAX_INT8_ROWS && integer_dot::supports(w.ty) && k % integer_dot::ACT_BLOCK == 0 {
         integer_product(w, x, m, out);
         return;
@@ -374,12 +368,6 @@ trait QuantizedActivations: Default + Send + Sync {
 }
 
 impl QuantizedActivations for PanelActivations {
-    fn quantize_from(&mut self, x: &[f32]) {
-        self.quantize(x)
-    }
-}
-
-impl QuantizedActivations for ActivationRow {
     fn quantize_from(&mut self, x: &[f32]) {
         self.quantize(x)
     }
@@ -472,63 +460,6 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     });
 }
 
-/// Products of up to this many rows (decode steps, batched or not) take the
-/// byte path; longer prompt chunks go faster through the f32 tiles.
-const MAX_BYTE_ROWS: usize = 64;
-
-/// Weight rows the byte product takes together: their packed bytes stay in
-/// the L1 cache while every group of four activation rows goes past them.
-const BYTE_TILE: usize = 16;
-
-thread_local! {
-    static BYTE_ROWS: RefCell<Vec<ActivationRow>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The product with int16 activations and `vpdpwssd` (AVX-512 VNNI), for
-/// any number of rows: weights are unpacked in registers once per group of
-/// four activation rows, and each output row is computed exactly as it
-/// would be alone.
-#[cfg(target_arch = "x86_64")]
-fn byte_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
-    let (k, n) = (w.cols, w.rows);
-    BYTE_ROWS.with(|cell| {
-        let mut rows = cell.borrow_mut();
-        let rows = quantize_rows(&mut rows, x, k, m);
-        let refs: Vec<&ActivationRow> = rows.iter().collect();
-        let cols_per_task = (n / (rayon::current_num_threads() * 4))
-            .max(BYTE_TILE)
-            .next_multiple_of(BYTE_TILE);
-        column_tasks(out, n, m, cols_per_task)
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(t, mut parts)| {
-                let n0 = t * cols_per_task;
-                let cols = parts.first().map_or(0, |p| p.len());
-                let mut results = [0f32; 4];
-                for c in (0..cols).step_by(BYTE_TILE) {
-                    let width = BYTE_TILE.min(cols - c);
-                    for (b, block) in refs.chunks(4).enumerate() {
-                        for j in 0..width {
-                            // SAFETY: `available()` checked every feature it needs.
-                            unsafe {
-                                crate::byte_dot_avx512::dot_rows_direct(
-                                    w.ty,
-                                    w.row(n0 + c + j),
-                                    block,
-                                    &mut results[..block.len()],
-                                )
-                            };
-                            for (part, r) in parts[b * 4..].iter_mut().zip(&results[..block.len()])
-                            {
-                                part[c + j] = *r;
-                            }
-                        }
-                    }
-                }
-            });
-    });
-}
-
 /// Batches up to this many rows multiply with integer activations: reading
 /// and unpacking the weights dominates, and the integer path never expands
 /// them to f32. Its rows are computed independently of each other, so a
@@ -550,17 +481,6 @@ fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
         let rows = quantize_rows(&mut rows, x, k, m);
         let rows = &*rows;
         let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
-        if m == 1 {
-            out.par_chunks_mut(cols_per_task)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    let n0 = t * cols_per_task;
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        *o = dot_row_q8(w.ty, w.row(n0 + j), &rows[0]);
-                    }
-                });
-            return;
-        }
         column_tasks(out, n, m, cols_per_task)
             .into_par_iter()
             .enumerate()
@@ -633,19 +553,8 @@ fn tile_product(
     }
 }
 
-/// Dot of a quantised weight row with an integer-quantised activation row.
-#[inline]
-fn dot_row_q8(ty: TensorType, row: &[u8], x: &QuantizedRow) -> f32 {
-    match simd_level() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2, FMA and F16C were detected.
-        SimdLevel::Avx2 => unsafe { avx2::dot_row_q8(ty, row, x) },
-        _ => integer_dot::dot_row_q8(ty, row, x),
-    }
-}
-
 /// Dots of one weight row with each of `xs`, into `out`; each result is
-/// exactly what [`dot_row_q8`] gives for that row alone.
+/// exactly what the one-row product gives for that row alone.
 #[inline]
 fn dot_rows_q8(ty: TensorType, row: &[u8], xs: &[QuantizedRow], out: &mut [f32]) {
     match simd_level() {
@@ -704,20 +613,6 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use crate::quant::{dequantize_row_unchecked, TensorType};
-
-    /// The integer dot product with AVX2 intrinsics.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_row_q8(
-        ty: TensorType,
-        row: &[u8],
-        x: &crate::integer_dot::QuantizedRow,
-    ) -> f32 {
-        // SAFETY: the caller guarantees AVX2, FMA and F16C.
-        unsafe { crate::integer_dot_avx2::dot_row_q8(ty, row, x) }
-    }
 
     /// The portable softmax numerators, compiled with AVX2 and FMA.
     ///

@@ -7,9 +7,6 @@
 //! [`model_source`] fetches models into the local cache. Nothing here knows
 //! about HTTP.
 
-pub mod byte_dot;
-#[cfg(target_arch = "x86_64")]
-mod byte_dot_avx512;
 pub mod chat_template;
 pub mod error;
 pub mod generation;
@@ -27,5 +24,8 @@ mod panel_avx512;
 pub mod quant;
 pub mod sampler;
 pub mod tokenizer;
+pub mod unpacked;
+#[cfg(target_arch = "x86_64")]
+mod unpacked_avx512;
 
 pub use error::EngineError;

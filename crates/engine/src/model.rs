@@ -103,7 +103,7 @@ struct WeightRef {
     cols: usize,
     offset: usize,
     len: usize,
-    panels: Option<Arc<PanelMatrix>>,
+    panels: Option<PanelMatrix>,
 }
 
 #[derive(Debug)]
@@ -459,7 +459,7 @@ impl Model {
                 bytes: bytes.slice(w.offset, w.len),
                 panels: None,
             };
-            w.panels = PanelMatrix::pack(&m).map(Arc::new);
+            w.panels = PanelMatrix::pack(&m);
             if w.panels.is_some() {
                 // The panels replace these bytes in every product.
                 bytes.release(w.offset, w.len);
@@ -490,7 +490,7 @@ impl Model {
             rows: w.rows,
             cols: w.cols,
             bytes: self.bytes.slice(w.offset, w.len),
-            panels: w.panels.as_deref(),
+            panels: w.panels.as_ref(),
         }
     }
 
@@ -565,11 +565,7 @@ impl Model {
                 let width = q_dim + k_dim + v_dim;
                 stacked.resize(t_len * width, 0.0);
                 matmul(&stacked_matrix(qkv), &xn, t_len, &mut stacked);
-                for (r, row) in stacked.chunks_exact(width).enumerate() {
-                    q[r * q_dim..(r + 1) * q_dim].copy_from_slice(&row[..q_dim]);
-                    k[r * k_dim..(r + 1) * k_dim].copy_from_slice(&row[q_dim..q_dim + k_dim]);
-                    v[r * v_dim..(r + 1) * v_dim].copy_from_slice(&row[q_dim + k_dim..]);
-                }
+                unstack(&stacked, t_len, &mut [&mut q, &mut k, &mut v]);
             } else {
                 matmul(&self.matrix(&w.wq), &xn, t_len, &mut q);
                 matmul(&self.matrix(&w.wk), &xn, t_len, &mut k);
@@ -619,10 +615,7 @@ impl Model {
                 let f = c.ffn_dim;
                 stacked.resize(t_len * 2 * f, 0.0);
                 matmul(&stacked_matrix(gate_up), &xn, t_len, &mut stacked);
-                for (r, row) in stacked.chunks_exact(2 * f).enumerate() {
-                    gate[r * f..(r + 1) * f].copy_from_slice(&row[..f]);
-                    up[r * f..(r + 1) * f].copy_from_slice(&row[f..]);
-                }
+                unstack(&stacked, t_len, &mut [&mut gate, &mut up]);
             } else {
                 matmul(&self.matrix(&w.w_gate), &xn, t_len, &mut gate);
                 matmul(&self.matrix(&w.w_up), &xn, t_len, &mut up);
@@ -664,6 +657,17 @@ impl Model {
         Ok(logits)
     }
 
+    /// Checks that every token id is in the vocabulary.
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<(), EngineError> {
+        let vocab = self.config.vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= vocab) {
+            Some(&bad) => Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Checks one sequence of a batch before anything runs.
     fn check_sequence(&self, s: &mut BatchSequence<'_>) -> Result<(), EngineError> {
         let c = &self.config;
@@ -684,12 +688,7 @@ impl Model {
                 c.context_length
             )));
         }
-        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                c.vocab_size
-            )));
-        }
+        self.check_tokens(s.tokens)?;
         if s.cache.keys.len() != c.n_layers {
             *s.cache = KvCache::new(self);
         }
@@ -766,11 +765,26 @@ fn stacked_matrix(panels: &PanelMatrix) -> QMatrix<'_> {
     }
 }
 
+/// Splits the `rows` rows of a stacked product into its parts: each row
+/// of `stacked` is the parts' rows side by side (a part's width is its
+/// length over `rows`).
+fn unstack(stacked: &[f32], rows: usize, parts: &mut [&mut Vec<f32>]) {
+    let width = stacked.len() / rows;
+    let mut at = 0;
+    for part in parts.iter_mut() {
+        let w = part.len() / rows;
+        for (r, out) in part.chunks_exact_mut(w).enumerate() {
+            out.copy_from_slice(&stacked[r * width + at..r * width + at + w]);
+        }
+        at += w;
+    }
+}
+
 /// The panels of `parts` stacked into one matrix, which then holds them
 /// alone (the parts give theirs up); `None`, and the parts untouched, when
 /// one of them has no panels.
 fn stack_panels(parts: &mut [&mut WeightRef]) -> Option<PanelMatrix> {
-    let panels: Option<Vec<&PanelMatrix>> = parts.iter().map(|w| w.panels.as_deref()).collect();
+    let panels: Option<Vec<&PanelMatrix>> = parts.iter().map(|w| w.panels.as_ref()).collect();
     let stacked = PanelMatrix::stack(&panels?)?;
     for w in parts.iter_mut() {
         w.panels = None;

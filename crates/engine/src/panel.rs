@@ -2,7 +2,7 @@
 //! on CPUs with AVX-512 VNNI.
 //!
 //! Every weight type is first unpacked to the common form of
-//! [`crate::byte_dot`] (unsigned bytes `u` with a multiplier `a` and an
+//! [`crate::unpacked`] (unsigned bytes `u` with a multiplier `a` and an
 //! offset `b`, the value being `a * u - b`), then laid out so that one
 //! 512-bit register holds four consecutive values of each of 16 rows: the
 //! 16 lanes of a `vpdpwssd` are 16 output features, and the activation
@@ -14,10 +14,10 @@
 
 use rayon::prelude::*;
 
-use crate::byte_dot::{UnpackedRow, LANE};
 use crate::integer_dot::ACT_BLOCK;
 use crate::kernels::QMatrix;
 use crate::quant::{f16_to_f32, f32_to_f16};
+use crate::unpacked::{UnpackedRow, LANE};
 
 /// Weight rows per panel (one output feature per 32-bit lane).
 pub const PANEL_ROWS: usize = 16;
@@ -131,7 +131,7 @@ fn unpack_row(unpacked: &mut UnpackedRow, w: &QMatrix<'_>, r: usize) {
         && is_x86_feature_detected!("f16c")
     {
         // SAFETY: AVX2, FMA and F16C were just detected.
-        unsafe { crate::byte_dot_avx512::unpack(unpacked, w.ty, w.row(r), w.cols) };
+        unsafe { crate::unpacked_avx512::unpack(unpacked, w.ty, w.row(r), w.cols) };
         return;
     }
     unpacked.unpack(w.ty, w.row(r), w.cols);

@@ -3,14 +3,52 @@
 //! broadcast activation pair each, and the scales apply once per group.
 
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
 
-use crate::byte_dot_avx512::pair_pattern;
 use crate::panel::{PanelActivations, PanelMatrix, GROUP, PANEL_ROWS};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
-/// asked for).
+/// asked for), detected once.
 pub fn available() -> bool {
-    crate::byte_dot_avx512::available()
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var_os("NEOCLOUD_PORTABLE_KERNELS").is_none()
+            && std::env::var_os("NEOCLOUD_NO_AVX512").is_none()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+/// The byte shuffle that widens bytes `first` and `first + 1` of each
+/// 32-bit lane to two zero-extended int16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn pair_pattern(first: i8) -> __m512i {
+    let z = -1i8; // a set top bit writes zero
+    let f = first;
+    let lane = _mm_setr_epi8(
+        f,
+        z,
+        f + 1,
+        z,
+        f + 4,
+        z,
+        f + 5,
+        z,
+        f + 8,
+        z,
+        f + 9,
+        z,
+        f + 12,
+        z,
+        f + 13,
+        z,
+    );
+    _mm512_broadcast_i32x4(lane)
 }
 
 /// The 16 outputs of panel `p` for each of `xs`, into `out` (row `i`'s at
