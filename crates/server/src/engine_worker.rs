@@ -143,6 +143,7 @@ impl EngineHandle {
             active: Vec::new(),
             max_batch: max_batch.max(1),
             metrics,
+            last_model: None,
         }
         .run(jobs);
     }
@@ -220,6 +221,9 @@ struct Scheduler<'m> {
     active: Vec<ActiveJob<'m>>,
     max_batch: usize,
     metrics: Arc<Metrics>,
+    /// The model of the last step: the next step goes to the next model
+    /// with work, so that no model waits for another's jobs to end.
+    last_model: Option<usize>,
 }
 
 /// A generation in the batch.
@@ -312,8 +316,8 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// One forward pass over the sequences of the model whose job has
-    /// waited longest, then each sequence's sampling and reports.
+    /// One forward pass over the sequences of one model (the models with
+    /// work take turns), then each sequence's sampling and reports.
     fn step(&mut self) {
         for job in &mut self.active {
             if job.report.events.is_closed() {
@@ -321,9 +325,17 @@ impl<'m> Scheduler<'m> {
             }
         }
         self.retire_finished();
-        let Some(model) = self.active.first().map(|j| j.model) else {
+        // The first model after the last one served that has work, wrapping.
+        let after = self.last_model.map_or(0, |m| m + 1);
+        let Some(model) = self
+            .active
+            .iter()
+            .map(|j| j.model)
+            .min_by_key(|&m| (m < after, m))
+        else {
             return;
         };
+        self.last_model = Some(model);
         let lm = &self.models[model];
         let mut budget = PREFILL_TOKENS_PER_STEP;
         let mut members = Vec::with_capacity(self.active.len());
