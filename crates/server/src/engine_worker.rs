@@ -683,4 +683,54 @@ mod tests {
         }
         assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_model_is_served_while_the_first_one_is_busy() {
+        let store = ModelStore::from_env();
+        let served: Vec<ServedModel> = ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"]
+            .iter()
+            .map(|name| ServedModel {
+                name: (*name).into(),
+                path: store.pull(name, &mut |p| eprintln!("{p}")).unwrap(),
+            })
+            .collect();
+        let metrics = Arc::new(Metrics::default());
+        let engine = EngineHandle::start(served, 8, 4, Arc::clone(&metrics)).unwrap();
+        while engine.models().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let encode = |m: usize, text: &str| {
+            engine.models().unwrap()[m]
+                .tokenizer
+                .encode(text, true, true)
+        };
+        let long = engine
+            .submit(
+                0,
+                GenerateRequest {
+                    ignore_eos: true,
+                    ..GenerateRequest::greedy(encode(0, "Write a long story."), 200)
+                },
+            )
+            .unwrap();
+        let long = tokio::spawn(finish(long));
+        while metrics.generation_tokens.load(Ordering::Relaxed) == 0
+            && metrics.running.load(Ordering::Relaxed) == 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let short = finish(
+            engine
+                .submit(1, GenerateRequest::greedy(encode(1, "Hello"), 4))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert!(!short.tokens.is_empty());
+        assert!(
+            !long.is_finished(),
+            "the second model waited for the first model's job to end"
+        );
+        assert_eq!(long.await.unwrap().unwrap().tokens.len(), 200);
+    }
 }
