@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use neocloud_testkit::http::Server;
 
@@ -20,8 +21,15 @@ fn python() -> String {
     std::env::var("NEOCLOUD_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+/// Held while the virtual environment is made: the tests of this file run
+/// in parallel and must not both create it.
+static VENV_SETUP: Mutex<()> = Mutex::new(());
+
 /// A virtual environment with `openai`, made once and reused.
 fn sdk_python() -> PathBuf {
+    let _setup = VENV_SETUP
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("openai-sdk-venv");
     let bin = venv.join("bin/python");
     let ready = venv.join(".installed");
