@@ -21,6 +21,8 @@ pub struct ServeFile {
     pub queue: Option<usize>,
     /// Sequences generated together.
     pub max_batch: Option<usize>,
+    /// Key/value memory per served model, in MiB.
+    pub kv_cache_mb: Option<usize>,
     /// Largest request body in bytes.
     pub body_limit: Option<usize>,
     /// Seconds open requests may run on after SIGTERM.

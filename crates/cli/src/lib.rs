@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// [default: 32].
     #[arg(long, env = "NEOCLOUD_MAX_BATCH")]
     pub max_batch: Option<usize>,
+    /// Memory for keys and values, per served model, in MiB: requests wait
+    /// for room in it, and the latest running ones are recomputed when it
+    /// runs out [default: 1024].
+    #[arg(long, env = "NEOCLOUD_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
     /// Largest request body in bytes; beyond that, 413 [default: 2 MiB].
     #[arg(long, env = "NEOCLOUD_BODY_LIMIT")]
     pub body_limit: Option<usize>,
@@ -228,7 +233,14 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         .or(file.shutdown_timeout_secs)
         .unwrap_or(30);
     let queue_capacity = args.queue.or(file.queue).unwrap_or(64).max(1);
-    let max_batch = args.max_batch.or(file.max_batch).unwrap_or(32).max(1);
+    let batch = neocloud_server::BatchLimits {
+        max_batch: args.max_batch.or(file.max_batch).unwrap_or(32).max(1),
+        kv_budget_bytes: args
+            .kv_cache_mb
+            .or(file.kv_cache_mb)
+            .unwrap_or(1024)
+            .saturating_mul(1 << 20),
+    };
     let body_limit = args
         .body_limit
         .or(file.body_limit)
@@ -247,7 +259,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             fleet,
             engine_models: models,
             queue_capacity,
-            max_batch,
+            batch,
             listen,
             body_limit,
             shutdown_timeout,
@@ -258,7 +270,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             models,
             listen,
             queue_capacity,
-            max_batch,
+            batch,
             body_limit,
             shutdown_timeout,
         };

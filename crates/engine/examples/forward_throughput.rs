@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use neocloud_engine::kernels::{matmul, QMatrix};
-use neocloud_engine::model::{BatchSequence, KvCache, Model};
+use neocloud_engine::kv_cache::KvCache;
+use neocloud_engine::model::{BatchSequence, Model};
 use neocloud_engine::sampler::{Sampler, SamplingParams};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -75,11 +76,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         start.elapsed().as_secs_f64() * 10.0
     );
 
-    let mut cache = KvCache::new(&model);
-    model.forward(&prompt[..64], &mut cache, 63)?;
+    let mut pool = model.kv_pool(1 << 30);
+    let mut cache = KvCache::new();
+    model.forward(&mut pool, &prompt[..64], &mut cache, 63)?;
     let start = Instant::now();
-    let mut cache = KvCache::new(&model);
-    model.forward(&prompt, &mut cache, prompt.len() - 1)?;
+    pool.release(&mut cache);
+    let mut cache = KvCache::new();
+    model.forward(&mut pool, &prompt, &mut cache, prompt.len() - 1)?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "prefill 512 tokens: {:.3} s, {:.0} tokens/s",
@@ -98,11 +101,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         widths
     };
     for streams in widths {
+        let mut pool = model.kv_pool(1 << 30);
         let mut caches: Vec<KvCache> = (0..streams)
             .map(|s| {
-                let mut c = KvCache::new(&model);
+                let mut c = KvCache::new();
                 let p: Vec<u32> = prompt[s..s + 32].to_vec();
-                model.forward(&p, &mut c, 31).map(|_| c)
+                model.forward(&mut pool, &p, &mut c, 31).map(|_| c)
             })
             .collect::<Result<_, _>>()?;
         let steps = if streams == 1 { 64 } else { 16 };
@@ -119,7 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     logits_from: 0,
                 })
                 .collect();
-            let logits = model.forward_batch(&mut batch)?;
+            let logits = model.forward_batch(&mut pool, &mut batch)?;
             for (t, row) in tokens.iter_mut().zip(logits.chunks_exact(vocab as usize)) {
                 *t = row
                     .iter()

@@ -30,6 +30,9 @@ pub enum EngineError {
     /// A request is invalid (bad sampling parameters, prompt too long...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The key/value pool has no block left for a sequence.
+    #[error("key/value memory exhausted: {0}")]
+    OutOfKvMemory(String),
     /// A model could not be fetched or verified.
     #[error("model source: {0}")]
     Source(String),

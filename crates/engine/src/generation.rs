@@ -11,7 +11,8 @@ use crate::chat_template::ChatTemplate;
 use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::json_grammar::{Grammar, JsonPrefix};
-use crate::model::{BatchSequence, KvCache, Model};
+use crate::kv_cache::{KvCache, KvPool};
+use crate::model::{BatchSequence, Model};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -156,60 +157,9 @@ pub struct Generation {
     pub prefill_time: Duration,
     /// Time spent generating after the prompt.
     pub decode_time: Duration,
-    /// Prompt tokens whose keys and values came from the [`PrefixCache`]
-    /// instead of a forward pass.
+    /// Prompt tokens whose keys and values came from the key/value pool's
+    /// prefix index instead of a forward pass.
     pub cached_prompt_tokens: usize,
-}
-
-/// The keys and values of the last sequence one model ran, kept so that
-/// the next prompt starting the same way (a system prompt, an earlier turn
-/// of the conversation) skips that part of the prefill.
-///
-/// A cached answer is the same, bit for bit, as an uncached one. Where the
-/// kernels compute every row on its own (the panel product), any number of
-/// leading positions is reused. Elsewhere small batches take the integer
-/// kernels and large ones the dequantising kernels, whose results differ in
-/// the last bits, so only positions computed in whole prefill chunks (of
-/// [`PREFILL_CHUNK`] tokens, starting at a multiple of it) are reused, and
-/// the rest of the prompt then goes through exactly the forward passes a
-/// fresh prefill would make (see [`reuse_unit`]).
-#[derive(Debug, Default)]
-pub struct PrefixCache {
-    /// The tokens whose positions `kv` holds.
-    tokens: Vec<u32>,
-    /// Leading positions that may be reused (see [`reuse_unit`]).
-    reusable: usize,
-    kv: Option<KvCache>,
-}
-
-impl PrefixCache {
-    /// An empty cache.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-}
-
-/// The positions prefix reuse counts in for `model`: any number when its
-/// rows are computed independently of their batch, so that reused keys and
-/// values are the ones a fresh pass would compute; otherwise whole prefill
-/// chunks starting at a multiple of [`PREFILL_CHUNK`], which the rest of
-/// the prompt then meets exactly as in a fresh prefill.
-pub fn reuse_unit(model: &Model) -> usize {
-    if model.batch_invariant() {
-        1
-    } else {
-        PREFILL_CHUNK
-    }
 }
 
 /// What a generation reports while it runs.
@@ -249,31 +199,45 @@ pub fn generate(
     req: &GenerateRequest,
     on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, EngineError> {
-    generate_cached(lm, req, &mut PrefixCache::new(), on_progress)
+    let positions = (req.prompt.len() + req.max_tokens).min(lm.model.config.context_length);
+    let mut pool = KvPool::for_positions(&lm.model.config, positions, 1);
+    generate_cached(lm, req, &mut pool, on_progress)
 }
 
-/// [`generate`], reusing the positions of `cache` that the prompt starts
-/// with, and leaving this sequence's in it for the next call. A failed
-/// generation leaves the cache empty.
+/// [`generate`] in `pool`: the prompt's start is taken from the pool's
+/// prefix index where it holds it, and the sequence's full blocks are left
+/// there for later prompts that start the same way. A reused prefix gives
+/// the same answer, bit for bit, as a fresh prefill (the pool only indexes
+/// prefixes for models whose rows are computed independently).
 pub fn generate_cached(
     lm: &LoadedModel,
     req: &GenerateRequest,
-    cache: &mut PrefixCache,
+    pool: &mut KvPool,
     on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
 ) -> Result<Generation, EngineError> {
-    let mut run = SequenceRun::start(lm, req.clone(), cache)?;
-    while let Some(pass) = run.next_pass(PREFILL_CHUNK) {
-        let mut logits = lm.model.forward_batch(&mut [pass])?;
-        run.advance(&mut logits, on_progress);
-    }
-    Ok(run.finish(cache))
+    let mut run = SequenceRun::start(lm, req.clone())?;
+    run.attach(pool);
+    let outcome = loop {
+        let Some(pass) = run.next_pass(PREFILL_CHUNK) else {
+            break Ok(());
+        };
+        match lm.model.forward_batch(pool, &mut [pass]) {
+            Ok(mut logits) => run.advance(&mut logits, on_progress),
+            Err(e) => break Err(e),
+        }
+    };
+    let generation = run.finish(pool);
+    outcome.map(|()| generation)
 }
 
 /// Where a [`SequenceRun`] stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// The prompt is going through the model.
+    /// The prompt is going through the model; its last row is sampled.
     Prefill,
+    /// The positions lost to a preemption are computed again; then the
+    /// pending token runs.
+    Recompute(u32),
     /// The last sampled token waits for its forward pass.
     Decode(u32),
     /// Nothing more to run.
@@ -286,6 +250,11 @@ enum Phase {
 /// last row. The engine's scheduler runs many at once in batched passes;
 /// [`generate_cached`] runs one alone. Either way the text, the stop rules
 /// and the progress reports are the same.
+///
+/// The run's keys and values live in blocks of a [`KvPool`]. The scheduler
+/// may take them back between passes ([`SequenceRun::preempt`]); the run
+/// then computes its positions again before it goes on, and its answer is
+/// unchanged.
 #[derive(Debug)]
 pub struct SequenceRun<'a> {
     lm: &'a LoadedModel,
@@ -297,11 +266,11 @@ pub struct SequenceRun<'a> {
     out: Generation,
     emitted: usize,
     kv: KvCache,
-    kv_tokens: Vec<u32>,
-    /// Prompt positions taken from the prefix cache.
-    reuse: usize,
-    /// The length of the chunk handed out by `next_pass`, not yet advanced.
-    in_flight: usize,
+    /// Every token that belongs in the cache before the next sample: the
+    /// prompt, then each generated token once it is handed out to run.
+    context: Vec<u32>,
+    /// Whether the run took its prefix from the pool yet.
+    attached: bool,
     budget: usize,
     phase: Phase,
     start: Instant,
@@ -309,14 +278,8 @@ pub struct SequenceRun<'a> {
 }
 
 impl<'a> SequenceRun<'a> {
-    /// Checks `req` and prepares its run, taking from `cache` the positions
-    /// its prompt starts with (the cache is left empty until
-    /// [`SequenceRun::finish`] gives this sequence's positions back).
-    pub fn start(
-        lm: &'a LoadedModel,
-        req: GenerateRequest,
-        cache: &mut PrefixCache,
-    ) -> Result<Self, EngineError> {
+    /// Checks `req` and prepares its run, with no keys and values yet.
+    pub fn start(lm: &'a LoadedModel, req: GenerateRequest) -> Result<Self, EngineError> {
         let model = &lm.model;
         let vocab = model.config.vocab_size;
         req.sampling.validate(vocab)?;
@@ -336,23 +299,6 @@ impl<'a> SequenceRun<'a> {
                 "stop strings must not be empty".into(),
             ));
         }
-        let mut kv = cache.kv.take().unwrap_or_else(|| KvCache::new(model));
-        let mut kv_tokens = std::mem::take(&mut cache.tokens);
-        // At least the prompt's last token goes through the model: its
-        // logits give the first sampled token.
-        let common = kv_tokens
-            .iter()
-            .zip(&req.prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(req.prompt.len().saturating_sub(1))
-            .min(cache.reusable)
-            .min(kv.len());
-        let unit = reuse_unit(model);
-        let reuse = common - common % unit;
-        kv.truncate(reuse, model);
-        kv_tokens.truncate(reuse);
-        cache.reusable = 0;
         let hold_back = req.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
         Ok(SequenceRun {
             lm,
@@ -367,13 +313,12 @@ impl<'a> SequenceRun<'a> {
                 finish_reason: FinishReason::Length,
                 prefill_time: Duration::ZERO,
                 decode_time: Duration::ZERO,
-                cached_prompt_tokens: reuse,
+                cached_prompt_tokens: 0,
             },
             emitted: 0,
-            kv,
-            kv_tokens,
-            reuse,
-            in_flight: 0,
+            kv: KvCache::new(),
+            context: req.prompt.clone(),
+            attached: false,
             budget: req.max_tokens.min(ctx - req.prompt.len()),
             phase: Phase::Prefill,
             start: Instant::now(),
@@ -382,40 +327,95 @@ impl<'a> SequenceRun<'a> {
         })
     }
 
+    /// The longest start of the run's context whose positions `pool`'s
+    /// prefix index can give (at least the prompt's last token is left to
+    /// run: its logits give the first sampled token).
+    fn reusable(&self, pool: &KvPool) -> usize {
+        let limit = match self.phase {
+            Phase::Prefill => self.context.len() - 1,
+            _ => self.context.len(),
+        };
+        pool.cached_prefix(&self.context, limit)
+    }
+
+    /// Blocks the run needs from `pool` to hold its context as it stands
+    /// (the prompt, or the positions lost to a preemption) beyond what the
+    /// prefix index gives, plus one position to go on with.
+    pub fn blocks_to_resume(&self, pool: &KvPool) -> usize {
+        pool.blocks_for_span(self.reusable(pool), self.context.len() + 1)
+    }
+
+    /// Takes from `pool` the positions of the run's context that its
+    /// prefix index holds; called before the first pass and after a
+    /// preemption.
+    pub fn attach(&mut self, pool: &mut KvPool) {
+        let limit = match self.phase {
+            Phase::Prefill => self.context.len() - 1,
+            _ => self.context.len(),
+        };
+        let reused = pool.attach_prefix(&mut self.kv, &self.context, limit);
+        if !self.attached {
+            self.out.cached_prompt_tokens = reused;
+            self.attached = true;
+        }
+        if let Phase::Recompute(id) = self.phase {
+            if self.kv.len() == self.context.len() {
+                self.phase = Phase::Decode(id);
+            }
+        }
+    }
+
+    /// Gives the run's blocks back to `pool`; the run computes its
+    /// positions again once [`SequenceRun::attach`]ed anew.
+    pub fn preempt(&mut self, pool: &mut KvPool) {
+        if let Phase::Decode(id) = self.phase {
+            // A token handed out but never run is not part of the context.
+            self.context.truncate(self.kv.len());
+            self.phase = Phase::Recompute(id);
+        }
+        pool.release(&mut self.kv);
+    }
+
+    /// The number of tokens [`SequenceRun::next_pass`] would hand out now.
+    pub fn next_pass_len(&self, max_prefill: usize) -> usize {
+        match self.phase {
+            Phase::Prefill | Phase::Recompute(_) => {
+                (self.context.len() - self.kv.len()).min(max_prefill.clamp(1, PREFILL_CHUNK))
+            }
+            Phase::Decode(_) => 1,
+            Phase::Done => 0,
+        }
+    }
+
     /// The next forward pass of this sequence (a prompt chunk of at most
     /// `max_prefill` tokens, and at most [`PREFILL_CHUNK`], or the last
     /// sampled token), asking for the logits of its last row only; `None`
     /// when the run is over.
     pub fn next_pass(&mut self, max_prefill: usize) -> Option<BatchSequence<'_>> {
-        let (tokens, len): (&[u32], usize) = match self.phase {
-            Phase::Prefill => {
-                let from = self.kv_tokens.len();
-                let len = (self.req.prompt.len() - from).min(max_prefill.clamp(1, PREFILL_CHUNK));
-                (&self.req.prompt[from..from + len], len)
+        let at = self.kv.len();
+        if let Phase::Decode(id) = self.phase {
+            // The pending token joins the context before the pass, so
+            // that the pass can borrow it.
+            if self.context.len() == at {
+                self.context.push(id);
             }
-            Phase::Decode(id) => {
-                // The pending token joins the sequence's tokens before the
-                // pass, so that the pass can borrow it.
-                let at = self.kv.len();
-                if self.kv_tokens.len() == at {
-                    self.kv_tokens.push(id);
-                }
-                (&self.kv_tokens[at..at + 1], 1)
-            }
-            Phase::Done => return None,
-        };
-        self.in_flight = len;
+        }
+        let len = self.next_pass_len(max_prefill);
+        if len == 0 {
+            return None;
+        }
         Some(BatchSequence {
-            tokens,
+            tokens: &self.context[at..at + len],
             cache: &mut self.kv,
             logits_from: len - 1,
         })
     }
 
-    /// Prompt tokens still to go through the model (0 once decoding).
+    /// Tokens still to go through the model before the next sample (0 once
+    /// decoding).
     pub fn prompt_left(&self) -> usize {
         match self.phase {
-            Phase::Prefill => self.req.prompt.len() - self.kv_tokens.len(),
+            Phase::Prefill | Phase::Recompute(_) => self.context.len() - self.kv.len(),
             _ => 0,
         }
     }
@@ -425,9 +425,33 @@ impl<'a> SequenceRun<'a> {
         self.kv.len()
     }
 
+    /// Blocks the next pass of `len` tokens needs from `pool`.
+    pub fn blocks_for_next(&self, pool: &KvPool, len: usize) -> usize {
+        pool.blocks_to_grow(&self.kv, len)
+    }
+
     /// Whether the run is over.
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
+    }
+
+    /// Whether the run has generated a token yet.
+    pub fn has_output(&self) -> bool {
+        !self.out.tokens.is_empty()
+    }
+
+    /// Ends the run as if it reached its token limit (the pool cannot hold
+    /// it any longer).
+    pub fn end_for_length(&mut self, on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        self.phase = Phase::Done;
+        self.out.finish_reason = FinishReason::Length;
+        self.out.text.push_str(&self.decoder.finish());
+        let _ = on_progress(Progress::Finished {
+            text: &self.out.text[self.emitted..],
+        });
     }
 
     /// Takes the logits of the last row of the pass that ran
@@ -440,14 +464,16 @@ impl<'a> SequenceRun<'a> {
         logits: &mut [f32],
         on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
     ) {
-        let ran = std::mem::take(&mut self.in_flight);
         match self.phase {
             Phase::Done => return,
+            Phase::Recompute(id) => {
+                if self.kv.len() >= self.context.len() {
+                    self.phase = Phase::Decode(id);
+                }
+                return;
+            }
             Phase::Prefill => {
-                let from = self.kv_tokens.len();
-                let chunk = &self.req.prompt[from..from + ran];
-                self.kv_tokens.extend_from_slice(chunk);
-                let (done, total) = (self.kv_tokens.len(), self.req.prompt.len());
+                let (done, total) = (self.kv.len(), self.context.len());
                 if on_progress(Progress::Prefilled { done, total }).is_break() {
                     self.out.finish_reason = FinishReason::Cancelled;
                     self.out.prefill_time = self.start.elapsed();
@@ -570,27 +596,16 @@ impl<'a> SequenceRun<'a> {
         }
     }
 
-    /// Ends the run: its result, with this sequence's positions left in
-    /// `cache` for the next prompt that starts the same way.
-    pub fn finish(mut self, cache: &mut PrefixCache) -> Generation {
+    /// Ends the run: its result. Its blocks go back to `pool`, whose
+    /// prefix index keeps the full ones for later prompts that start the
+    /// same way.
+    pub fn finish(mut self, pool: &mut KvPool) -> Generation {
         if let Some(t) = self.decode_start {
             self.out.decode_time = t.elapsed();
         } else if self.out.prefill_time.is_zero() {
             self.out.prefill_time = self.start.elapsed();
         }
-        // The keys of a token handed out but never run are not in the cache.
-        self.kv_tokens.truncate(self.kv.len());
-        cache.reusable = if reuse_unit(&self.lm.model) == 1 {
-            // Every position: the prompt and the answer so far (the next
-            // turn of a conversation starts with both).
-            self.kv_tokens.len()
-        } else {
-            // Whole chunks of this prompt, from the reuse point on.
-            let computed = self.kv_tokens.len().min(self.req.prompt.len());
-            self.reuse + computed.saturating_sub(self.reuse) / PREFILL_CHUNK * PREFILL_CHUNK
-        };
-        cache.tokens = self.kv_tokens;
-        cache.kv = Some(self.kv);
+        pool.release(&mut self.kv);
         self.out
     }
 }
@@ -625,10 +640,11 @@ pub fn score(
             model.config.context_length
         )));
     }
-    let mut cache = KvCache::new(model);
+    let mut pool = KvPool::for_positions(&model.config, tokens.len(), 1);
+    let mut cache = KvCache::new();
     let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
     for (c, chunk) in tokens.chunks(SCORE_CHUNK).enumerate() {
-        let logits = model.forward(chunk, &mut cache, 0)?;
+        let logits = model.forward(&mut pool, chunk, &mut cache, 0)?;
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
             let Some(&next) = tokens.get(c * SCORE_CHUNK + i + 1) else {
                 break;

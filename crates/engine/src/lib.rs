@@ -2,7 +2,8 @@
 //!
 //! Loads GGUF models ([`gguf`]), tokenises ([`tokenizer`]), renders chat
 //! templates ([`chat_template`]), runs the model forward on the CPU with our own
-//! kernels ([`model`], [`kernels`], [`quant`]) and samples ([`sampler`]),
+//! kernels ([`model`], [`kernels`], [`quant`]) over paged key/value memory
+//! ([`kv_cache`]) and samples ([`sampler`]),
 //! optionally under a grammar ([`json_grammar`]).
 //! [`model_source`] fetches models into the local cache. Nothing here knows
 //! about HTTP.
@@ -16,6 +17,7 @@ pub mod integer_dot;
 mod integer_dot_avx2;
 pub mod json_grammar;
 pub mod kernels;
+pub mod kv_cache;
 pub mod model;
 pub mod model_source;
 pub mod panel;

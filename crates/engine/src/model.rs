@@ -17,6 +17,7 @@ use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
 use crate::kernels::{
     axpy, dot_f32, exp_below_in_place, gelu_tanh_gated, matmul, silu_gated, QMatrix,
 };
+use crate::kv_cache::{KvCache, KvPool};
 use crate::panel::PanelMatrix;
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
@@ -140,53 +141,6 @@ pub struct Model {
     output_norm: Vec<f32>,
     output: WeightRef,
     layers: Vec<LayerWeights>,
-}
-
-/// Per-sequence key/value cache: for each layer, keys and values of every
-/// position so far, `[position][kv_head][dim]`.
-#[derive(Debug, Default, Clone)]
-pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// An empty cache for `model`.
-    pub fn new(model: &Model) -> Self {
-        let n = model.config.n_layers;
-        KvCache {
-            keys: vec![Vec::new(); n],
-            values: vec![Vec::new(); n],
-            len: 0,
-        }
-    }
-
-    /// Number of positions cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Drops every position from `len` on.
-    pub fn truncate(&mut self, len: usize, model: &Model) {
-        if len >= self.len {
-            return;
-        }
-        let kd = model.config.n_kv_heads * model.config.head_dim;
-        let vd = model.config.n_kv_heads * model.config.value_dim;
-        for k in &mut self.keys {
-            k.truncate(len * kd);
-        }
-        for v in &mut self.values {
-            v.truncate(len * vd);
-        }
-        self.len = len;
-    }
 }
 
 fn meta<'a>(gguf: &'a GgufFile, key: &str) -> Result<&'a MetaValue, EngineError> {
@@ -495,19 +449,23 @@ impl Model {
     }
 
     /// Runs `tokens` through the model after the positions already in `cache`,
-    /// appends their keys and values to it, and returns the logits of the rows
+    /// appends their keys and values to it (in blocks of `pool`), and returns the logits of the rows
     /// `logits_from..tokens.len()` (`vocab_size` values each).
     pub fn forward(
         &self,
+        pool: &mut KvPool,
         tokens: &[u32],
         cache: &mut KvCache,
         logits_from: usize,
     ) -> Result<Vec<f32>, EngineError> {
-        self.forward_batch(&mut [BatchSequence {
-            tokens,
-            cache,
-            logits_from,
-        }])
+        self.forward_batch(
+            pool,
+            &mut [BatchSequence {
+                tokens,
+                cache,
+                logits_from,
+            }],
+        )
     }
 
     /// Runs several sequences through the model in one pass: their rows
@@ -515,17 +473,29 @@ impl Model {
     /// Returns the logits of each sequence's rows from its `logits_from`,
     /// sequence after sequence. Rows are computed independently of each
     /// other, so a sequence gets the same logits in any batch.
-    pub fn forward_batch(&self, batch: &mut [BatchSequence<'_>]) -> Result<Vec<f32>, EngineError> {
+    ///
+    /// Every sequence's blocks for the new positions are taken from `pool`
+    /// before anything runs; when the pool cannot give them all, the pass
+    /// fails with [`EngineError::OutOfKvMemory`] (blocks already taken stay
+    /// with their sequences, which may use them in a later pass).
+    pub fn forward_batch(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [BatchSequence<'_>],
+    ) -> Result<Vec<f32>, EngineError> {
         let c = &self.config;
         for s in batch.iter_mut() {
             self.check_sequence(s)?;
+        }
+        for s in batch.iter_mut() {
+            pool.grow(s.cache, s.tokens.len())?;
         }
         let t_len: usize = batch.iter().map(|s| s.tokens.len()).sum();
         // Row r belongs to sequence `row_seq[r]` and sits at `row_pos[r]`.
         let mut row_seq = Vec::with_capacity(t_len);
         let mut row_pos = Vec::with_capacity(t_len);
         for (i, s) in batch.iter().enumerate() {
-            let p0 = s.cache.len;
+            let p0 = s.cache.len();
             row_seq.extend(std::iter::repeat_n(i, s.tokens.len()));
             row_pos.extend(p0..p0 + s.tokens.len());
         }
@@ -588,10 +558,14 @@ impl Model {
             rope(&mut q, q_dim, c.head_dim, angles, c.rope_style);
             rope(&mut k, k_dim, c.head_dim, angles, c.rope_style);
             let mut r0 = 0;
-            for s in batch.iter_mut() {
+            for s in batch.iter() {
                 let r1 = r0 + s.tokens.len();
-                s.cache.keys[l].extend_from_slice(&k[r0 * k_dim..r1 * k_dim]);
-                s.cache.values[l].extend_from_slice(&v[r0 * v_dim..r1 * v_dim]);
+                pool.write(
+                    s.cache.table(l),
+                    s.cache.len(),
+                    &k[r0 * k_dim..r1 * k_dim],
+                    &v[r0 * v_dim..r1 * v_dim],
+                );
                 r0 = r1;
             }
             let window = if c.layer_sliding[l] {
@@ -599,11 +573,8 @@ impl Model {
             } else {
                 None
             };
-            let caches: Vec<(&[f32], &[f32])> = batch
-                .iter()
-                .map(|s| (s.cache.keys[l].as_slice(), s.cache.values[l].as_slice()))
-                .collect();
-            self.attention(&q, &caches, &row_seq, &row_pos, window, &mut attn);
+            let tables: Vec<&[u32]> = batch.iter().map(|s| s.cache.table(l)).collect();
+            self.attention(pool, &q, &tables, &row_seq, &row_pos, window, &mut attn);
             matmul(&self.matrix(&w.wo), &attn, t_len, &mut proj);
             if let Some(n) = &w.post_attn_norm {
                 rms_norm_in_place(&mut proj, n, c.rms_eps);
@@ -638,7 +609,7 @@ impl Model {
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         for s in batch.iter_mut() {
-            s.cache.len += s.tokens.len();
+            pool.commit(s.cache, s.tokens);
         }
         // The rows whose logits were asked for.
         let mut picked = Vec::new();
@@ -681,26 +652,32 @@ impl Model {
                 s.logits_from
             )));
         }
-        if s.cache.len + t_len > c.context_length {
+        if s.cache.len() + t_len > c.context_length {
             return Err(EngineError::InvalidRequest(format!(
                 "{} tokens exceed the model's context of {}",
-                s.cache.len + t_len,
+                s.cache.len() + t_len,
                 c.context_length
             )));
         }
-        self.check_tokens(s.tokens)?;
-        if s.cache.keys.len() != c.n_layers {
-            *s.cache = KvCache::new(self);
-        }
-        Ok(())
+        self.check_tokens(s.tokens)
+    }
+
+    /// A key/value pool of `budget_bytes` for this model, caching prefixes
+    /// when reused keys and values are the ones a fresh pass would compute
+    /// ([`Model::batch_invariant`]).
+    pub fn kv_pool(&self, budget_bytes: usize) -> KvPool {
+        KvPool::new(&self.config, budget_bytes, self.batch_invariant())
     }
 
     /// Causal attention of each row's query over its own sequence's cached
-    /// keys and values (`caches[row_seq[r]]`), up to its position.
+    /// keys and values (block table `tables[row_seq[r]]` of `pool`), up to
+    /// its position.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        pool: &KvPool,
         q: &[f32],
-        caches: &[(&[f32], &[f32])],
+        tables: &[&[u32]],
         row_seq: &[usize],
         row_pos: &[usize],
         window: Option<usize>,
@@ -709,12 +686,10 @@ impl Model {
         let c = &self.config;
         let (hd, vd) = (c.head_dim, c.value_dim);
         let group = c.n_heads / c.n_kv_heads;
-        let k_stride = c.n_kv_heads * hd;
-        let v_stride = c.n_kv_heads * vd;
         let scale = c.attention_scale;
         out.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / c.n_heads, i % c.n_heads);
-            let (keys, values) = caches[row_seq[t]];
+            let table = tables[row_seq[t]];
             let kvh = h / group;
             let pos = row_pos[t];
             let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -724,14 +699,14 @@ impl Model {
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for j in start..=pos {
-                    let s = dot_f32(qh, &keys[j * k_stride + kvh * hd..][..hd]) * scale;
+                    let s = dot_f32(qh, &pool.keys(table, j)[kvh * hd..][..hd]) * scale;
                     max = max.max(s);
                     scores.push(s);
                 }
                 let sum = exp_below_in_place(&mut scores, max);
                 o.iter_mut().for_each(|v| *v = 0.0);
                 for (j, s) in (start..=pos).zip(scores.iter()) {
-                    axpy(s / sum, &values[j * v_stride + kvh * vd..][..vd], o);
+                    axpy(s / sum, &pool.values(table, j)[kvh * vd..][..vd], o);
                 }
             });
         });

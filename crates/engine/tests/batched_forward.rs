@@ -7,7 +7,8 @@
 
 mod common;
 
-use neocloud_engine::model::{BatchSequence, KvCache, Model};
+use neocloud_engine::kv_cache::{KvCache, KvPool};
+use neocloud_engine::model::{BatchSequence, Model};
 
 const STEPS: usize = 8;
 
@@ -32,14 +33,17 @@ fn argmax(row: &[f32]) -> u32 {
 
 /// Greedy decoding of one prompt alone: per step, the log-probabilities.
 fn alone(model: &Model, prompt: &[u32]) -> (Vec<u32>, Vec<Vec<f64>>) {
-    let mut cache = KvCache::new(model);
-    let mut logits = model.forward(prompt, &mut cache, prompt.len() - 1).unwrap();
+    let mut pool = KvPool::for_positions(&model.config, prompt.len() + STEPS, 1);
+    let mut cache = KvCache::new();
+    let mut logits = model
+        .forward(&mut pool, prompt, &mut cache, prompt.len() - 1)
+        .unwrap();
     let (mut tokens, mut lps) = (Vec::new(), Vec::new());
     for _ in 0..STEPS {
         let next = argmax(&logits);
         lps.push(log_softmax(&logits));
         tokens.push(next);
-        logits = model.forward(&[next], &mut cache, 0).unwrap();
+        logits = model.forward(&mut pool, &[next], &mut cache, 0).unwrap();
     }
     (tokens, lps)
 }
@@ -58,7 +62,8 @@ fn batched_sequences_get_the_log_probabilities_they_get_alone() {
     .collect();
     let singles: Vec<_> = prompts.iter().map(|p| alone(&model, p)).collect();
 
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(&model)).collect();
+    let mut pool = model.kv_pool(64 << 20);
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new()).collect();
     // All three prompts in one pass, then every decode step in one pass.
     let mut batch: Vec<BatchSequence<'_>> = prompts
         .iter()
@@ -69,7 +74,7 @@ fn batched_sequences_get_the_log_probabilities_they_get_alone() {
             logits_from: p.len() - 1,
         })
         .collect();
-    let mut logits = model.forward_batch(&mut batch).unwrap();
+    let mut logits = model.forward_batch(&mut pool, &mut batch).unwrap();
     drop(batch);
     let mut worst = 0f64;
     let mut exact = true;
@@ -95,7 +100,7 @@ fn batched_sequences_get_the_log_probabilities_they_get_alone() {
                 logits_from: 0,
             })
             .collect();
-        logits = model.forward_batch(&mut batch).unwrap();
+        logits = model.forward_batch(&mut pool, &mut batch).unwrap();
     }
     eprintln!("largest log-probability difference {worst:.2e} (bit-identical: {exact})");
     // The reference tests allow a mean difference of 0.25 against llama.cpp;

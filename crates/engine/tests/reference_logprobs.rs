@@ -7,7 +7,7 @@
 
 mod common;
 
-use neocloud_engine::model::KvCache;
+use neocloud_engine::kv_cache::KvCache;
 use neocloud_engine::sampler::log_softmax;
 
 /// How the teacher-forced tokens go through the model.
@@ -36,16 +36,19 @@ fn check_model(name: &str, mode: Mode) {
         let steps = line["steps"].as_array().unwrap();
         let mut input = prompt.clone();
         input.extend(&completion[..completion.len() - 1]);
-        let mut cache = KvCache::new(&model);
+        let mut pool = model.kv_pool(64 << 20);
+        let mut cache = KvCache::new();
         let vocab = model.config.vocab_size;
         let logits = match mode {
-            Mode::Batched => model.forward(&input, &mut cache, prompt.len() - 1).unwrap(),
+            Mode::Batched => model
+                .forward(&mut pool, &input, &mut cache, prompt.len() - 1)
+                .unwrap(),
             Mode::Incremental => {
                 let mut all = model
-                    .forward(&prompt, &mut cache, prompt.len() - 1)
+                    .forward(&mut pool, &prompt, &mut cache, prompt.len() - 1)
                     .unwrap();
                 for &t in &completion[..completion.len() - 1] {
-                    all.extend(model.forward(&[t], &mut cache, 0).unwrap());
+                    all.extend(model.forward(&mut pool, &[t], &mut cache, 0).unwrap());
                 }
                 all
             }

@@ -6,7 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use neocloud_engine::gguf::GgufFile;
-use neocloud_engine::model::{Activation, Architecture, KvCache, Model, RopeStyle};
+use neocloud_engine::kv_cache::KvCache;
+use neocloud_engine::model::{Activation, Architecture, Model, RopeStyle};
 use neocloud_testkit::gguf_writer::{GgufBuilder, Tensor, Value};
 
 const D: u64 = 64;
@@ -87,14 +88,17 @@ fn llama_layout_is_recognised() {
 fn incremental_decoding_matches_the_batched_pass() {
     let gguf = GgufFile::from_bytes(tiny_llama()).unwrap();
     let model = Model::load(&gguf).unwrap();
+    let mut pool = model.kv_pool(1 << 20);
     let tokens = [3u32, 17, 5, 39, 0, 22, 8, 8, 13];
-    let mut cache = KvCache::new(&model);
-    let batched = model.forward(&tokens, &mut cache, 0).unwrap();
+    let mut cache = KvCache::new();
+    let batched = model.forward(&mut pool, &tokens, &mut cache, 0).unwrap();
     assert!(batched.iter().all(|v| v.is_finite()));
-    let mut cache = KvCache::new(&model);
-    let mut incremental = model.forward(&tokens[..2], &mut cache, 0).unwrap();
+    let mut cache = KvCache::new();
+    let mut incremental = model
+        .forward(&mut pool, &tokens[..2], &mut cache, 0)
+        .unwrap();
     for &t in &tokens[2..] {
-        incremental.extend(model.forward(&[t], &mut cache, 0).unwrap());
+        incremental.extend(model.forward(&mut pool, &[t], &mut cache, 0).unwrap());
     }
     assert_eq!(cache.len(), tokens.len());
     assert_eq!(batched.len(), incremental.len());
@@ -116,8 +120,9 @@ fn incremental_decoding_matches_the_batched_pass() {
 fn out_of_vocabulary_tokens_are_rejected() {
     let gguf = GgufFile::from_bytes(tiny_llama()).unwrap();
     let model = Model::load(&gguf).unwrap();
+    let mut pool = model.kv_pool(1 << 20);
     let err = model
-        .forward(&[VOCAB as u32], &mut KvCache::new(&model), 0)
+        .forward(&mut pool, &[VOCAB as u32], &mut KvCache::new(), 0)
         .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }
@@ -126,13 +131,19 @@ fn out_of_vocabulary_tokens_are_rejected() {
 fn bad_batches_are_errors_not_panics() {
     let gguf = GgufFile::from_bytes(tiny_llama()).unwrap();
     let model = Model::load(&gguf).unwrap();
-    let mut cache = KvCache::new(&model);
-    assert!(model.forward(&[], &mut cache, 0).is_err());
-    assert!(model.forward(&[1, 2], &mut cache, 3).is_err());
+    let mut pool = model.kv_pool(1 << 20);
+    let mut cache = KvCache::new();
+    assert!(model.forward(&mut pool, &[], &mut cache, 0).is_err());
+    assert!(model.forward(&mut pool, &[1, 2], &mut cache, 3).is_err());
     // No logits asked for: the cache still advances.
-    assert!(model.forward(&[1, 2], &mut cache, 2).unwrap().is_empty());
+    assert!(model
+        .forward(&mut pool, &[1, 2], &mut cache, 2)
+        .unwrap()
+        .is_empty());
     assert_eq!(cache.len(), 2);
     let too_long = vec![1u32; 127];
-    let err = model.forward(&too_long, &mut cache, 126).unwrap_err();
+    let err = model
+        .forward(&mut pool, &too_long, &mut cache, 126)
+        .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
 }

@@ -8,7 +8,15 @@
 //! never starts if it was still queued. The queue of jobs waiting for a
 //! batch slot is bounded: when it is full, new requests are refused at
 //! once. A panic while running fails the jobs of that step alone.
+//!
+//! Each model's keys and values live in a [`KvPool`] of a fixed budget. A
+//! job joins the batch only when its model's pool has the blocks for its
+//! prompt; when the running jobs outgrow the pool, the most recently
+//! admitted one gives its blocks back and waits, first in line, to compute
+//! its positions again (preemption by recompute). Jobs leave the pool the
+//! step they end or their client leaves.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -18,10 +26,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use neocloud_engine::generation::{
-    score, FinishReason, GenerateRequest, Generation, LoadedModel, PrefixCache, Progress,
-    ScoredToken, SequenceRun, PREFILL_CHUNK,
+    score, FinishReason, GenerateRequest, Generation, LoadedModel, Progress, ScoredToken,
+    SequenceRun, PREFILL_CHUNK,
 };
+use neocloud_engine::kv_cache::KvPool;
 use neocloud_engine::sampler::Sampled;
+use neocloud_engine::EngineError;
 use tokio::sync::mpsc;
 
 use crate::error::ServerError;
@@ -84,6 +94,15 @@ struct Job {
 /// by its token limit.
 pub type JobEvents = mpsc::UnboundedReceiver<WorkerEvent>;
 
+/// How much the engine runs at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Sequences in one batch at most.
+    pub max_batch: usize,
+    /// Bytes of keys and values each model's pool holds.
+    pub kv_budget_bytes: usize,
+}
+
 /// Shared view of the engine thread: its models once loaded, and its queue.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -96,12 +115,13 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts the engine thread; it loads `models` in the background. At
-    /// most `max_batch` sequences run together, and at most
-    /// `queue_capacity` jobs wait for a place among them.
+    /// most `max_batch` sequences run together, within `kv_budget_bytes`
+    /// of keys and values per model, and at most `queue_capacity` jobs
+    /// wait for a place among them.
     pub fn start(
         models: Vec<ServedModel>,
         queue_capacity: usize,
-        max_batch: usize,
+        limits: BatchLimits,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServerError> {
         let (tx, rx) = sync_channel(queue_capacity);
@@ -115,12 +135,12 @@ impl EngineHandle {
         let shared = handle.clone();
         std::thread::Builder::new()
             .name("neocloud-engine".into())
-            .spawn(move || shared.run(models, max_batch, rx))
+            .spawn(move || shared.run(models, limits, rx))
             .map_err(|e| ServerError::Unavailable(format!("cannot start the engine: {e}")))?;
         Ok(handle)
     }
 
-    fn run(self, served: Vec<ServedModel>, max_batch: usize, jobs: Receiver<Job>) {
+    fn run(self, served: Vec<ServedModel>, limits: BatchLimits, jobs: Receiver<Job>) {
         let mut loaded = Vec::with_capacity(served.len());
         for m in &served {
             match LoadedModel::open(&m.path) {
@@ -135,13 +155,20 @@ impl EngineHandle {
         let metrics = Arc::clone(&self.metrics);
         // Our own sender must go, or the loop below would never end.
         drop(self);
+        let pools: Vec<KvPool> = models
+            .iter()
+            .map(|lm| lm.model.kv_pool(limits.kv_budget_bytes))
+            .collect();
+        metrics.kv_blocks_total.store(
+            pools.iter().map(KvPool::total_blocks).sum(),
+            Ordering::Relaxed,
+        );
         Scheduler {
             models: &models,
-            // One sequence's keys and values per model, for the next prompt
-            // that starts the same way.
-            prefix_caches: models.iter().map(|_| PrefixCache::new()).collect(),
+            pools,
             active: Vec::new(),
-            max_batch: max_batch.max(1),
+            waiting: VecDeque::new(),
+            max_batch: limits.max_batch.max(1),
             metrics,
             last_model: None,
         }
@@ -217,8 +244,13 @@ const PREFILL_TOKENS_PER_STEP: usize = PREFILL_CHUNK;
 /// The engine thread's state between steps.
 struct Scheduler<'m> {
     models: &'m [Arc<LoadedModel>],
-    prefix_caches: Vec<PrefixCache>,
+    /// Each model's keys and values.
+    pools: Vec<KvPool>,
+    /// The batch, in the order the jobs joined it.
     active: Vec<ActiveJob<'m>>,
+    /// Jobs taken from the queue that wait for blocks, in order; those
+    /// preempted go first.
+    waiting: VecDeque<ActiveJob<'m>>,
     max_batch: usize,
     metrics: Arc<Metrics>,
     /// The model of the last step: the next step goes to the next model
@@ -226,7 +258,7 @@ struct Scheduler<'m> {
     last_model: Option<usize>,
 }
 
-/// A generation in the batch.
+/// A generation, in the batch or waiting for blocks.
 struct ActiveJob<'m> {
     model: usize,
     run: SequenceRun<'m>,
@@ -238,42 +270,43 @@ impl<'m> Scheduler<'m> {
         loop {
             // Wait for work when there is none; otherwise take what has
             // arrived, as far as the batch has room.
-            if self.active.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() {
                 match jobs.recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => self.take(job),
                     Err(_) => return,
                 }
             }
-            while self.active.len() < self.max_batch {
+            while self.active.len() + self.waiting.len() < self.max_batch {
                 match jobs.try_recv() {
-                    Ok(job) => self.admit(job),
+                    Ok(job) => self.take(job),
                     Err(_) => break,
                 }
             }
+            self.admit_waiting();
             self.step();
         }
     }
 
-    /// Starts `job`: a generation joins the batch; other kinds run at once.
-    fn admit(&mut self, job: Job) {
+    /// Takes `job` from the queue: a generation waits for its blocks;
+    /// other kinds run at once.
+    fn take(&mut self, job: Job) {
         let metrics = &self.metrics;
-        metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         if job.events.is_closed() {
             // The client left while the job waited: it never starts.
+            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
             metrics.finished(FinishedReason::Abort);
             return;
         }
-        let (Some(lm), Some(prefix_cache)) = (
-            self.models.get(job.model),
-            self.prefix_caches.get_mut(job.model),
-        ) else {
+        let Some(lm) = self.models.get(job.model) else {
+            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
             return;
         };
-        metrics.queue_time.observe_duration(job.arrived.elapsed());
         let request = match job.kind {
             JobKind::Generate(request) => request,
             other => {
                 // Scoring (and injected faults) run alone, between steps.
+                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                metrics.queue_time.observe_duration(job.arrived.elapsed());
                 metrics.running.fetch_add(1, Ordering::Relaxed);
                 let events = job.events.clone();
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -284,34 +317,164 @@ impl<'m> Scheduler<'m> {
                 return;
             }
         };
-        let capacity = lm
-            .model
-            .config
-            .context_length
-            .min(request.prompt.len() + request.max_tokens);
         let prompt_tokens = request.prompt.len();
-        match SequenceRun::start(lm, request, prefix_cache) {
-            Ok(run) => {
-                metrics.running.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .kv_positions_capacity
-                    .fetch_add(capacity, Ordering::Relaxed);
-                self.active.push(ActiveJob {
-                    model: job.model,
-                    run,
-                    report: JobReport {
-                        events: job.events,
-                        arrived: job.arrived,
-                        pending: Vec::new(),
-                        last_token: None,
-                        prompt_tokens,
-                        capacity,
-                    },
-                });
-            }
+        match SequenceRun::start(lm, request) {
+            Ok(run) => self.waiting.push_back(ActiveJob {
+                model: job.model,
+                run,
+                report: JobReport {
+                    events: job.events,
+                    arrived: job.arrived,
+                    pending: Vec::new(),
+                    last_token: None,
+                    prompt_tokens,
+                    started: false,
+                },
+            }),
             Err(e) => {
+                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
                 metrics.finished(FinishedReason::Error);
                 let _ = job.events.send(WorkerEvent::Failed(e.into()));
+            }
+        }
+    }
+
+    /// Moves waiting jobs into the batch, in order, while it has room and
+    /// their models' pools have the blocks for them. A job never admitted
+    /// ahead of an earlier one of the same model.
+    fn admit_waiting(&mut self) {
+        let mut blocked = vec![false; self.models.len()];
+        let mut i = 0;
+        while i < self.waiting.len() && self.active.len() < self.max_batch {
+            let job = &self.waiting[i];
+            let model = job.model;
+            if job.report.events.is_closed() {
+                if let Some(mut job) = self.waiting.remove(i) {
+                    job.run.cancel();
+                    self.retire(job);
+                }
+                continue;
+            }
+            if blocked[model] {
+                i += 1;
+                continue;
+            }
+            let others_running = self.has_active(model);
+            let pool = &mut self.pools[model];
+            let need = job.run.blocks_to_resume(pool);
+            // A little room is kept for the running sequences to grow.
+            let reserve = pool.total_blocks() / 100;
+            if need > pool.total_blocks() {
+                if let Some(job) = self.waiting.remove(i) {
+                    self.refuse(job, need);
+                }
+                continue;
+            }
+            if need + reserve > pool.available_blocks() && others_running {
+                blocked[model] = true;
+                i += 1;
+                continue;
+            }
+            let Some(mut job) = self.waiting.remove(i) else {
+                break;
+            };
+            job.run.attach(pool);
+            if !job.report.started {
+                job.report.started = true;
+                self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.running.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .queue_time
+                    .observe_duration(job.report.arrived.elapsed());
+            }
+            self.active.push(job);
+        }
+    }
+
+    fn has_active(&self, model: usize) -> bool {
+        self.active.iter().any(|j| j.model == model)
+    }
+
+    /// Fails a job whose prompt needs more blocks than its model's pool has.
+    fn refuse(&self, job: ActiveJob<'m>, need: usize) {
+        let total = self.pools[job.model].total_blocks();
+        let metrics = &self.metrics;
+        if job.report.started {
+            metrics.running.fetch_sub(1, Ordering::Release);
+        } else {
+            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        metrics.finished(FinishedReason::Error);
+        let _ = job
+            .report
+            .events
+            .send(WorkerEvent::Failed(ServerError::Engine(
+                EngineError::InvalidRequest(format!(
+                    "the prompt needs {need} key/value blocks but the model's pool has {total}; \
+                     shorten it or raise the server's KV budget"
+                )),
+            )));
+    }
+
+    /// The jobs of `model` in the batch, in the order they joined, each
+    /// with the tokens of its next pass (within the prefill budget).
+    fn plan(&self, model: usize) -> Vec<(usize, usize)> {
+        let mut budget = PREFILL_TOKENS_PER_STEP;
+        let mut plan = Vec::new();
+        for (i, job) in self.active.iter().enumerate() {
+            if job.model != model {
+                continue;
+            }
+            let prefilling = job.run.prompt_left() > 0;
+            if prefilling && budget == 0 {
+                continue;
+            }
+            let len = job.run.next_pass_len(budget);
+            if len == 0 {
+                continue;
+            }
+            if prefilling {
+                budget -= len;
+            }
+            plan.push((i, len));
+        }
+        plan
+    }
+
+    /// A plan for the next pass of `model` whose blocks its pool can give:
+    /// while they are short, the most recently admitted job of the model
+    /// gives its blocks back and waits to run its positions again; the
+    /// last one left ends for length.
+    fn fit_plan(&mut self, model: usize) -> Vec<(usize, usize)> {
+        loop {
+            let plan = self.plan(model);
+            let pool = &self.pools[model];
+            let need: usize = plan
+                .iter()
+                .map(|&(i, len)| self.active[i].run.blocks_for_next(pool, len))
+                .sum();
+            if need <= pool.available_blocks() {
+                return plan;
+            }
+            let Some(victim) = self.active.iter().rposition(|j| j.model == model) else {
+                return Vec::new();
+            };
+            let mut job = self.active.remove(victim);
+            if self.has_active(model) {
+                job.run.preempt(&mut self.pools[model]);
+                self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+                self.waiting.push_front(job);
+            } else if job.run.has_output() {
+                let report = &mut job.report;
+                let metrics = &self.metrics;
+                job.run
+                    .end_for_length(&mut |p: Progress<'_>| report.progress(p, metrics));
+                self.retire(job);
+            } else {
+                let need = job.run.blocks_to_resume(&self.pools[model]);
+                let mut job = job;
+                job.run.preempt(&mut self.pools[model]);
+                self.refuse(job, need);
             }
         }
     }
@@ -336,29 +499,33 @@ impl<'m> Scheduler<'m> {
             return;
         };
         self.last_model = Some(model);
+        let plan = self.fit_plan(model);
+        if plan.is_empty() {
+            self.retire_finished();
+            return;
+        }
         let lm = &self.models[model];
-        let mut budget = PREFILL_TOKENS_PER_STEP;
-        let mut members = Vec::with_capacity(self.active.len());
-        let mut passes = Vec::with_capacity(self.active.len());
+        let pool = &mut self.pools[model];
+        let mut passes = Vec::with_capacity(plan.len());
+        let mut members = Vec::with_capacity(plan.len());
+        let mut want = plan.iter().peekable();
         for (i, job) in self.active.iter_mut().enumerate() {
-            if job.model != model {
+            let Some(&&(j, len)) = want.peek() else {
+                break;
+            };
+            if i != j {
                 continue;
             }
-            let prefilling = job.run.prompt_left() > 0;
-            if prefilling && budget == 0 {
-                continue;
-            }
-            if let Some(pass) = job.run.next_pass(budget) {
-                if prefilling {
-                    budget -= pass.tokens.len();
-                }
+            want.next();
+            if let Some(pass) = job.run.next_pass(len) {
                 members.push(i);
                 passes.push(pass);
             }
         }
         let metrics = Arc::clone(&self.metrics);
-        let outcome =
-            std::panic::catch_unwind(AssertUnwindSafe(|| lm.model.forward_batch(&mut passes)));
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            lm.model.forward_batch(pool, &mut passes)
+        }));
         drop(passes);
         let vocab = lm.model.config.vocab_size;
         match outcome {
@@ -371,20 +538,20 @@ impl<'m> Scheduler<'m> {
                 }
             }
             failed => {
-                // Runs are checked when they start, so a failed pass is a
-                // fault of ours: the step's sequences fail; the others go on.
+                // Runs are checked when they start and blocks before the
+                // pass, so a failed pass is a fault of ours: the step's
+                // sequences fail; the others go on.
                 if let Ok(Err(e)) = failed {
                     tracing::error!("a batched forward pass failed: {e}");
                 }
                 for &i in members.iter().rev() {
                     let job = self.active.remove(i);
-                    self.settle(&job.report);
+                    self.settle();
+                    let _ = job.run.finish(&mut self.pools[job.model]);
                     let _ = job.report.events.send(failed_in_engine(&metrics));
                 }
             }
         }
-        let used: usize = self.active.iter().map(|j| j.run.positions()).sum();
-        metrics.kv_positions_used.store(used, Ordering::Relaxed);
         self.retire_finished();
     }
 
@@ -397,38 +564,53 @@ impl<'m> Scheduler<'m> {
                 continue;
             }
             let job = self.active.remove(i);
-            self.settle(&job.report);
-            let generation = job.run.finish(&mut self.prefix_caches[job.model]);
-            let report = job.report;
-            let metrics = &self.metrics;
-            metrics
-                .e2e_request_latency
-                .observe_duration(report.arrived.elapsed());
-            let prompt = report.prompt_tokens as u64;
-            metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-            metrics.request_prompt_tokens.observe(prompt as f64);
-            metrics
-                .prefix_cache_hit_tokens
-                .fetch_add(generation.cached_prompt_tokens as u64, Ordering::Relaxed);
-            let generated = generation.tokens.len() as u64;
-            metrics
-                .generation_tokens
-                .fetch_add(generated, Ordering::Relaxed);
-            metrics.request_generation_tokens.observe(generated as f64);
-            metrics.finished(match generation.finish_reason {
-                FinishReason::Stop => FinishedReason::Stop,
-                FinishReason::Length => FinishedReason::Length,
-                FinishReason::Cancelled => FinishedReason::Abort,
-            });
-            let _ = report.events.send(WorkerEvent::Done(Box::new(generation)));
+            self.retire(job);
         }
+        self.count_blocks();
     }
 
-    /// Gives back the gauges a job held; before the client hears the end.
-    fn settle(&self, report: &JobReport) {
-        self.metrics
-            .kv_positions_capacity
-            .fetch_sub(report.capacity, Ordering::Relaxed);
+    /// Updates the gauge of blocks in use.
+    fn count_blocks(&self) {
+        let used: usize = self.pools.iter().map(KvPool::blocks_in_use).sum();
+        self.metrics.kv_blocks_used.store(used, Ordering::Relaxed);
+    }
+
+    /// Ends a job whose run is over: its blocks go back and its result out.
+    fn retire(&mut self, job: ActiveJob<'m>) {
+        let metrics = &self.metrics;
+        if job.report.started {
+            self.settle();
+        } else {
+            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        let generation = job.run.finish(&mut self.pools[job.model]);
+        self.count_blocks();
+        let report = job.report;
+        metrics
+            .e2e_request_latency
+            .observe_duration(report.arrived.elapsed());
+        let prompt = report.prompt_tokens as u64;
+        metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+        metrics.request_prompt_tokens.observe(prompt as f64);
+        metrics
+            .prefix_cache_hit_tokens
+            .fetch_add(generation.cached_prompt_tokens as u64, Ordering::Relaxed);
+        let generated = generation.tokens.len() as u64;
+        metrics
+            .generation_tokens
+            .fetch_add(generated, Ordering::Relaxed);
+        metrics.request_generation_tokens.observe(generated as f64);
+        metrics.finished(match generation.finish_reason {
+            FinishReason::Stop => FinishedReason::Stop,
+            FinishReason::Length => FinishedReason::Length,
+            FinishReason::Cancelled => FinishedReason::Abort,
+        });
+        let _ = report.events.send(WorkerEvent::Done(Box::new(generation)));
+    }
+
+    /// Gives back the gauge a running job held; before the client hears
+    /// the end.
+    fn settle(&self) {
         self.metrics.running.fetch_sub(1, Ordering::Release);
     }
 }
@@ -441,8 +623,9 @@ struct JobReport {
     pending: Vec<Sampled>,
     last_token: Option<Instant>,
     prompt_tokens: usize,
-    /// KV positions the job may grow to (its share of the capacity gauge).
-    capacity: usize,
+    /// Whether the job joined the batch yet (it counts as running, not
+    /// waiting).
+    started: bool,
 }
 
 impl JobReport {
@@ -534,16 +717,128 @@ mod tests {
     }
 
     fn start_gemma_batched(queue: usize, max_batch: usize) -> (EngineHandle, Arc<Metrics>) {
-        let path = ModelStore::from_env()
+        start_gemma_with(
+            queue,
+            BatchLimits {
+                max_batch,
+                kv_budget_bytes: 256 << 20,
+            },
+        )
+    }
+
+    fn gemma_path() -> std::path::PathBuf {
+        ModelStore::from_env()
             .pull("gemma-3-270m", &mut |p| eprintln!("{p}"))
-            .unwrap();
+            .unwrap()
+    }
+
+    fn start_gemma_with(queue: usize, limits: BatchLimits) -> (EngineHandle, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::default());
         let served = vec![ServedModel {
             name: "gemma-3-270m".into(),
-            path,
+            path: gemma_path(),
         }];
-        let engine = EngineHandle::start(served, queue, max_batch, Arc::clone(&metrics)).unwrap();
+        let engine = EngineHandle::start(served, queue, limits, Arc::clone(&metrics)).unwrap();
         (engine, metrics)
+    }
+
+    async fn loaded(engine: &EngineHandle) -> Arc<LoadedModel> {
+        while engine.models().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Arc::clone(&engine.models().unwrap()[0])
+    }
+
+    /// Bytes of `blocks` key/value blocks of Gemma.
+    fn gemma_blocks(blocks: usize) -> usize {
+        let lm = LoadedModel::open(&gemma_path()).unwrap();
+        blocks * lm.model.kv_pool(0).block_bytes()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_beyond_the_kv_budget_wait_or_are_recomputed_and_answer_as_alone() {
+        // 300 blocks: four sequences of 100 positions need 4 x 7 x 18.
+        let limits = BatchLimits {
+            max_batch: 4,
+            kv_budget_bytes: gemma_blocks(300),
+        };
+        let (engine, metrics) = start_gemma_with(8, limits);
+        let lm = loaded(&engine).await;
+        let requests: Vec<GenerateRequest> = [
+            "Write a poem about rain.",
+            "Describe a busy harbour.",
+            "List some facts about owls.",
+            "Tell a story about a clock.",
+        ]
+        .iter()
+        .map(|p| GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(lm.tokenizer.encode(p, true, true), 90)
+        })
+        .collect();
+        let mut ignore = |_: Progress<'_>| ControlFlow::Continue(());
+        let alone: Vec<Generation> = requests
+            .iter()
+            .map(|r| neocloud_engine::generation::generate(&lm, r, &mut ignore).unwrap())
+            .collect();
+        let jobs: Vec<_> = requests
+            .iter()
+            .map(|r| tokio::spawn(finish(engine.submit(0, r.clone()).unwrap())))
+            .collect();
+        for (job, want) in jobs.into_iter().zip(&alone) {
+            let got = job.await.unwrap().unwrap();
+            assert_eq!(got.tokens, want.tokens);
+            assert_eq!(got.text, want.text);
+        }
+        assert!(metrics.preemptions.load(Ordering::Relaxed) > 0);
+        assert_eq!(metrics.finished_count(FinishedReason::Length), 4);
+        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prompt_larger_than_the_kv_budget_is_refused_and_the_engine_goes_on() {
+        let limits = BatchLimits {
+            max_batch: 4,
+            kv_budget_bytes: gemma_blocks(18 * 8),
+        };
+        let (engine, metrics) = start_gemma_with(8, limits);
+        let lm = loaded(&engine).await;
+        let long = lm
+            .tokenizer
+            .encode(&"All work and no play. ".repeat(40), true, true);
+        assert!(long.len() > 8 * 16);
+        let err = finish(engine.submit(0, GenerateRequest::greedy(long, 4)).unwrap())
+            .await
+            .unwrap_err();
+        let api = err.to_api_error();
+        assert_eq!(api.status(), 400);
+        assert!(api.message.contains("KV budget"), "{}", api.message);
+        // A sequence that outgrows the pool alone ends for length.
+        let short = lm.tokenizer.encode("Count to a thousand:", true, true);
+        let g = finish(
+            engine
+                .submit(
+                    0,
+                    GenerateRequest {
+                        ignore_eos: true,
+                        ..GenerateRequest::greedy(short.clone(), 400)
+                    },
+                )
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(g.finish_reason, FinishReason::Length);
+        assert!(
+            g.tokens.len() < 8 * 16 && g.tokens.len() + short.len() >= 6 * 16,
+            "{}",
+            g.tokens.len()
+        );
+        assert_eq!(metrics.finished_count(FinishedReason::Error), 1);
+        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 
     async fn finish(mut events: JobEvents) -> Result<Generation, ServerError> {
@@ -695,7 +990,11 @@ mod tests {
             })
             .collect();
         let metrics = Arc::new(Metrics::default());
-        let engine = EngineHandle::start(served, 8, 4, Arc::clone(&metrics)).unwrap();
+        let limits = BatchLimits {
+            max_batch: 4,
+            kv_budget_bytes: 256 << 20,
+        };
+        let engine = EngineHandle::start(served, 8, limits, Arc::clone(&metrics)).unwrap();
         while engine.models().is_err() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

@@ -25,7 +25,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
-pub use engine_worker::{EngineHandle, ServedModel};
+pub use engine_worker::{BatchLimits, EngineHandle, ServedModel};
 pub use error::ServerError;
 pub use lifecycle::Lifecycle;
 pub use metrics::Metrics;
@@ -39,8 +39,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Requests that may wait for a place in the batch; beyond that, 503.
     pub queue_capacity: usize,
-    /// Sequences generated together (continuous batching).
-    pub max_batch: usize,
+    /// Sequences generated together (continuous batching), and the key/value
+    /// memory of each model.
+    pub batch: BatchLimits,
     /// Largest request body in bytes; beyond that, 413.
     pub body_limit: usize,
     /// How long open requests may run on after SIGTERM/SIGINT.
@@ -112,12 +113,7 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::default());
-    let engine = EngineHandle::start(
-        config.models,
-        config.queue_capacity,
-        config.max_batch,
-        metrics,
-    )?;
+    let engine = EngineHandle::start(config.models, config.queue_capacity, config.batch, metrics)?;
     let lifecycle = Arc::new(Lifecycle::default());
     let state = AppState {
         engine,
@@ -144,8 +140,9 @@ pub struct GatewayConfig {
     pub engine_models: Vec<ServedModel>,
     /// The in-process engine's waiting queue.
     pub queue_capacity: usize,
-    /// Sequences the in-process engine generates together.
-    pub max_batch: usize,
+    /// Sequences the in-process engine generates together, and its key/value
+    /// memory per model.
+    pub batch: BatchLimits,
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Largest request body in bytes.
@@ -169,7 +166,7 @@ pub async fn serve_gateway(
         let engine = EngineHandle::start(
             config.engine_models,
             config.queue_capacity,
-            config.max_batch,
+            config.batch,
             Arc::clone(&metrics),
         )?;
         Some(engine)

@@ -48,10 +48,13 @@ pub struct Metrics {
     pub waiting: AtomicUsize,
     /// Jobs running now.
     pub running: AtomicUsize,
-    /// KV cache positions held by running jobs.
-    pub kv_positions_used: AtomicUsize,
-    /// KV cache positions the running jobs may grow to.
-    pub kv_positions_capacity: AtomicUsize,
+    /// Key/value blocks held by running jobs, all models together.
+    pub kv_blocks_used: AtomicUsize,
+    /// Key/value blocks in the pools of all models.
+    pub kv_blocks_total: AtomicUsize,
+    /// Running jobs whose blocks were taken back to make room (they run
+    /// their positions again later).
+    pub preemptions: AtomicU64,
     /// Prompt tokens processed.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated (aborted jobs included).
@@ -79,8 +82,9 @@ impl Default for Metrics {
         Metrics {
             waiting: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
-            kv_positions_used: AtomicUsize::new(0),
-            kv_positions_capacity: AtomicUsize::new(0),
+            kv_blocks_used: AtomicUsize::new(0),
+            kv_blocks_total: AtomicUsize::new(0),
+            preemptions: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
@@ -135,17 +139,23 @@ impl Metrics {
             "Requests queued for the engine.",
             load(&self.waiting).to_string(),
         );
-        let capacity = load(&self.kv_positions_capacity);
+        let capacity = load(&self.kv_blocks_total);
         let usage = if capacity == 0 {
             0.0
         } else {
-            load(&self.kv_positions_used) as f64 / capacity as f64
+            load(&self.kv_blocks_used) as f64 / capacity as f64
         };
         scalar(
             "neocloud:kv_cache_usage_perc",
             "gauge",
-            "Share of the running requests' KV cache capacity in use (1 = full).",
+            "Share of the key/value blocks held by running requests (1 = full).",
             format!("{usage:.6}"),
+        );
+        scalar(
+            "neocloud:num_preemptions_total",
+            "counter",
+            "Running requests whose key/value blocks were taken back, to be computed again.",
+            self.preemptions.load(Ordering::Relaxed).to_string(),
         );
         scalar(
             "neocloud:prompt_tokens_total",
