@@ -354,6 +354,11 @@ impl<'a> SequenceRun<'a> {
             _ => self.context.len(),
         };
         let reused = pool.attach_prefix(&mut self.kv, &self.context, limit);
+        let generated = self.out.tokens.len();
+        pool.reserve(
+            &mut self.kv,
+            self.req.prompt.len() + self.budget.max(generated) + 1,
+        );
         if !self.attached {
             self.out.cached_prompt_tokens = reused;
             self.attached = true;

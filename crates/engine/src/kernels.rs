@@ -312,6 +312,15 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `work` on a worker thread of the kernels' pool, and waits for it.
+/// A loop of forward passes run this way forks the passes' parallel
+/// regions from inside the pool, taking its share of them, instead of
+/// sending each to the pool from outside (which allocates and wakes the
+/// caller once per region).
+pub fn on_kernel_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
+}
+
 /// `out[m][n] = sum_k x[m][k] * w[n][k]` for `m` activation rows.
 ///
 /// `x` is `m x w.cols`, `out` is `m x w.rows`, both row-major. Work is spread
@@ -403,17 +412,57 @@ fn quantize_rows<'r, T: QuantizedActivations>(
     rows
 }
 
-/// The output rows (`m` of `n` columns) cut for parallel tasks: task `t`
-/// owns columns `t * cols_per_task..` of every row.
-fn column_tasks(out: &mut [f32], n: usize, m: usize, cols_per_task: usize) -> Vec<Vec<&mut [f32]>> {
-    let tasks = n.div_ceil(cols_per_task);
-    let mut slices: Vec<Vec<&mut [f32]>> = (0..tasks).map(|_| Vec::with_capacity(m)).collect();
-    for out_row in out.chunks_exact_mut(n) {
-        for (t, part) in out_row.chunks_mut(cols_per_task).enumerate() {
-            slices[t].push(part);
+/// Output rows (`m` rows of `n` columns, row-major) that parallel tasks
+/// fill, each task its own run of columns in every row. The runs are cut
+/// without allocating, which the step loop needs.
+struct ColumnSplit<'a> {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+    cols_per_task: usize,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: tasks only reach the memory through `ColumnSplit::part`, whose
+// contract keeps their columns apart.
+unsafe impl Send for ColumnSplit<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for ColumnSplit<'_> {}
+
+impl<'a> ColumnSplit<'a> {
+    fn new(out: &'a mut [f32], n: usize, cols_per_task: usize) -> Self {
+        ColumnSplit {
+            ptr: out.as_mut_ptr(),
+            m: out.len() / n.max(1),
+            n,
+            cols_per_task: cols_per_task.max(1),
+            _out: std::marker::PhantomData,
         }
     }
-    slices
+
+    /// Number of tasks.
+    fn tasks(&self) -> usize {
+        self.n.div_ceil(self.cols_per_task)
+    }
+
+    /// The first column of `task` and its number of columns.
+    fn columns(&self, task: usize) -> (usize, usize) {
+        let first = task * self.cols_per_task;
+        (first, self.cols_per_task.min(self.n.saturating_sub(first)))
+    }
+
+    /// Row `row`'s columns of `task`.
+    ///
+    /// # Safety
+    /// Only `task`'s own caller may use its columns, and not through two
+    /// live slices at once.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, task: usize, row: usize) -> &mut [f32] {
+        let (first, cols) = self.columns(task);
+        assert!(row < self.m && first + cols <= self.n);
+        // SAFETY: in bounds (asserted); the caller keeps tasks apart.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(row * self.n + first), cols) }
+    }
 }
 
 thread_local! {
@@ -428,35 +477,29 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     PANEL_ROWS_IN.with(|cell| {
         let mut rows = cell.borrow_mut();
-        let rows = quantize_rows(&mut rows, x, k, m);
-        let refs: Vec<&PanelActivations> = rows.iter().collect();
+        let rows = &*quantize_rows(&mut rows, x, k, m);
         let panels = n / PANEL_ROWS;
         let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
-        let cols_per_task = panels_per_task * PANEL_ROWS;
-        column_tasks(out, n, m, cols_per_task)
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(t, mut parts)| {
-                let p0 = t * panels_per_task;
-                let cols = parts.first().map_or(0, |p| p.len());
-                let mut results = [0f32; 4 * PANEL_ROWS];
-                for local in 0..cols / PANEL_ROWS {
-                    for (b, block) in refs.chunks(4).enumerate() {
-                        let results = &mut results[..block.len() * PANEL_ROWS];
-                        // SAFETY: `available()` checked every feature it needs.
-                        unsafe {
-                            crate::panel_avx512::panel_product(w, p0 + local, block, results)
-                        };
-                        let at = local * PANEL_ROWS;
-                        for (part, r) in parts[b * 4..]
-                            .iter_mut()
-                            .zip(results.chunks_exact(PANEL_ROWS))
-                        {
-                            part[at..at + PANEL_ROWS].copy_from_slice(r);
-                        }
+        let split = ColumnSplit::new(out, n, panels_per_task * PANEL_ROWS);
+        (0..split.tasks()).into_par_iter().for_each(|t| {
+            let (first, cols) = split.columns(t);
+            let p0 = first / PANEL_ROWS;
+            let mut results = [0f32; 4 * PANEL_ROWS];
+            for local in 0..cols / PANEL_ROWS {
+                for (b, block) in rows.chunks(4).enumerate() {
+                    let results = &mut results[..block.len() * PANEL_ROWS];
+                    // SAFETY: `available()` checked every feature it needs.
+                    unsafe { crate::panel_avx512::panel_product(w, p0 + local, block, results) };
+                    let at = local * PANEL_ROWS;
+                    for (i, r) in results.chunks_exact(PANEL_ROWS).enumerate() {
+                        // SAFETY: task `t` alone writes its columns, one
+                        // row at a time.
+                        let part = unsafe { split.part(t, b * 4 + i) };
+                        part[at..at + PANEL_ROWS].copy_from_slice(r);
                     }
                 }
-            });
+            }
+        });
     });
 }
 
@@ -481,23 +524,22 @@ fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
         let rows = quantize_rows(&mut rows, x, k, m);
         let rows = &*rows;
         let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
-        column_tasks(out, n, m, cols_per_task)
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(t, mut parts)| {
-                let n0 = t * cols_per_task;
-                let cols = parts.first().map_or(0, |p| p.len());
-                let mut results = [0f32; INT8_ROW_BLOCK];
-                for (b, block) in rows.chunks(INT8_ROW_BLOCK).enumerate() {
-                    for j in 0..cols {
-                        dot_rows_q8(w.ty, w.row(n0 + j), block, &mut results[..block.len()]);
-                        let block_parts = parts[b * INT8_ROW_BLOCK..].iter_mut();
-                        for (part, r) in block_parts.zip(&results[..block.len()]) {
-                            part[j] = *r;
-                        }
+        let split = ColumnSplit::new(out, n, cols_per_task);
+        (0..split.tasks()).into_par_iter().for_each(|t| {
+            let (n0, cols) = split.columns(t);
+            let mut results = [0f32; INT8_ROW_BLOCK];
+            for (b, block) in rows.chunks(INT8_ROW_BLOCK).enumerate() {
+                for j in 0..cols {
+                    dot_rows_q8(w.ty, w.row(n0 + j), block, &mut results[..block.len()]);
+                    for (i, r) in results[..block.len()].iter().enumerate() {
+                        // SAFETY: task `t` alone writes its columns, one
+                        // row at a time.
+                        let part = unsafe { split.part(t, b * INT8_ROW_BLOCK + i) };
+                        part[j] = *r;
                     }
                 }
-            });
+            }
+        });
     });
 }
 

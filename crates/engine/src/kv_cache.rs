@@ -15,7 +15,7 @@
 //! block) is never shared; the index only holds full blocks.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use crate::error::EngineError;
@@ -72,17 +72,131 @@ impl KvCache {
     }
 }
 
-/// One full block of the prefix index.
+/// An empty link of the index's use list.
+const NIL: u32 = u32::MAX;
+
+/// The prefix index: full blocks by chain hash, in a fixed number of slots
+/// linked in order of use, so that entering, finding, touching and
+/// evicting entries allocate nothing.
 #[derive(Debug)]
-struct IndexedBlock {
-    /// The block of each layer (`RELEASED` never appears here).
-    blocks: Box<[u32]>,
-    /// The tokens of the block, checked on lookup against hash collisions.
-    tokens: [u32; KV_BLOCK_POSITIONS],
-    /// The chain hash of the block before (0 for the first).
-    parent: u64,
-    /// When the entry was last used (its key in `lru`).
-    stamp: u64,
+struct PrefixIndex {
+    n_layers: usize,
+    by_hash: HashMap<u64, u32>,
+    /// Per slot: its hash, its parent's hash (0 for the first block), its
+    /// tokens (checked on lookup against hash collisions) and the block of
+    /// each layer.
+    hash: Vec<u64>,
+    parent: Vec<u64>,
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+    /// The use list: `older`/`newer` links, from `oldest` to `newest`.
+    older: Vec<u32>,
+    newer: Vec<u32>,
+    oldest: u32,
+    newest: u32,
+    free_slots: Vec<u32>,
+}
+
+impl PrefixIndex {
+    fn new(slots: usize, n_layers: usize) -> Self {
+        PrefixIndex {
+            n_layers,
+            by_hash: HashMap::with_capacity(slots),
+            hash: vec![0; slots],
+            parent: vec![0; slots],
+            tokens: vec![0; slots * KV_BLOCK_POSITIONS],
+            blocks: vec![0; slots * n_layers],
+            older: vec![NIL; slots],
+            newer: vec![NIL; slots],
+            oldest: NIL,
+            newest: NIL,
+            free_slots: (0..slots as u32).rev().collect(),
+        }
+    }
+
+    /// The slot of the entry for `hash`, when it follows `parent` with
+    /// these `tokens`.
+    fn find(&self, hash: u64, parent: u64, tokens: &[u32]) -> Option<u32> {
+        let &slot = self.by_hash.get(&hash)?;
+        let at = slot as usize;
+        let same = self.parent[at] == parent
+            && self.tokens[at * KV_BLOCK_POSITIONS..(at + 1) * KV_BLOCK_POSITIONS] == *tokens;
+        same.then_some(slot)
+    }
+
+    fn contains(&self, hash: u64) -> bool {
+        self.by_hash.contains_key(&hash)
+    }
+
+    /// The blocks of each layer of the entry in `slot`.
+    fn blocks(&self, slot: u32) -> &[u32] {
+        let at = slot as usize * self.n_layers;
+        &self.blocks[at..at + self.n_layers]
+    }
+
+    /// Enters a block as the newest; `None` when every slot is taken.
+    fn insert(&mut self, hash: u64, parent: u64, tokens: &[u32], blocks: &[u32]) -> Option<u32> {
+        let slot = self.free_slots.pop()?;
+        let at = slot as usize;
+        self.hash[at] = hash;
+        self.parent[at] = parent;
+        self.tokens[at * KV_BLOCK_POSITIONS..(at + 1) * KV_BLOCK_POSITIONS].copy_from_slice(tokens);
+        self.blocks[at * self.n_layers..(at + 1) * self.n_layers].copy_from_slice(blocks);
+        self.by_hash.insert(hash, slot);
+        self.link_newest(slot);
+        Some(slot)
+    }
+
+    /// Takes the entry in `slot` out.
+    fn remove(&mut self, slot: u32) {
+        self.unlink(slot);
+        self.by_hash.remove(&self.hash[slot as usize]);
+        self.free_slots.push(slot);
+    }
+
+    /// Makes the entry in `slot` the newest.
+    fn touch(&mut self, slot: u32) {
+        self.unlink(slot);
+        self.link_newest(slot);
+    }
+
+    fn link_newest(&mut self, slot: u32) {
+        let at = slot as usize;
+        self.older[at] = self.newest;
+        self.newer[at] = NIL;
+        match self.newest {
+            NIL => self.oldest = slot,
+            newest => self.newer[newest as usize] = slot,
+        }
+        self.newest = slot;
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let at = slot as usize;
+        let (older, newer) = (self.older[at], self.newer[at]);
+        match older {
+            NIL => self.oldest = newer,
+            o => self.newer[o as usize] = newer,
+        }
+        match newer {
+            NIL => self.newest = older,
+            n => self.older[n as usize] = older,
+        }
+        self.older[at] = NIL;
+        self.newer[at] = NIL;
+    }
+
+    /// The first entry, oldest first, that `pick` accepts.
+    fn oldest_where(&self, pick: impl Fn(u32) -> bool) -> Option<u32> {
+        let mut slot = self.oldest;
+        while slot != NIL {
+            if pick(slot) {
+                return Some(slot);
+            }
+            slot = self.newer[slot as usize];
+        }
+        None
+    }
 }
 
 /// Fixed-budget key/value memory for one model, shared by its sequences.
@@ -104,10 +218,9 @@ pub struct KvPool {
     free: Vec<u32>,
     /// Whether full blocks are entered in the prefix index.
     prefix_caching: bool,
-    index: HashMap<u64, IndexedBlock>,
-    /// Index entries by last use, oldest first.
-    lru: BTreeSet<(u64, u64)>,
-    clock: u64,
+    index: PrefixIndex,
+    /// The blocks of one index entry being entered (kept to not allocate).
+    layer_blocks: Vec<u32>,
 }
 
 impl KvPool {
@@ -143,9 +256,16 @@ impl KvPool {
             only_indexed: 0,
             free: (0..blocks as u32).rev().collect(),
             prefix_caching,
-            index: HashMap::new(),
-            lru: BTreeSet::new(),
-            clock: 0,
+            // Each block is in one entry at most.
+            index: PrefixIndex::new(
+                if prefix_caching {
+                    blocks / config.n_layers.max(1) + 1
+                } else {
+                    0
+                },
+                config.n_layers,
+            ),
+            layer_blocks: Vec::with_capacity(config.n_layers),
         }
     }
 
@@ -187,9 +307,9 @@ impl KvPool {
         self.walk_prefix(tokens, limit).len() * KV_BLOCK_POSITIONS
     }
 
-    /// The index entries (chain hashes) of the whole blocks that start
-    /// `tokens`, within its first `limit` positions.
-    fn walk_prefix(&self, tokens: &[u32], limit: usize) -> Vec<u64> {
+    /// The index entries (slot and chain hash) of the whole blocks that
+    /// start `tokens`, within its first `limit` positions.
+    fn walk_prefix(&self, tokens: &[u32], limit: usize) -> Vec<(u32, u64)> {
         let mut found = Vec::new();
         if !self.prefix_caching {
             return found;
@@ -197,13 +317,11 @@ impl KvPool {
         let mut parent = 0;
         for block in tokens[..limit.min(tokens.len())].chunks_exact(KV_BLOCK_POSITIONS) {
             let hash = chain_hash(parent, block);
-            match self.index.get(&hash) {
-                Some(e) if e.parent == parent && e.tokens == block => {
-                    found.push(hash);
-                    parent = hash;
-                }
-                _ => break,
-            }
+            let Some(slot) = self.index.find(hash, parent, block) else {
+                break;
+            };
+            found.push((slot, hash));
+            parent = hash;
         }
         found
     }
@@ -214,24 +332,41 @@ impl KvPool {
     pub fn attach_prefix(&mut self, cache: &mut KvCache, tokens: &[u32], limit: usize) -> usize {
         self.release(cache);
         let found = self.walk_prefix(tokens, limit);
-        cache.tables = vec![Vec::with_capacity(found.len()); self.windows.len()];
-        for hash in &found {
-            let Some(entry) = self.index.get(hash) else {
-                break;
-            };
-            for (table, &b) in cache.tables.iter_mut().zip(entry.blocks.iter()) {
-                table.push(b);
-            }
-            let blocks = entry.blocks.clone();
-            for b in blocks.iter() {
-                self.update(*b, |refs, _| *refs += 1);
+        cache.tables.resize_with(self.windows.len(), Vec::new);
+        for &(slot, _) in &found {
+            for l in 0..self.windows.len() {
+                let b = self.index.blocks(slot)[l];
+                cache.tables[l].push(b);
+                self.update(b, |refs, _| *refs += 1);
             }
         }
-        self.touch_chain(&found);
+        // Later blocks of a chain count as used less recently than earlier
+        // ones, so that eviction takes a chain from its end.
+        for &(slot, _) in found.iter().rev() {
+            self.index.touch(slot);
+        }
         let positions = found.len() * KV_BLOCK_POSITIONS;
         cache.tokens.extend_from_slice(&tokens[..positions]);
-        cache.block_hashes = found;
+        cache
+            .block_hashes
+            .extend(found.iter().map(|&(_, hash)| hash));
         positions
+    }
+
+    /// Makes room in `cache`'s own tables for `positions` positions, so that
+    /// growing to them allocates nothing.
+    pub fn reserve(&self, cache: &mut KvCache, positions: usize) {
+        let blocks = positions.div_ceil(KV_BLOCK_POSITIONS);
+        cache.tables.resize_with(self.windows.len(), Vec::new);
+        for table in &mut cache.tables {
+            table.reserve(blocks.saturating_sub(table.len()));
+        }
+        cache
+            .tokens
+            .reserve(positions.saturating_sub(cache.tokens.len()));
+        cache
+            .block_hashes
+            .reserve(blocks.saturating_sub(cache.block_hashes.len()));
     }
 
     /// Blocks `cache` needs from the pool to grow by `count` positions (an
@@ -317,36 +452,33 @@ impl KvPool {
             let block_tokens = &cache.tokens[i * KV_BLOCK_POSITIONS..(i + 1) * KV_BLOCK_POSITIONS];
             let parent = if i == 0 { 0 } else { cache.block_hashes[i - 1] };
             let hash = chain_hash(parent, block_tokens);
-            if !self.index.contains_key(&hash) {
-                let blocks: Option<Box<[u32]>> = cache
-                    .tables
-                    .iter()
-                    .map(|t| t.get(i).copied().filter(|&b| b != RELEASED))
-                    .collect();
+            if !self.index.contains(hash) {
                 // A block already given back (a window narrower than a
                 // block) ends the chain.
-                let Some(blocks) = blocks else {
+                let given_back = cache
+                    .tables
+                    .iter()
+                    .any(|t| t.get(i).is_none_or(|&b| b == RELEASED));
+                if given_back {
                     return;
-                };
-                let mut tokens = [0; KV_BLOCK_POSITIONS];
-                tokens.copy_from_slice(block_tokens);
-                for &b in blocks.iter() {
+                }
+                let blocks = &mut self.layer_blocks;
+                blocks.clear();
+                blocks.extend(cache.tables.iter().map(|t| t[i]));
+                if self
+                    .index
+                    .insert(hash, parent, block_tokens, blocks)
+                    .is_none()
+                {
+                    return;
+                }
+                for l in 0..self.layer_blocks.len() {
+                    let b = self.layer_blocks[l];
                     self.update(b, |refs, indexed| {
                         *refs += 1;
                         *indexed = true;
                     });
                 }
-                self.index.insert(
-                    hash,
-                    IndexedBlock {
-                        blocks,
-                        tokens,
-                        parent,
-                        stamp: 0,
-                    },
-                );
-                self.lru.insert((0, hash));
-                self.touch(hash);
             }
             cache.block_hashes.push(hash);
         }
@@ -355,10 +487,14 @@ impl KvPool {
     /// Gives back every block of `cache` and empties it; the blocks it
     /// entered in the index become the most recently used.
     pub fn release(&mut self, cache: &mut KvCache) {
-        let chain = std::mem::take(&mut cache.block_hashes);
-        self.touch_chain(&chain);
-        for table in cache.tables.drain(..) {
-            for b in table {
+        for &hash in cache.block_hashes.iter().rev() {
+            if let Some(&slot) = self.index.by_hash.get(&hash) {
+                self.index.touch(slot);
+            }
+        }
+        cache.block_hashes.clear();
+        for table in &mut cache.tables {
+            for b in table.drain(..) {
                 if b != RELEASED {
                     self.drop_ref(b);
                 }
@@ -419,21 +555,19 @@ impl KvPool {
     /// Evicts the least recently used index entry that frees a block;
     /// false when none would.
     fn evict_one(&mut self) -> bool {
-        let victim = self.lru.iter().find_map(|&(stamp, hash)| {
-            let entry = self.index.get(&hash)?;
-            let frees = entry.blocks.iter().any(|&b| self.refs[b as usize] == 1);
-            frees.then_some((stamp, hash))
-        });
-        let Some((stamp, hash)) = victim else {
+        let refs = &self.refs;
+        let index = &self.index;
+        let victim =
+            index.oldest_where(|slot| index.blocks(slot).iter().any(|&b| refs[b as usize] == 1));
+        let Some(slot) = victim else {
             return false;
         };
-        self.lru.remove(&(stamp, hash));
-        if let Some(entry) = self.index.remove(&hash) {
-            for &b in entry.blocks.iter() {
-                self.update(b, |_, indexed| *indexed = false);
-                self.drop_ref(b);
-            }
+        for l in 0..self.index.n_layers {
+            let b = self.index.blocks(slot)[l];
+            self.update(b, |_, indexed| *indexed = false);
+            self.drop_ref(b);
         }
+        self.index.remove(slot);
         true
     }
 
@@ -456,25 +590,6 @@ impl KvPool {
             (false, true) => self.only_indexed += 1,
             (true, false) => self.only_indexed -= 1,
             _ => {}
-        }
-    }
-
-    /// Marks the entries of a chain as just used, its end least recently,
-    /// so that eviction takes a chain from its end.
-    fn touch_chain(&mut self, chain: &[u64]) {
-        for &hash in chain.iter().rev() {
-            self.touch(hash);
-        }
-    }
-
-    /// Marks an index entry as just used.
-    fn touch(&mut self, hash: u64) {
-        self.clock += 1;
-        let clock = self.clock;
-        if let Some(entry) = self.index.get_mut(&hash) {
-            self.lru.remove(&(entry.stamp, hash));
-            entry.stamp = clock;
-            self.lru.insert((clock, hash));
         }
     }
 }

@@ -224,7 +224,7 @@ impl ModelConfig {
                 return Err(EngineError::Model(format!("{what} = {v} is out of range")));
             }
         }
-        if rope_dims > head_dim || rope_dims % 2 != 0 {
+        if rope_dims > head_dim || rope_dims % 2 != 0 || rope_dims / 2 > MAX_ROPE_PAIRS {
             return Err(EngineError::Model(format!(
                 "rope.dimension_count {rope_dims} does not fit head size {head_dim}"
             )));
@@ -483,6 +483,20 @@ impl Model {
         pool: &mut KvPool,
         batch: &mut [BatchSequence<'_>],
     ) -> Result<Vec<f32>, EngineError> {
+        let mut scratch = ForwardScratch::default();
+        self.forward_batch_with(pool, batch, &mut scratch)?;
+        Ok(std::mem::take(&mut scratch.logits))
+    }
+
+    /// [`Model::forward_batch`] in the buffers of `scratch`, which holds
+    /// the logits it returns: once the buffers have grown to the batch's
+    /// size, a pass allocates nothing.
+    pub fn forward_batch_with<'s>(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [BatchSequence<'_>],
+        scratch: &'s mut ForwardScratch,
+    ) -> Result<&'s mut [f32], EngineError> {
         let c = &self.config;
         for s in batch.iter_mut() {
             self.check_sequence(s)?;
@@ -490,17 +504,36 @@ impl Model {
         for s in batch.iter_mut() {
             pool.grow(s.cache, s.tokens.len())?;
         }
+        let ForwardScratch {
+            row_seq,
+            row_pos,
+            x,
+            xn,
+            q,
+            k,
+            v,
+            attn,
+            proj,
+            gate,
+            up,
+            stacked,
+            rope_global,
+            rope_sliding,
+            picked,
+            last,
+            logits,
+        } = scratch;
         let t_len: usize = batch.iter().map(|s| s.tokens.len()).sum();
         // Row r belongs to sequence `row_seq[r]` and sits at `row_pos[r]`.
-        let mut row_seq = Vec::with_capacity(t_len);
-        let mut row_pos = Vec::with_capacity(t_len);
+        row_seq.clear();
+        row_pos.clear();
         for (i, s) in batch.iter().enumerate() {
             let p0 = s.cache.len();
             row_seq.extend(std::iter::repeat_n(i, s.tokens.len()));
             row_pos.extend(p0..p0 + s.tokens.len());
         }
         let d = c.d_model;
-        let mut x = vec![0f32; t_len * d];
+        zeroed(x, t_len * d);
         let emb = self.matrix(&self.token_embedding);
         let all_tokens = batch.iter().flat_map(|s| s.tokens.iter());
         for (row, &tok) in x.chunks_exact_mut(d).zip(all_tokens) {
@@ -513,50 +546,47 @@ impl Model {
         let k_dim = c.n_kv_heads * c.head_dim;
         let v_dim = c.n_kv_heads * c.value_dim;
         let o_in = c.n_heads * c.value_dim;
-        let mut xn = vec![0f32; t_len * d];
-        let mut q = vec![0f32; t_len * q_dim];
-        let mut k = vec![0f32; t_len * k_dim];
-        let mut v = vec![0f32; t_len * v_dim];
-        let mut attn = vec![0f32; t_len * o_in];
-        let mut proj = vec![0f32; t_len * d];
-        let mut gate = vec![0f32; t_len * c.ffn_dim];
-        let mut up = vec![0f32; t_len * c.ffn_dim];
-        // Outputs of stacked projections, before they are split.
-        let mut stacked = Vec::new();
-        let rope_global = rope_table(c.rope_base, c.rope_dims, &row_pos);
-        let rope_sliding = if c.rope_base_sliding == c.rope_base {
-            rope_global.clone()
-        } else {
-            rope_table(c.rope_base_sliding, c.rope_dims, &row_pos)
-        };
+        zeroed(xn, t_len * d);
+        zeroed(q, t_len * q_dim);
+        zeroed(k, t_len * k_dim);
+        zeroed(v, t_len * v_dim);
+        zeroed(attn, t_len * o_in);
+        zeroed(proj, t_len * d);
+        zeroed(gate, t_len * c.ffn_dim);
+        zeroed(up, t_len * c.ffn_dim);
+        rope_table(c.rope_base, c.rope_dims, row_pos, rope_global);
+        let separate_sliding = c.rope_base_sliding != c.rope_base;
+        if separate_sliding {
+            rope_table(c.rope_base_sliding, c.rope_dims, row_pos, rope_sliding);
+        }
         for (l, w) in self.layers.iter().enumerate() {
-            rms_norm_rows(&x, &mut xn, &w.attn_norm, c.rms_eps);
+            rms_norm_rows(x, xn, &w.attn_norm, c.rms_eps);
             if let Some(qkv) = &w.qkv {
                 let width = q_dim + k_dim + v_dim;
-                stacked.resize(t_len * width, 0.0);
-                matmul(&stacked_matrix(qkv), &xn, t_len, &mut stacked);
-                unstack(&stacked, t_len, &mut [&mut q, &mut k, &mut v]);
+                zeroed(stacked, t_len * width);
+                matmul(&stacked_matrix(qkv), xn, t_len, stacked);
+                unstack(stacked, t_len, &mut [&mut *q, &mut *k, &mut *v]);
             } else {
-                matmul(&self.matrix(&w.wq), &xn, t_len, &mut q);
-                matmul(&self.matrix(&w.wk), &xn, t_len, &mut k);
-                matmul(&self.matrix(&w.wv), &xn, t_len, &mut v);
+                matmul(&self.matrix(&w.wq), xn, t_len, q);
+                matmul(&self.matrix(&w.wk), xn, t_len, k);
+                matmul(&self.matrix(&w.wv), xn, t_len, v);
             }
-            add_bias(&mut q, w.bq.as_deref());
-            add_bias(&mut k, w.bk.as_deref());
-            add_bias(&mut v, w.bv.as_deref());
+            add_bias(q, w.bq.as_deref());
+            add_bias(k, w.bk.as_deref());
+            add_bias(v, w.bv.as_deref());
             if let Some(n) = &w.q_norm {
-                rms_norm_in_place(&mut q, n, c.rms_eps);
+                rms_norm_in_place(q, n, c.rms_eps);
             }
             if let Some(n) = &w.k_norm {
-                rms_norm_in_place(&mut k, n, c.rms_eps);
+                rms_norm_in_place(k, n, c.rms_eps);
             }
-            let angles = if c.layer_sliding[l] {
-                &rope_sliding
+            let angles = if c.layer_sliding[l] && separate_sliding {
+                &*rope_sliding
             } else {
-                &rope_global
+                &*rope_global
             };
-            rope(&mut q, q_dim, c.head_dim, angles, c.rope_style);
-            rope(&mut k, k_dim, c.head_dim, angles, c.rope_style);
+            rope(q, q_dim, c.head_dim, angles, c.rope_style);
+            rope(k, k_dim, c.head_dim, angles, c.rope_style);
             let mut r0 = 0;
             for s in batch.iter() {
                 let r1 = r0 + s.tokens.len();
@@ -573,59 +603,58 @@ impl Model {
             } else {
                 None
             };
-            let tables: Vec<&[u32]> = batch.iter().map(|s| s.cache.table(l)).collect();
-            self.attention(pool, &q, &tables, &row_seq, &row_pos, window, &mut attn);
-            matmul(&self.matrix(&w.wo), &attn, t_len, &mut proj);
+            self.attention(pool, q, batch, l, row_seq, row_pos, window, attn);
+            matmul(&self.matrix(&w.wo), attn, t_len, proj);
             if let Some(n) = &w.post_attn_norm {
-                rms_norm_in_place(&mut proj, n, c.rms_eps);
+                rms_norm_in_place(proj, n, c.rms_eps);
             }
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+            x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
 
-            rms_norm_rows(&x, &mut xn, &w.ffn_norm, c.rms_eps);
+            rms_norm_rows(x, xn, &w.ffn_norm, c.rms_eps);
             if let Some(gate_up) = &w.gate_up {
                 let f = c.ffn_dim;
-                stacked.resize(t_len * 2 * f, 0.0);
-                matmul(&stacked_matrix(gate_up), &xn, t_len, &mut stacked);
-                unstack(&stacked, t_len, &mut [&mut gate, &mut up]);
+                zeroed(stacked, t_len * 2 * f);
+                matmul(&stacked_matrix(gate_up), xn, t_len, stacked);
+                unstack(stacked, t_len, &mut [&mut *gate, &mut *up]);
             } else {
-                matmul(&self.matrix(&w.w_gate), &xn, t_len, &mut gate);
-                matmul(&self.matrix(&w.w_up), &xn, t_len, &mut up);
+                matmul(&self.matrix(&w.w_gate), xn, t_len, gate);
+                matmul(&self.matrix(&w.w_up), xn, t_len, up);
             }
             let activate = match c.activation {
                 Activation::GeluTanh => gelu_tanh_gated,
                 Activation::Silu => silu_gated,
             };
             if gate.len() <= 4096 {
-                activate(&mut gate, &up);
+                activate(gate, up);
             } else {
                 gate.par_chunks_mut(4096)
                     .zip(up.par_chunks(4096))
                     .for_each(|(g, u)| activate(g, u));
             }
-            matmul(&self.matrix(&w.w_down), &gate, t_len, &mut proj);
+            matmul(&self.matrix(&w.w_down), gate, t_len, proj);
             if let Some(n) = &w.post_ffn_norm {
-                rms_norm_in_place(&mut proj, n, c.rms_eps);
+                rms_norm_in_place(proj, n, c.rms_eps);
             }
-            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+            x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
         }
         for s in batch.iter_mut() {
             pool.commit(s.cache, s.tokens);
         }
         // The rows whose logits were asked for.
-        let mut picked = Vec::new();
+        picked.clear();
         let mut r0 = 0;
         for s in batch.iter() {
             picked.extend(r0 + s.logits_from..r0 + s.tokens.len());
             r0 += s.tokens.len();
         }
         let rows = picked.len();
-        let mut last = vec![0f32; rows * d];
-        for (out, &r) in last.chunks_exact_mut(d).zip(&picked) {
+        zeroed(last, rows * d);
+        for (out, &r) in last.chunks_exact_mut(d).zip(picked.iter()) {
             rms_norm_rows(&x[r * d..(r + 1) * d], out, &self.output_norm, c.rms_eps);
         }
-        let mut logits = vec![0f32; rows * c.vocab_size];
-        matmul(&self.matrix(&self.output), &last, rows, &mut logits);
-        Ok(logits)
+        zeroed(logits, rows * c.vocab_size);
+        matmul(&self.matrix(&self.output), last, rows, logits);
+        Ok(logits.as_mut_slice())
     }
 
     /// Checks that every token id is in the vocabulary.
@@ -670,14 +699,15 @@ impl Model {
     }
 
     /// Causal attention of each row's query over its own sequence's cached
-    /// keys and values (block table `tables[row_seq[r]]` of `pool`), up to
-    /// its position.
+    /// keys and values (the `layer` block table of `batch[row_seq[r]]`, in
+    /// `pool`), up to its position.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         pool: &KvPool,
         q: &[f32],
-        tables: &[&[u32]],
+        batch: &[BatchSequence<'_>],
+        layer: usize,
         row_seq: &[usize],
         row_pos: &[usize],
         window: Option<usize>,
@@ -689,7 +719,7 @@ impl Model {
         let scale = c.attention_scale;
         out.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
             let (t, h) = (i / c.n_heads, i % c.n_heads);
-            let table = tables[row_seq[t]];
+            let table = batch[row_seq[t]].cache.table(layer);
             let kvh = h / group;
             let pos = row_pos[t];
             let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -697,6 +727,9 @@ impl Model {
             SCORES.with(|scores| {
                 let mut scores = scores.borrow_mut();
                 scores.clear();
+                // Room for the longest sequence at once, so that the
+                // buffer never grows again on this thread.
+                scores.reserve(c.context_length);
                 let mut max = f32::NEG_INFINITY;
                 for j in start..=pos {
                     let s = dot_f32(qh, &pool.keys(table, j)[kvh * hd..][..hd]) * scale;
@@ -808,20 +841,53 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 /// RoPE angles for each of `positions`: `(cos, sin)` for each of the
 /// `rot / 2` dimension pairs, row after row. Computed once per forward pass
 /// and base, and shared by every layer's queries and keys.
-fn rope_table(base: f32, rot: usize, positions: &[usize]) -> Vec<(f32, f32)> {
-    let half = rot / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|i| (base as f64).powf(-2.0 * i as f64 / rot as f64))
-        .collect();
-    let mut table = Vec::with_capacity(positions.len() * half);
+fn rope_table(base: f32, rot: usize, positions: &[usize], table: &mut Vec<(f32, f32)>) {
+    let half = (rot / 2).min(MAX_ROPE_PAIRS);
+    let mut inv_freq = [0f64; MAX_ROPE_PAIRS];
+    for (i, f) in inv_freq[..half].iter_mut().enumerate() {
+        *f = (base as f64).powf(-2.0 * i as f64 / rot as f64);
+    }
+    table.clear();
     for &p in positions {
         let pos = p as f64;
-        table.extend(inv_freq.iter().map(|f| {
+        table.extend(inv_freq[..half].iter().map(|f| {
             let theta = pos * f;
             (theta.cos() as f32, theta.sin() as f32)
         }));
     }
-    table
+}
+
+/// Rotary dimension pairs a head may have (checked at load).
+const MAX_ROPE_PAIRS: usize = 512;
+
+/// Sets `buf` to `len` zeros, within its capacity once it has grown.
+fn zeroed(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
+}
+
+/// Buffers of a forward pass ([`Model::forward_batch_with`]), kept between
+/// passes so that a steady run of steps allocates nothing.
+#[derive(Debug, Default)]
+pub struct ForwardScratch {
+    row_seq: Vec<usize>,
+    row_pos: Vec<usize>,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Outputs of stacked projections, before they are split.
+    stacked: Vec<f32>,
+    rope_global: Vec<(f32, f32)>,
+    rope_sliding: Vec<(f32, f32)>,
+    picked: Vec<usize>,
+    last: Vec<f32>,
+    logits: Vec<f32>,
 }
 
 /// Rotary position embedding over rows of `row_width` values (whole heads of

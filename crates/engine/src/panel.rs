@@ -243,7 +243,7 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 let simd = crate::panel_avx512::available().then(|| {
                     let mut out = [0f32; 5 * PANEL_ROWS];
-                    let xs = [&x, &x, &x, &x, &x];
+                    let xs = [x.clone(), x.clone(), x.clone(), x.clone(), x.clone()];
                     // SAFETY: the features were just detected.
                     unsafe { crate::panel_avx512::panel_product(&packed, p, &xs, &mut out) };
                     out

@@ -58,7 +58,7 @@ fn pair_pattern(first: i8) -> __m512i {
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[&PanelActivations], out: &mut [f32]) {
+pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[PanelActivations], out: &mut [f32]) {
     assert!(out.len() >= xs.len() * PANEL_ROWS);
     let store = |out: &mut [f32], first: usize, sums: &[__m512]| {
         for (j, s) in sums.iter().enumerate() {
@@ -69,12 +69,12 @@ pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[&PanelActivations],
     };
     let mut i = 0;
     while i + 4 <= xs.len() {
-        let sums = panel_rows::<4>(w, p, [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
+        let sums = panel_rows::<4>(w, p, [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]]);
         store(out, i, &sums);
         i += 4;
     }
     while i < xs.len() {
-        let sums = panel_rows::<1>(w, p, [xs[i]]);
+        let sums = panel_rows::<1>(w, p, [&xs[i]]);
         store(out, i, &sums);
         i += 1;
     }

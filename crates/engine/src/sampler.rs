@@ -184,7 +184,11 @@ impl Sampler {
     /// A sampler for a sequence whose prompt is `prompt`.
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
         let seed = params.seed.unwrap_or_else(random_seed);
-        let seen = prompt.iter().map(|&t| (t, ())).collect();
+        let seen = if params.repetition_penalty != 1.0 {
+            prompt.iter().map(|&t| (t, ())).collect()
+        } else {
+            HashMap::new()
+        };
         Sampler {
             rng: Rng::new(seed),
             params,
@@ -357,9 +361,16 @@ impl Sampler {
         c.last().map_or(0, |x| x.0)
     }
 
+    /// Records a sampled token for the penalties (only when one is on, so
+    /// that plain sampling allocates nothing per token).
     fn accept(&mut self, id: u32) {
-        *self.generated.entry(id).or_insert(0) += 1;
-        self.seen.insert(id, ());
+        let p = &self.params;
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            *self.generated.entry(id).or_insert(0) += 1;
+        }
+        if p.repetition_penalty != 1.0 {
+            self.seen.insert(id, ());
+        }
     }
 }
 

@@ -30,6 +30,7 @@ use neocloud_engine::generation::{
     SequenceRun, PREFILL_CHUNK,
 };
 use neocloud_engine::kv_cache::KvPool;
+use neocloud_engine::model::ForwardScratch;
 use neocloud_engine::sampler::Sampled;
 use neocloud_engine::EngineError;
 use tokio::sync::mpsc;
@@ -163,16 +164,21 @@ impl EngineHandle {
             pools.iter().map(KvPool::total_blocks).sum(),
             Ordering::Relaxed,
         );
-        Scheduler {
+        let scheduler = Scheduler {
             models: &models,
+            scratch: models.iter().map(|_| ForwardScratch::default()).collect(),
             pools,
             active: Vec::new(),
             waiting: VecDeque::new(),
             max_batch: limits.max_batch.max(1),
             metrics,
             last_model: None,
-        }
-        .run(jobs);
+        };
+        // The scheduler runs on a worker of the kernels' thread pool: the
+        // parallel regions of its passes are then forked there, with this
+        // worker taking its share, instead of being sent to the pool from
+        // outside and waited for.
+        neocloud_engine::kernels::on_kernel_pool(|| scheduler.run(jobs));
     }
 
     /// The server's measurements.
@@ -244,6 +250,8 @@ const PREFILL_TOKENS_PER_STEP: usize = PREFILL_CHUNK;
 /// The engine thread's state between steps.
 struct Scheduler<'m> {
     models: &'m [Arc<LoadedModel>],
+    /// Each model's forward-pass buffers, kept between steps.
+    scratch: Vec<ForwardScratch>,
     /// Each model's keys and values.
     pools: Vec<KvPool>,
     /// The batch, in the order the jobs joined it.
@@ -506,6 +514,7 @@ impl<'m> Scheduler<'m> {
         }
         let lm = &self.models[model];
         let pool = &mut self.pools[model];
+        let scratch = &mut self.scratch[model];
         let mut passes = Vec::with_capacity(plan.len());
         let mut members = Vec::with_capacity(plan.len());
         let mut want = plan.iter().peekable();
@@ -523,13 +532,15 @@ impl<'m> Scheduler<'m> {
             }
         }
         let metrics = Arc::clone(&self.metrics);
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            lm.model.forward_batch(pool, &mut passes)
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(move || {
+            // Taking the passes makes this closure run once, so that the
+            // logits may borrow the scratch buffers.
+            let mut passes = passes;
+            lm.model.forward_batch_with(pool, &mut passes, scratch)
         }));
-        drop(passes);
         let vocab = lm.model.config.vocab_size;
         match outcome {
-            Ok(Ok(mut logits)) => {
+            Ok(Ok(logits)) => {
                 for (&i, row) in members.iter().zip(logits.chunks_exact_mut(vocab)) {
                     let job = &mut self.active[i];
                     let report = &mut job.report;
