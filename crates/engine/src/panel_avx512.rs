@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use crate::panel::{PanelActivations, PanelMatrix, GROUP, PANEL_ROWS};
+use crate::panel::{scales_per_group, PanelActivations, PanelMatrix, GROUP, PANEL_ROWS};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
 /// asked for), detected once.
@@ -90,7 +90,8 @@ fn panel_rows<const R: usize>(
     let groups = w.cols / GROUP;
     let bytes = w.panel_bytes(p);
     let scales = w.panel_scales(p);
-    assert!(bytes.len() == groups * GROUP * PANEL_ROWS && scales.len() == groups * 2 * PANEL_ROWS);
+    let per_group = scales_per_group(w.zero);
+    assert!(bytes.len() == groups * GROUP * PANEL_ROWS && scales.len() == groups * per_group);
     for x in xs {
         assert!(x.q.len() >= w.cols && x.scale.len() >= groups && x.scaled_sum.len() >= groups);
     }
@@ -100,7 +101,7 @@ fn panel_rows<const R: usize>(
     let mut corr = [_mm512_setzero_ps(); R];
     for g in 0..groups {
         // SAFETY: the assertions above bound every load below: 256 bytes
-        // and 32 scales per group, 16 int16 values and one scale per group
+        // and 16 or 32 scales per group, 16 int16 values and one scale per group
         // of each activation row.
         unsafe {
             let gb = bytes.as_ptr().add(g * GROUP * PANEL_ROWS);
@@ -110,9 +111,12 @@ fn panel_rows<const R: usize>(
                 wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
                 wv[2 * q + 1] = _mm512_shuffle_epi8(u, high_pair);
             }
-            let sp = scales.as_ptr().add(g * 2 * PANEL_ROWS);
+            let sp = scales.as_ptr().add(g * per_group);
             let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
+            let b = match w.zero {
+                Some(z) => _mm512_mul_ps(a, _mm512_set1_ps(z)),
+                None => _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast())),
+            };
             for r in 0..R {
                 let x = xs[r];
                 let pairs = x.q.as_ptr().add(g * GROUP).cast::<i32>();

@@ -210,7 +210,7 @@ impl Sampler {
         let raw_lse = log_sum_exp(logits);
         self.process(logits);
         let id = self.pick(logits);
-        self.finish(id, raw_lse, top)
+        self.finish(id, raw_lse, top, logits)
     }
 
     /// Like [`Sampler::sample`], among the tokens `allowed` accepts: the
@@ -238,11 +238,24 @@ impl Sampler {
                 return None;
             }
         }
-        Some(self.finish(id, raw_lse, top))
+        Some(self.finish(id, raw_lse, top, logits))
     }
 
-    /// Keeps the raw logits, then applies bias and penalties in place.
+    /// Whether bias or penalties change logits before the pick.
+    fn modifies_logits(&self) -> bool {
+        let p = &self.params;
+        !p.logit_bias.is_empty()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+    }
+
+    /// Keeps the raw logits when they are about to change, then applies
+    /// bias and penalties in place.
     fn process(&mut self, logits: &mut [f32]) {
+        if !self.modifies_logits() {
+            return;
+        }
         self.raw_logits.clear();
         self.raw_logits.extend_from_slice(logits);
         let p = &self.params;
@@ -279,8 +292,15 @@ impl Sampler {
         }
     }
 
-    fn finish(&mut self, id: u32, raw_lse: f64, top: Vec<TokenLogprob>) -> Sampled {
-        let logprob = (self.raw_logits[id as usize] as f64 - raw_lse) as f32;
+    /// The sample of `id`, its log-probability under the raw distribution
+    /// (`logits` are the processed ones; a chosen token is never masked).
+    fn finish(&mut self, id: u32, raw_lse: f64, top: Vec<TokenLogprob>, logits: &[f32]) -> Sampled {
+        let raw = if self.modifies_logits() {
+            &self.raw_logits
+        } else {
+            logits
+        };
+        let logprob = (raw[id as usize] as f64 - raw_lse) as f32;
         self.accept(id);
         Sampled {
             token: TokenLogprob { id, logprob },
