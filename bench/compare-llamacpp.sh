@@ -110,8 +110,10 @@ echo "neocloud resident after loading: $(awk '/^VmRSS:/ { printf "%.0f", $2 / 10
 start_llama 1
 run single-stream --concurrency 1 --requests "$requests" --input-tokens 32 --output-tokens 128
 run long-prompt --concurrency 1 --requests "$requests" --input-tokens 1024 --output-tokens 8
+# Another seed than the levels before: their prompts must not already
+# hold this level's prefix in either server's cache.
 run shared-prefix --concurrency 1 --requests "$requests" --warmup 0 --prefix-tokens 1000 \
-  --input-tokens 1016 --output-tokens 8
+  --input-tokens 1016 --output-tokens 8 --seed 1009
 stop "$llama_pid"
 start_llama 8
 run streams-8 --concurrency 8 --requests $((requests * 4)) --input-tokens 128 --output-tokens 128
