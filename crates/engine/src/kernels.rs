@@ -475,9 +475,12 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
-    PANEL_ROWS_IN.with(|cell| {
-        let mut rows = cell.borrow_mut();
-        let rows = &*quantize_rows(&mut rows, x, k, m);
+    // The buffer is taken out of its cell for the product: a worker that
+    // steals other work while waiting in this product's parallel regions
+    // may run another product on this thread, which then gets a fresh one.
+    let mut buffer = PANEL_ROWS_IN.with(|cell| cell.take());
+    {
+        let rows = &*quantize_rows(&mut buffer, x, k, m);
         let panels = n / PANEL_ROWS;
         let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
         let split = ColumnSplit::new(out, n, panels_per_task * PANEL_ROWS);
@@ -500,7 +503,8 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
                 }
             }
         });
-    });
+    }
+    PANEL_ROWS_IN.with(|cell| cell.replace(buffer));
 }
 
 /// Batches up to this many rows multiply with integer activations: reading
@@ -519,10 +523,10 @@ thread_local! {
 
 fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
-    QUANTIZED.with(|cell| {
-        let mut rows = cell.borrow_mut();
-        let rows = quantize_rows(&mut rows, x, k, m);
-        let rows = &*rows;
+    // Taken out of its cell for the product, as in `panel_product`.
+    let mut buffer = QUANTIZED.with(|cell| cell.take());
+    {
+        let rows = &*quantize_rows(&mut buffer, x, k, m);
         let cols_per_task = (n / (rayon::current_num_threads() * 4)).max(16);
         let split = ColumnSplit::new(out, n, cols_per_task);
         (0..split.tasks()).into_par_iter().for_each(|t| {
@@ -540,7 +544,8 @@ fn integer_product(w: &QMatrix<'_>, x: &[f32], m: usize, out: &mut [f32]) {
                 }
             }
         });
-    });
+    }
+    QUANTIZED.with(|cell| cell.replace(buffer));
 }
 
 fn with_scratch(len: usize, f: impl FnOnce(&mut [f32])) {

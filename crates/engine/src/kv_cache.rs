@@ -375,15 +375,7 @@ impl KvPool {
         let len = cache.len();
         let have = len.div_ceil(KV_BLOCK_POSITIONS);
         let need = (len + count).div_ceil(KV_BLOCK_POSITIONS);
-        let new_per_layer = need - have;
-        self.windows
-            .iter()
-            .map(|w| match w {
-                // A window layer never holds more than its window's blocks.
-                Some(w) => new_per_layer.min(w.div_ceil(KV_BLOCK_POSITIONS) + 1),
-                None => new_per_layer,
-            })
-            .sum()
+        self.across_layers(need - have)
     }
 
     /// Blocks a sequence needs to hold positions `from..to` from nothing
@@ -391,12 +383,17 @@ impl KvPool {
     pub fn blocks_for_span(&self, from: usize, to: usize) -> usize {
         let first = from / KV_BLOCK_POSITIONS;
         let end = to.div_ceil(KV_BLOCK_POSITIONS);
-        let blocks = end.saturating_sub(first);
+        self.across_layers(end.saturating_sub(first))
+    }
+
+    /// Blocks for `per_layer` new block slots in every layer: a window
+    /// layer never holds more than its window's blocks.
+    fn across_layers(&self, per_layer: usize) -> usize {
         self.windows
             .iter()
             .map(|w| match w {
-                Some(w) => blocks.min(w.div_ceil(KV_BLOCK_POSITIONS) + 1),
-                None => blocks,
+                Some(w) => per_layer.min(w.div_ceil(KV_BLOCK_POSITIONS) + 1),
+                None => per_layer,
             })
             .sum()
     }

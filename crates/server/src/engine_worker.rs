@@ -174,11 +174,7 @@ impl EngineHandle {
             metrics,
             last_model: None,
         };
-        // The scheduler runs on a worker of the kernels' thread pool: the
-        // parallel regions of its passes are then forked there, with this
-        // worker taking its share, instead of being sent to the pool from
-        // outside and waited for.
-        neocloud_engine::kernels::on_kernel_pool(|| scheduler.run(jobs));
+        scheduler.run(jobs);
     }
 
     /// The server's measurements.
@@ -291,7 +287,12 @@ impl<'m> Scheduler<'m> {
                 }
             }
             self.admit_waiting();
-            self.step();
+            // Each step runs on a worker of the kernels' pool: the parallel
+            // regions of its pass are then forked there, with that worker
+            // taking its share, instead of each being sent to the pool from
+            // outside and waited for. Waiting for jobs stays on this thread,
+            // so no worker is ever held idle.
+            neocloud_engine::kernels::on_kernel_pool(|| self.step());
         }
     }
 
