@@ -331,11 +331,17 @@ impl<'a> SequenceRun<'a> {
     /// prefix index can give (at least the prompt's last token is left to
     /// run: its logits give the first sampled token).
     fn reusable(&self, pool: &KvPool) -> usize {
-        let limit = match self.phase {
+        pool.cached_prefix(&self.context, self.reuse_limit())
+    }
+
+    /// Positions of the context that may come from the prefix index: all
+    /// but the prompt's last token while prefilling (its logits give the
+    /// first sampled token), all of them when recomputing.
+    fn reuse_limit(&self) -> usize {
+        match self.phase {
             Phase::Prefill => self.context.len() - 1,
             _ => self.context.len(),
-        };
-        pool.cached_prefix(&self.context, limit)
+        }
     }
 
     /// Blocks the run needs from `pool` to hold its context as it stands
@@ -349,10 +355,7 @@ impl<'a> SequenceRun<'a> {
     /// prefix index holds; called before the first pass and after a
     /// preemption.
     pub fn attach(&mut self, pool: &mut KvPool) {
-        let limit = match self.phase {
-            Phase::Prefill => self.context.len() - 1,
-            _ => self.context.len(),
-        };
+        let limit = self.reuse_limit();
         let reused = pool.attach_prefix(&mut self.kv, &self.context, limit);
         let generated = self.out.tokens.len();
         pool.reserve(

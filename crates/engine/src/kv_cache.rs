@@ -232,7 +232,7 @@ impl KvPool {
         let key_width = config.n_kv_heads * config.head_dim;
         let value_width = config.n_kv_heads * config.value_dim;
         let block_floats = KV_BLOCK_POSITIONS * (key_width + value_width);
-        let block_bytes = block_floats * std::mem::size_of::<f32>();
+        let block_bytes = block_bytes(config);
         let blocks = (budget_bytes / block_bytes.max(1))
             .max(config.n_layers)
             .min(RELEASED as usize);
@@ -273,10 +273,7 @@ impl KvPool {
     /// positions each, without prefix caching.
     pub fn for_positions(config: &ModelConfig, positions: usize, sequences: usize) -> Self {
         let per_layer = positions.div_ceil(KV_BLOCK_POSITIONS) + 1;
-        let key_width = config.n_kv_heads * config.head_dim;
-        let value_width = config.n_kv_heads * config.value_dim;
-        let block_bytes = KV_BLOCK_POSITIONS * (key_width + value_width) * 4;
-        let bytes = per_layer * config.n_layers * sequences.max(1) * block_bytes;
+        let bytes = per_layer * config.n_layers * sequences.max(1) * block_bytes(config);
         Self::new(config, bytes, false)
     }
 
@@ -589,6 +586,13 @@ impl KvPool {
             _ => {}
         }
     }
+}
+
+/// Bytes of one block of a model of `config`: the keys and values of
+/// [`KV_BLOCK_POSITIONS`] positions of one layer, as f32.
+fn block_bytes(config: &ModelConfig) -> usize {
+    let floats = KV_BLOCK_POSITIONS * config.n_kv_heads * (config.head_dim + config.value_dim);
+    floats * std::mem::size_of::<f32>()
 }
 
 /// The hash of a block's tokens chained to the hash of every block before.

@@ -481,7 +481,6 @@ impl<'m> Scheduler<'m> {
                 self.retire(job);
             } else {
                 let need = job.run.blocks_to_resume(&self.pools[model]);
-                let mut job = job;
                 job.run.preempt(&mut self.pools[model]);
                 self.refuse(job, need);
             }
@@ -853,6 +852,15 @@ mod tests {
         assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 
+    /// Returns once a job has started running (or generated a token).
+    async fn until_a_job_runs(metrics: &Metrics) {
+        while metrics.generation_tokens.load(Ordering::Relaxed) == 0
+            && metrics.running.load(Ordering::Relaxed) == 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     async fn finish(mut events: JobEvents) -> Result<Generation, ServerError> {
         while let Some(ev) = events.recv().await {
             match ev {
@@ -962,11 +970,7 @@ mod tests {
             .unwrap();
         let long = tokio::spawn(finish(long));
         // Let the long one start before the short one arrives.
-        while metrics.generation_tokens.load(Ordering::Relaxed) == 0
-            && metrics.running.load(Ordering::Relaxed) == 0
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        until_a_job_runs(&metrics).await;
         let short = finish(
             engine
                 .submit(0, GenerateRequest::greedy(short_prompt, 6))
@@ -1025,11 +1029,7 @@ mod tests {
             )
             .unwrap();
         let long = tokio::spawn(finish(long));
-        while metrics.generation_tokens.load(Ordering::Relaxed) == 0
-            && metrics.running.load(Ordering::Relaxed) == 0
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        until_a_job_runs(&metrics).await;
         let short = finish(
             engine
                 .submit(1, GenerateRequest::greedy(encode(1, "Hello"), 4))
