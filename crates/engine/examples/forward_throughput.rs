@@ -62,7 +62,13 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let vocab = model.config.vocab_size as u32;
-    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    // `NEOCLOUD_PREFILL_TOKENS` sets the prompt length of the prefill line.
+    let prefill: u32 = std::env::var("NEOCLOUD_PREFILL_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512)
+        .max(64);
+    let prompt: Vec<u32> = (0..prefill).map(|i| (i * 7919 + 13) % vocab).collect();
 
     // Greedy sampling of one token over the whole vocabulary, as each
     // decoding sequence does every step.
@@ -90,9 +96,9 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     model.forward(&mut pool, &prompt, &mut cache, prompt.len() - 1)?;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "prefill 512 tokens: {:.3} s, {:.0} tokens/s",
+        "prefill {prefill} tokens: {:.3} s, {:.0} tokens/s",
         secs,
-        512.0 / secs
+        f64::from(prefill) / secs
     );
 
     // `forward_throughput MODEL STREAMS...` measures only those decode widths.

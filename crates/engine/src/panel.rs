@@ -6,13 +6,17 @@
 //! offset `b`, the value being `a * u - b`), then laid out so that one
 //! 512-bit register holds four consecutive values of each of 16 rows: the
 //! 16 lanes of a `vpdpwssd` are 16 output features, and the activation
-//! operand is one broadcast pair. Per group of 16 values a panel stores four
-//! such registers of bytes, then `a` and `b` for its 16 rows as f16; for
-//! types whose offset is a fixed multiple of the multiplier (`b = zero * a`:
-//! Q8_0, Q4_0, Q5_0, Q6_K) only `a`, which saves a tenth of the bytes. The
-//! float work (scales, offsets) is then done once per 16 products instead of
-//! once per product, and a group of activation rows shares every weight
-//! load. Each activation row's arithmetic is the same in any batch.
+//! operand is one broadcast pair. A group of 16 values is four such
+//! registers of bytes, stored as narrow as the type allows
+//! ([`PanelBits`]: nibbles for 4-bit types, nibbles and a bit plane for
+//! 5-bit ones), since one sequence's decode step is bound by the bytes it
+//! reads. `a` and `b` for the 16 rows follow per span of 16 or 32 values
+//! (the type's own scale blocks) as f16; for types whose offset is a fixed
+//! multiple of the multiplier (`b = zero * a`: Q8_0, Q4_0, Q5_0, Q6_K) only
+//! `a`. The float work (scales, offsets) is then done once per 16 products
+//! instead of once per product, and a group of activation rows shares
+//! every weight load. Each activation row's arithmetic is the same in any
+//! batch.
 
 use rayon::prelude::*;
 
@@ -23,10 +27,94 @@ use crate::unpacked::{UnpackedRow, LANE};
 
 /// Weight rows per panel (one output feature per 32-bit lane).
 pub const PANEL_ROWS: usize = 16;
-/// Values per scale group.
+/// Values per group: the unit of the product's loop.
 pub const GROUP: usize = 16;
-/// Bytes per group of a panel: 16 rows x 16 values.
-const GROUP_BYTES: usize = PANEL_ROWS * GROUP;
+/// Bytes of a group in its widest form: 16 rows x 16 values.
+const WIDE_GROUP_BYTES: usize = PANEL_ROWS * GROUP;
+
+/// How a panel stores the bytes of a group. The product widens them to
+/// four registers of one byte per value (the wide form, [`PanelBits::Eight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanelBits {
+    /// One byte per value: the four registers as they are (256 bytes).
+    Eight,
+    /// Values below 16, two per byte: registers 0 and 1 in the low and high
+    /// nibbles of the first 64 bytes, registers 2 and 3 in the next 64.
+    Four,
+    /// Values below 32: the low four bits as [`PanelBits::Four`], then the
+    /// fifth bit of each register's 64 values as a little-endian 64-bit
+    /// mask (160 bytes).
+    Five,
+}
+
+impl PanelBits {
+    /// The narrowest form that holds every unpacked value of `ty`.
+    fn of(ty: TensorType) -> Self {
+        match ty {
+            TensorType::Q4_0 | TensorType::Q4K => PanelBits::Four,
+            TensorType::Q5_0 | TensorType::Q5K => PanelBits::Five,
+            _ => PanelBits::Eight,
+        }
+    }
+
+    /// Bytes per group.
+    pub fn group_bytes(self) -> usize {
+        match self {
+            PanelBits::Eight => WIDE_GROUP_BYTES,
+            PanelBits::Four => WIDE_GROUP_BYTES / 2,
+            PanelBits::Five => WIDE_GROUP_BYTES / 2 + WIDE_GROUP_BYTES / 8,
+        }
+    }
+
+    /// A group in this form, from its wide form.
+    fn narrow(self, wide: &[u8], out: &mut [u8]) {
+        match self {
+            PanelBits::Eight => out.copy_from_slice(wide),
+            PanelBits::Four | PanelBits::Five => {
+                for i in 0..64 {
+                    out[i] = (wide[i] & 0x0f) | (wide[64 + i] << 4);
+                    out[64 + i] = (wide[128 + i] & 0x0f) | (wide[192 + i] << 4);
+                }
+                if self == PanelBits::Five {
+                    for q in 0..4 {
+                        let mask = (0..64).fold(0u64, |m, i| {
+                            m | (u64::from((wide[q * 64 + i] >> 4) & 1) << i)
+                        });
+                        out[128 + q * 8..136 + q * 8].copy_from_slice(&mask.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The wide form of a group stored in this form.
+    pub fn widen(self, group: &[u8]) -> [u8; WIDE_GROUP_BYTES] {
+        let mut wide = [0u8; WIDE_GROUP_BYTES];
+        match self {
+            PanelBits::Eight => wide.copy_from_slice(group),
+            PanelBits::Four | PanelBits::Five => {
+                for i in 0..64 {
+                    wide[i] = group[i] & 0x0f;
+                    wide[64 + i] = group[i] >> 4;
+                    wide[128 + i] = group[64 + i] & 0x0f;
+                    wide[192 + i] = group[64 + i] >> 4;
+                }
+                if self == PanelBits::Five {
+                    for q in 0..4 {
+                        let at = 128 + q * 8;
+                        let mut mask = [0u8; 8];
+                        mask.copy_from_slice(&group[at..at + 8]);
+                        let mask = u64::from_le_bytes(mask);
+                        for i in 0..64 {
+                            wide[q * 64 + i] |= (((mask >> i) & 1) as u8) << 4;
+                        }
+                    }
+                }
+            }
+        }
+        wide
+    }
+}
 
 /// A weight matrix in panels (see the module documentation).
 #[derive(Debug, Clone)]
@@ -35,11 +123,16 @@ pub struct PanelMatrix {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
-    /// Per panel, per group: four 64-byte registers; lane `r` of register
-    /// `q` holds values `4q..4q + 4` of row `r` of the group.
+    /// How each group's bytes are stored.
+    pub bits: PanelBits,
+    /// Values that share one multiplier (and offset): 16 or 32.
+    pub span: usize,
+    /// Per panel, per group, in the form `bits`: four 64-byte registers;
+    /// lane `r` of register `q` holds values `4q..4q + 4` of row `r` of the
+    /// group.
     pub bytes: Vec<u8>,
-    /// Per panel, per group: `a` of its 16 rows, then `b` (unless `zero`
-    /// gives it), as f16 bits.
+    /// Per panel, per `span` values: `a` of its 16 rows, then `b` (unless
+    /// `zero` gives it), as f16 bits.
     pub scales: Vec<u16>,
     /// When every offset is this multiple of its multiplier, the offsets
     /// are not stored.
@@ -55,6 +148,18 @@ fn zero_of(ty: TensorType) -> Option<f32> {
         TensorType::Q5_0 => Some(16.0),
         TensorType::Q6K => Some(32.0),
         _ => None,
+    }
+}
+
+/// Values sharing one multiplier and offset in a type's unpacked form.
+fn span_of(ty: TensorType) -> usize {
+    match ty {
+        TensorType::Q8_0
+        | TensorType::Q4_0
+        | TensorType::Q5_0
+        | TensorType::Q4K
+        | TensorType::Q5K => 32,
+        _ => GROUP,
     }
 }
 
@@ -74,51 +179,105 @@ impl PanelMatrix {
         }
         let (rows, cols) = (w.rows, w.cols);
         let groups = cols / GROUP;
-        let zero = zero_of(w.ty);
-        let per_group = scales_per_group(zero);
-        let mut bytes = vec![0u8; rows * cols];
-        let mut scales = vec![0u16; rows / PANEL_ROWS * groups * per_group];
+        let (bits, span, zero) = (PanelBits::of(w.ty), span_of(w.ty), zero_of(w.ty));
+        let per_span = scales_per_group(zero);
+        let group_bytes = bits.group_bytes();
+        let mut bytes = vec![0u8; rows / PANEL_ROWS * groups * group_bytes];
+        let mut scales = vec![0u16; rows / PANEL_ROWS * cols / span * per_span];
         bytes
-            .par_chunks_mut(PANEL_ROWS * cols)
-            .zip(scales.par_chunks_mut(groups * per_group))
+            .par_chunks_mut(groups * group_bytes)
+            .zip(scales.par_chunks_mut(cols / span * per_span))
             .enumerate()
-            .for_each_init(UnpackedRow::default, |unpacked, (p, (bytes, scales))| {
-                for r in 0..PANEL_ROWS {
-                    unpack_row(unpacked, w, p * PANEL_ROWS + r);
-                    for g in 0..groups {
-                        let group = &mut bytes[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
-                        for q in 0..GROUP / LANE {
-                            let from = g * GROUP + q * LANE;
-                            let to = q * 64 + r * LANE;
-                            group[to..to + LANE].copy_from_slice(&unpacked.u[from..from + LANE]);
+            .for_each_init(
+                || (UnpackedRow::default(), vec![0u8; PANEL_ROWS * cols]),
+                |(unpacked, wide), (p, (bytes, scales))| {
+                    for r in 0..PANEL_ROWS {
+                        unpack_row(unpacked, w, p * PANEL_ROWS + r);
+                        for g in 0..groups {
+                            let group = &mut wide[g * WIDE_GROUP_BYTES..][..WIDE_GROUP_BYTES];
+                            for q in 0..GROUP / LANE {
+                                let from = g * GROUP + q * LANE;
+                                let to = q * 64 + r * LANE;
+                                group[to..to + LANE]
+                                    .copy_from_slice(&unpacked.u[from..from + LANE]);
+                            }
                         }
-                        let lane = g * GROUP / LANE;
-                        let s = &mut scales[g * per_group..(g + 1) * per_group];
-                        s[r] = f32_to_f16(unpacked.a[lane]);
-                        if zero.is_none() {
-                            s[PANEL_ROWS + r] = f32_to_f16(unpacked.b[lane]);
+                        for (i, s) in scales.chunks_exact_mut(per_span).enumerate() {
+                            let lane = i * span / LANE;
+                            s[r] = f32_to_f16(unpacked.a[lane]);
+                            if zero.is_none() {
+                                s[PANEL_ROWS + r] = f32_to_f16(unpacked.b[lane]);
+                            }
                         }
                     }
-                }
-            });
+                    for (wide, out) in wide
+                        .chunks_exact(WIDE_GROUP_BYTES)
+                        .zip(bytes.chunks_exact_mut(group_bytes))
+                    {
+                        bits.narrow(wide, out);
+                    }
+                },
+            );
         Some(PanelMatrix {
             rows,
             cols,
+            bits,
+            span,
             bytes,
             scales,
             zero,
         })
     }
 
+    /// The same matrix with one byte per value and scales per group, the
+    /// form that any other panels can stack with.
+    fn widened(&self) -> PanelMatrix {
+        let per_span = scales_per_group(self.zero);
+        let groups = self.cols / GROUP;
+        let mut bytes = Vec::with_capacity(self.rows * self.cols);
+        let mut scales = Vec::with_capacity(self.rows / PANEL_ROWS * groups * per_span);
+        for p in 0..self.rows / PANEL_ROWS {
+            for group in self.panel_bytes(p).chunks_exact(self.bits.group_bytes()) {
+                bytes.extend_from_slice(&self.bits.widen(group));
+            }
+            let panel_scales = self.panel_scales(p);
+            for g in 0..groups {
+                let at = g * GROUP / self.span * per_span;
+                scales.extend_from_slice(&panel_scales[at..at + per_span]);
+            }
+        }
+        PanelMatrix {
+            rows: self.rows,
+            cols: self.cols,
+            bits: PanelBits::Eight,
+            span: GROUP,
+            bytes,
+            scales,
+            zero: self.zero,
+        }
+    }
+
     /// The matrices stacked: the rows of `parts` one after another (their
     /// columns must agree). Panels do not depend on the weight type, so
-    /// matrices of different types stack, and one product computes them all.
+    /// matrices of different types stack, and one product computes them all;
+    /// parts stored in different forms are widened first.
     pub fn stack(parts: &[&PanelMatrix]) -> Option<Self> {
         let first = parts.first()?;
         let cols = first.cols;
         if parts.iter().any(|p| p.cols != cols) {
             return None;
         }
+        let widened: Vec<PanelMatrix>;
+        let parts: Vec<&PanelMatrix> = if parts
+            .iter()
+            .all(|p| p.bits == first.bits && p.span == first.span)
+        {
+            parts.to_vec()
+        } else {
+            widened = parts.iter().map(|p| p.widened()).collect();
+            widened.iter().collect()
+        };
+        let first = parts.first()?;
         // Parts with different zeros store their offsets.
         let zero = first
             .zero
@@ -133,6 +292,8 @@ impl PanelMatrix {
         Some(PanelMatrix {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
+            bits: first.bits,
+            span: first.span,
             bytes: parts.iter().flat_map(|p| p.bytes.iter().copied()).collect(),
             scales,
             zero,
@@ -157,13 +318,13 @@ impl PanelMatrix {
 
     /// The bytes of panel `p`.
     pub fn panel_bytes(&self, p: usize) -> &[u8] {
-        let len = PANEL_ROWS * self.cols;
+        let len = self.cols / GROUP * self.bits.group_bytes();
         &self.bytes[p * len..(p + 1) * len]
     }
 
     /// The scales of panel `p`.
     pub fn panel_scales(&self, p: usize) -> &[u16] {
-        let len = self.cols / GROUP * scales_per_group(self.zero);
+        let len = self.cols / self.span * scales_per_group(self.zero);
         &self.scales[p * len..(p + 1) * len]
     }
 }
@@ -241,11 +402,11 @@ impl PanelActivations {
 pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f32; PANEL_ROWS] {
     let bytes = w.panel_bytes(p);
     let scales = w.panel_scales(p);
-    let per_group = scales_per_group(w.zero);
+    let per_span = scales_per_group(w.zero);
     let mut out = [0f32; PANEL_ROWS];
-    for g in 0..w.cols / GROUP {
-        let group = &bytes[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
-        let s = &scales[g * per_group..(g + 1) * per_group];
+    for (g, group) in bytes.chunks_exact(w.bits.group_bytes()).enumerate() {
+        let group = w.bits.widen(group);
+        let s = &scales[g * GROUP / w.span * per_span..][..per_span];
         for (r, o) in out.iter_mut().enumerate() {
             let mut sum = 0i32;
             for q in 0..GROUP / LANE {
@@ -328,7 +489,9 @@ mod tests {
     #[test]
     fn stacked_panels_of_mixed_types_give_their_parts_results() {
         // Q8_0 and Q6_K store no offsets, Q4_K does: a stack of them writes
-        // the offsets out, and every row keeps its bits.
+        // the offsets out. Q4_K and Q5_0 store nibbles, the others bytes,
+        // and Q6_K has a scale per 16 values: the stack widens them. Every
+        // row keeps its bits.
         let cols = 256;
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
@@ -336,7 +499,12 @@ mod tests {
         let mut act = PanelActivations::default();
         act.quantize(&x);
         let mut parts = Vec::new();
-        for (k, ty) in [TensorType::Q8_0, TensorType::Q4K, TensorType::Q6K]
+        for (k, ty) in [
+            TensorType::Q8_0,
+            TensorType::Q4K,
+            TensorType::Q6K,
+            TensorType::Q5_0,
+        ]
             .into_iter()
             .enumerate()
         {
@@ -355,9 +523,11 @@ mod tests {
             parts.push(PanelMatrix::pack(&w).unwrap());
         }
         assert!(parts[0].zero.is_some() && parts[1].zero.is_none());
+        assert_eq!(parts[1].bits, PanelBits::Four);
+        assert_eq!(parts[3].bits, PanelBits::Five);
         let refs: Vec<&PanelMatrix> = parts.iter().collect();
         let stacked = PanelMatrix::stack(&refs).unwrap();
-        assert_eq!(stacked.zero, None);
+        assert_eq!((stacked.zero, stacked.bits), (None, PanelBits::Eight));
         let same = PanelMatrix::stack(&[&parts[0], &parts[0]]).unwrap();
         assert_eq!(same.zero, parts[0].zero);
         for (p, part) in parts.iter().enumerate() {

@@ -5,7 +5,9 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use crate::panel::{scales_per_group, PanelActivations, PanelMatrix, GROUP, PANEL_ROWS};
+use crate::panel::{
+    scales_per_group, PanelActivations, PanelBits, PanelMatrix, GROUP, PANEL_ROWS,
+};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
 /// asked for), detected once.
@@ -69,20 +71,64 @@ pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[PanelActivations], 
     };
     let mut i = 0;
     while i + 4 <= xs.len() {
-        let sums = panel_rows::<4>(w, p, [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]]);
+        let rows = [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]];
+        let sums = match w.bits {
+            PanelBits::Eight => panel_rows::<4, 8>(w, p, rows),
+            PanelBits::Four => panel_rows::<4, 4>(w, p, rows),
+            PanelBits::Five => panel_rows::<4, 5>(w, p, rows),
+        };
         store(out, i, &sums);
         i += 4;
     }
     while i < xs.len() {
-        let sums = panel_rows::<1>(w, p, [&xs[i]]);
+        let rows = [&xs[i]];
+        let sums = match w.bits {
+            PanelBits::Eight => panel_rows::<1, 8>(w, p, rows),
+            PanelBits::Four => panel_rows::<1, 4>(w, p, rows),
+            PanelBits::Five => panel_rows::<1, 5>(w, p, rows),
+        };
         store(out, i, &sums);
         i += 1;
     }
 }
 
+/// The four registers of a group's bytes, one byte per value, from its
+/// stored form (`BITS`: see [`PanelBits`]).
+///
+/// # Safety
+/// `group` must point at one whole group stored as `BITS` says.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn group_registers<const BITS: u32>(group: *const u8) -> [__m512i; 4] {
+    // SAFETY: the caller's contract bounds every load: 256 bytes for eight
+    // bits, 128 for four, 160 for five.
+    unsafe {
+        if BITS == 8 {
+            return std::array::from_fn(|q| _mm512_loadu_si512(group.add(q * 64).cast()));
+        }
+        let low = _mm512_set1_epi8(0x0f);
+        let first = _mm512_loadu_si512(group.cast());
+        let second = _mm512_loadu_si512(group.add(64).cast());
+        let mut u = [
+            _mm512_and_si512(first, low),
+            _mm512_and_si512(_mm512_srli_epi16(first, 4), low),
+            _mm512_and_si512(second, low),
+            _mm512_and_si512(_mm512_srli_epi16(second, 4), low),
+        ];
+        if BITS == 5 {
+            let fifth = _mm512_set1_epi8(0x10);
+            for (q, v) in u.iter_mut().enumerate() {
+                let mask = group.add(128 + q * 8).cast::<u64>().read_unaligned();
+                *v = _mm512_mask_add_epi8(*v, mask, *v, fifth);
+            }
+        }
+        u
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn panel_rows<const R: usize>(
+fn panel_rows<const R: usize, const BITS: u32>(
     w: &PanelMatrix,
     p: usize,
     xs: [&PanelActivations; R],
@@ -90,8 +136,13 @@ fn panel_rows<const R: usize>(
     let groups = w.cols / GROUP;
     let bytes = w.panel_bytes(p);
     let scales = w.panel_scales(p);
-    let per_group = scales_per_group(w.zero);
-    assert!(bytes.len() == groups * GROUP * PANEL_ROWS && scales.len() == groups * per_group);
+    let per_span = scales_per_group(w.zero);
+    let group_bytes = w.bits.group_bytes();
+    assert!(bytes.len() == groups * group_bytes && scales.len() == w.cols / w.span * per_span);
+    assert!(w.span.is_multiple_of(GROUP) && (w.span / GROUP).is_power_of_two());
+    // Groups per span as a shift: a division per group would cost more
+    // than the group's float work.
+    let span_shift = (w.span / GROUP).trailing_zeros();
     for x in xs {
         assert!(x.q.len() >= w.cols && x.scale.len() >= groups && x.scaled_sum.len() >= groups);
     }
@@ -100,18 +151,17 @@ fn panel_rows<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut corr = [_mm512_setzero_ps(); R];
     for g in 0..groups {
-        // SAFETY: the assertions above bound every load below: 256 bytes
-        // and 16 or 32 scales per group, 16 int16 values and one scale per group
-        // of each activation row.
+        // SAFETY: the assertions above bound every load below: one group's
+        // bytes and 16 or 32 scales per span, 16 int16 values and one scale
+        // per group of each activation row.
         unsafe {
-            let gb = bytes.as_ptr().add(g * GROUP * PANEL_ROWS);
+            let registers = group_registers::<BITS>(bytes.as_ptr().add(g * group_bytes));
             let mut wv = [_mm512_setzero_si512(); 8];
-            for q in 0..4 {
-                let u = _mm512_loadu_si512(gb.add(q * 64).cast());
+            for (q, u) in registers.into_iter().enumerate() {
                 wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
                 wv[2 * q + 1] = _mm512_shuffle_epi8(u, high_pair);
             }
-            let sp = scales.as_ptr().add(g * per_group);
+            let sp = scales.as_ptr().add((g >> span_shift) * per_span);
             let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
             let b = match w.zero {
                 Some(z) => _mm512_mul_ps(a, _mm512_set1_ps(z)),
