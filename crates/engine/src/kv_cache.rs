@@ -497,11 +497,12 @@ impl KvPool {
         cache.tokens.clear();
     }
 
-    /// The keys at `position` of the sequence whose block table (of one
-    /// layer) is `table`, all KV heads.
-    pub(crate) fn keys(&self, table: &[u32], position: usize) -> &[f32] {
-        let at = self.slot(table, position);
-        &self.storage[at.0 + at.1 * self.key_width..][..self.key_width]
+    /// The keys of block `block` of the sequence whose block table (of one
+    /// layer) is `table`, transposed: for each key dimension (all KV heads
+    /// in order), its values at the block's 16 positions.
+    pub(crate) fn key_block(&self, table: &[u32], block: usize) -> &[f32] {
+        let base = table[block] as usize * self.block_floats;
+        &self.storage[base..][..KV_BLOCK_POSITIONS * self.key_width]
     }
 
     /// The values at `position`, all KV heads.
@@ -521,7 +522,10 @@ impl KvPool {
             .enumerate()
         {
             let (base, offset) = self.slot(table, position + r);
-            self.storage[base + offset * kw..][..kw].copy_from_slice(k);
+            let keys = &mut self.storage[base..][..KV_BLOCK_POSITIONS * kw];
+            for (dimension, &key) in k.iter().enumerate() {
+                keys[dimension * KV_BLOCK_POSITIONS + offset] = key;
+            }
             let values_at = base + KV_BLOCK_POSITIONS * kw + offset * vw;
             self.storage[values_at..][..vw].copy_from_slice(v);
         }

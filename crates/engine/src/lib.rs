@@ -2,12 +2,13 @@
 //!
 //! Loads GGUF models ([`gguf`]), tokenises ([`tokenizer`]), renders chat
 //! templates ([`chat_template`]), runs the model forward on the CPU with our own
-//! kernels ([`model`], [`kernels`], [`quant`]) over paged key/value memory
+//! kernels ([`model`], [`kernels`], [`attention`], [`quant`]) over paged key/value memory
 //! ([`kv_cache`]) and samples ([`sampler`]),
 //! optionally under a grammar ([`json_grammar`]).
 //! [`model_source`] fetches models into the local cache. Nothing here knows
 //! about HTTP.
 
+pub mod attention;
 pub mod chat_template;
 pub mod error;
 pub mod generation;

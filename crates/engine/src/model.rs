@@ -12,11 +12,10 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::attention::{SharedHeads, MAX_SHARED_HEADS};
 use crate::error::EngineError;
 use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
-use crate::kernels::{
-    axpy, dot_f32, exp_below_in_place, gelu_tanh_gated, matmul, silu_gated, QMatrix,
-};
+use crate::kernels::{gelu_tanh_gated, matmul, silu_gated, QMatrix};
 use crate::kv_cache::{KvCache, KvPool};
 use crate::panel::PanelMatrix;
 use crate::quant::{dequantize_row_unchecked, TensorType};
@@ -737,39 +736,39 @@ impl Model {
         let c = &self.config;
         let (hd, vd) = (c.head_dim, c.value_dim);
         let group = c.n_heads / c.n_kv_heads;
-        let scale = c.attention_scale;
-        out.par_chunks_mut(vd).enumerate().for_each(|(i, o)| {
-            let (t, h) = (i / c.n_heads, i % c.n_heads);
-            let table = batch[row_seq[t]].cache.table(layer);
-            let kvh = h / group;
-            let pos = row_pos[t];
-            let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let qh = &q[t * c.n_heads * hd + h * hd..][..hd];
-            SCORES.with(|scores| {
-                let mut scores = scores.borrow_mut();
-                scores.clear();
-                // Room for the longest sequence at once, so that the
-                // buffer never grows again on this thread.
-                scores.reserve(c.context_length);
-                let mut max = f32::NEG_INFINITY;
-                for j in start..=pos {
-                    let s = dot_f32(qh, &pool.keys(table, j)[kvh * hd..][..hd]) * scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                let sum = exp_below_in_place(&mut scores, max);
-                o.iter_mut().for_each(|v| *v = 0.0);
-                for (j, s) in (start..=pos).zip(scores.iter()) {
-                    axpy(s / sum, &pool.values(table, j)[kvh * vd..][..vd], o);
+        // Each row's heads that read one KV head go together, at most
+        // `MAX_SHARED_HEADS` at a time.
+        let shared = group.min(MAX_SHARED_HEADS);
+        let width = c.n_heads * hd;
+        out.par_chunks_mut(c.n_heads * vd)
+            .enumerate()
+            .for_each(|(t, row_out)| {
+                let pos = row_pos[t];
+                let call = SharedHeads {
+                    pool,
+                    table: batch[row_seq[t]].cache.table(layer),
+                    kv_head: 0,
+                    head_dim: hd,
+                    value_dim: vd,
+                    start: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                    end: pos,
+                    scale: c.attention_scale,
+                };
+                let row_q = &q[t * width..(t + 1) * width];
+                let mut h = 0;
+                while h < c.n_heads {
+                    let kv_head = h / group;
+                    let heads = shared.min((kv_head + 1) * group - h);
+                    let call = SharedHeads { kv_head, ..call };
+                    call.attend(
+                        &row_q[h * hd..(h + heads) * hd],
+                        &mut row_out[h * vd..(h + heads) * vd],
+                        c.context_length,
+                    );
+                    h += heads;
                 }
             });
-        });
     }
-}
-
-thread_local! {
-    /// Attention scores of one query, reused across calls on each thread.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One sequence's part of a batched forward pass ([`Model::forward_batch`]).

@@ -505,8 +505,8 @@ mod tests {
             TensorType::Q6K,
             TensorType::Q5_0,
         ]
-            .into_iter()
-            .enumerate()
+        .into_iter()
+        .enumerate()
         {
             let count = 16 * cols / ty.block_len();
             let raw: Vec<u8> = (0..count * ty.block_bytes())

@@ -5,9 +5,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use crate::panel::{
-    scales_per_group, PanelActivations, PanelBits, PanelMatrix, GROUP, PANEL_ROWS,
-};
+use crate::panel::{scales_per_group, PanelActivations, PanelBits, PanelMatrix, GROUP, PANEL_ROWS};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
 /// asked for), detected once.

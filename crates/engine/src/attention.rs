@@ -1,0 +1,319 @@
+//! Causal attention over paged keys and values.
+//!
+//! The query heads of one row that read the same KV head (grouped-query
+//! attention) go together, up to [`MAX_SHARED_HEADS`] at a time: every key
+//! and value they read is loaded once for all of them. Keys are stored
+//! transposed within their block ([`KvPool::key_block`]: 16 positions per
+//! dimension), so one vector holds a dimension of 16 positions and the
+//! scores of a block take one fused multiply-add per head and dimension,
+//! with no horizontal sums. Each head's arithmetic is the same whichever
+//! heads go with it and whatever the batch, so results stay batch-invariant.
+
+use crate::kernels::{exp_below_in_place, max_f32};
+use crate::kv_cache::{KvPool, KV_BLOCK_POSITIONS};
+
+/// Query heads that share one pass over a KV head's keys and values.
+pub const MAX_SHARED_HEADS: usize = 8;
+
+/// Values per chunk of the weighted sum of values (two 16-float vectors).
+const VALUE_CHUNK: usize = 32;
+
+/// One attention call: the heads of one row that read KV head `kv_head`.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedHeads<'a> {
+    /// The pool holding the sequence's keys and values.
+    pub pool: &'a KvPool,
+    /// The sequence's block table for this layer.
+    pub table: &'a [u32],
+    /// The KV head the query heads read.
+    pub kv_head: usize,
+    /// Width of a key head.
+    pub head_dim: usize,
+    /// Width of a value head.
+    pub value_dim: usize,
+    /// First position seen (after a sliding window).
+    pub start: usize,
+    /// Last position seen (the row's own).
+    pub end: usize,
+    /// Factor applied to every score.
+    pub scale: f32,
+}
+
+thread_local! {
+    /// Scores of the heads being computed, reused across calls on each thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl SharedHeads<'_> {
+    /// The attention output of `queries` (heads of `head_dim`, one after
+    /// another, at most [`MAX_SHARED_HEADS`]) into `out` (heads of
+    /// `value_dim`). `context` bounds any sequence's length, so that the
+    /// score buffer is sized once per thread.
+    pub fn attend(&self, queries: &[f32], out: &mut [f32], context: usize) {
+        let heads = queries.len() / self.head_dim;
+        assert!(heads <= MAX_SHARED_HEADS && out.len() == heads * self.value_dim);
+        assert!(self.start <= self.end);
+        let first_block = self.start / KV_BLOCK_POSITIONS;
+        let blocks = self.end / KV_BLOCK_POSITIONS + 1 - first_block;
+        let stride = blocks * KV_BLOCK_POSITIONS;
+        // Taken out of its cell, as the kernels' buffers are: nothing here
+        // nests another call on this thread, but a steal could.
+        let mut scores = SCORES.with(|cell| cell.take());
+        scores.clear();
+        let room = MAX_SHARED_HEADS * (context + 2 * KV_BLOCK_POSITIONS);
+        scores.reserve(room.max(heads * stride));
+        scores.resize(heads * stride, 0.0);
+        for b in 0..blocks {
+            let keys = self.pool.key_block(self.table, first_block + b);
+            let keys = &keys[self.kv_head * self.head_dim * KV_BLOCK_POSITIONS..]
+                [..self.head_dim * KV_BLOCK_POSITIONS];
+            block_scores(keys, queries, self.head_dim, heads, &mut scores, stride, b);
+        }
+        // Softmax of each head over its positions, as probabilities.
+        let from = self.start - first_block * KV_BLOCK_POSITIONS;
+        let to = self.end - first_block * KV_BLOCK_POSITIONS;
+        for h in 0..heads {
+            let row = &mut scores[h * stride..][from..=to];
+            row.iter_mut().for_each(|s| *s *= self.scale);
+            let max = max_f32(row);
+            let sum = exp_below_in_place(row, max);
+            row.iter_mut().for_each(|s| *s /= sum);
+        }
+        let probabilities = Probabilities {
+            scores: &scores,
+            stride,
+            first: first_block * KV_BLOCK_POSITIONS,
+        };
+        weighted_values(self, &probabilities, heads, out);
+        SCORES.with(|cell| cell.replace(scores));
+    }
+}
+
+/// Each head's probabilities: row `h` of `scores` (rows of `stride`) holds
+/// positions from `first`.
+struct Probabilities<'a> {
+    scores: &'a [f32],
+    stride: usize,
+    first: usize,
+}
+
+impl Probabilities<'_> {
+    #[inline(always)]
+    fn of(&self, head: usize, position: usize) -> f32 {
+        self.scores[head * self.stride + position - self.first]
+    }
+}
+
+/// Scores of `heads` queries against the 16 positions of one block of
+/// transposed keys, into column block `b` of `scores` (rows of `stride`).
+fn block_scores(
+    keys: &[f32],
+    queries: &[f32],
+    head_dim: usize,
+    heads: usize,
+    scores: &mut [f32],
+    stride: usize,
+    b: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::panel_avx512::available() {
+            // SAFETY: AVX-512 F was detected (with the panel product's features).
+            unsafe { block_scores_avx512(keys, queries, head_dim, heads, scores, stride, b) };
+            return;
+        }
+        if crate::kernels::simd_level() == crate::kernels::SimdLevel::Avx2 {
+            // SAFETY: AVX2 and FMA were detected.
+            unsafe { block_scores_avx2(keys, queries, head_dim, heads, scores, stride, b) };
+            return;
+        }
+    }
+    block_scores_portable(keys, queries, head_dim, heads, scores, stride, b);
+}
+
+/// The portable scores, compiled with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_scores_avx2(
+    keys: &[f32],
+    queries: &[f32],
+    head_dim: usize,
+    heads: usize,
+    scores: &mut [f32],
+    stride: usize,
+    b: usize,
+) {
+    block_scores_portable(keys, queries, head_dim, heads, scores, stride, b)
+}
+
+#[inline(always)]
+fn block_scores_portable(
+    keys: &[f32],
+    queries: &[f32],
+    head_dim: usize,
+    heads: usize,
+    scores: &mut [f32],
+    stride: usize,
+    b: usize,
+) {
+    for h in 0..heads {
+        let q = &queries[h * head_dim..(h + 1) * head_dim];
+        let mut acc = [0f32; KV_BLOCK_POSITIONS];
+        for (d, &qd) in q.iter().enumerate() {
+            let k = &keys[d * KV_BLOCK_POSITIONS..(d + 1) * KV_BLOCK_POSITIONS];
+            for (a, &kd) in acc.iter_mut().zip(k) {
+                *a += qd * kd;
+            }
+        }
+        scores[h * stride + b * KV_BLOCK_POSITIONS..][..KV_BLOCK_POSITIONS].copy_from_slice(&acc);
+    }
+}
+
+/// [`block_scores`] with AVX-512: up to eight heads' 16 scores stay in
+/// registers while each key dimension is loaded once.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_scores_avx512(
+    keys: &[f32],
+    queries: &[f32],
+    head_dim: usize,
+    heads: usize,
+    scores: &mut [f32],
+    stride: usize,
+    b: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(heads <= MAX_SHARED_HEADS);
+    assert!(keys.len() >= head_dim * KV_BLOCK_POSITIONS && queries.len() >= heads * head_dim);
+    assert!(scores.len() >= (heads.max(1) - 1) * stride + (b + 1) * KV_BLOCK_POSITIONS);
+    let mut acc = [_mm512_setzero_ps(); MAX_SHARED_HEADS];
+    for d in 0..head_dim {
+        // SAFETY: the assertions bound both loads.
+        unsafe {
+            let k = _mm512_loadu_ps(keys.as_ptr().add(d * KV_BLOCK_POSITIONS));
+            for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                let q = _mm512_set1_ps(*queries.get_unchecked(h * head_dim + d));
+                *a = _mm512_fmadd_ps(q, k, *a);
+            }
+        }
+    }
+    for (h, a) in acc.iter().enumerate().take(heads) {
+        // SAFETY: in bounds by the assertion on `scores`.
+        unsafe {
+            _mm512_storeu_ps(
+                scores.as_mut_ptr().add(h * stride + b * KV_BLOCK_POSITIONS),
+                *a,
+            )
+        };
+    }
+}
+
+/// `out[h] = sum over the call's positions p of probability(h, p) *
+/// value(p)`, positions in order.
+fn weighted_values(call: &SharedHeads<'_>, p: &Probabilities<'_>, heads: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::panel_avx512::available() && call.value_dim.is_multiple_of(VALUE_CHUNK) {
+            // SAFETY: AVX-512 F was detected (with the panel product's features).
+            unsafe { weighted_values_avx512(call, p, heads, out) };
+            return;
+        }
+        if crate::kernels::simd_level() == crate::kernels::SimdLevel::Avx2 {
+            // SAFETY: AVX2 and FMA were detected.
+            unsafe { weighted_values_avx2(call, p, heads, out) };
+            return;
+        }
+    }
+    weighted_values_portable(call, p, heads, out);
+}
+
+/// The value rows of one call's KV head.
+#[inline(always)]
+fn value_row<'a>(call: &SharedHeads<'a>, position: usize) -> &'a [f32] {
+    &call.pool.values(call.table, position)[call.kv_head * call.value_dim..][..call.value_dim]
+}
+
+/// The portable weighted sum, compiled with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_values_avx2(
+    call: &SharedHeads<'_>,
+    p: &Probabilities<'_>,
+    heads: usize,
+    out: &mut [f32],
+) {
+    weighted_values_portable(call, p, heads, out)
+}
+
+#[inline(always)]
+fn weighted_values_portable(
+    call: &SharedHeads<'_>,
+    p: &Probabilities<'_>,
+    heads: usize,
+    out: &mut [f32],
+) {
+    let vd = call.value_dim;
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for position in call.start..=call.end {
+        let v = value_row(call, position);
+        for h in 0..heads {
+            let w = p.of(h, position);
+            for (o, &x) in out[h * vd..(h + 1) * vd].iter_mut().zip(v) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
+/// [`weighted_values`] with AVX-512: per chunk of 32 values, every head's
+/// sums stay in registers over all positions.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; the value width must be a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_values_avx512(
+    call: &SharedHeads<'_>,
+    p: &Probabilities<'_>,
+    heads: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let vd = call.value_dim;
+    assert!(heads <= MAX_SHARED_HEADS && out.len() >= heads * vd && vd.is_multiple_of(VALUE_CHUNK));
+    for chunk in (0..vd).step_by(VALUE_CHUNK) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MAX_SHARED_HEADS];
+        for position in call.start..=call.end {
+            let v = &value_row(call, position)[chunk..chunk + VALUE_CHUNK];
+            // SAFETY: `v` holds 32 floats.
+            let (v0, v1) = unsafe {
+                (
+                    _mm512_loadu_ps(v.as_ptr()),
+                    _mm512_loadu_ps(v.as_ptr().add(16)),
+                )
+            };
+            for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                let w = _mm512_set1_ps(p.of(h, position));
+                a[0] = _mm512_fmadd_ps(w, v0, a[0]);
+                a[1] = _mm512_fmadd_ps(w, v1, a[1]);
+            }
+        }
+        for (h, a) in acc.iter().enumerate().take(heads) {
+            let o = &mut out[h * vd + chunk..][..VALUE_CHUNK];
+            // SAFETY: `o` holds 32 floats.
+            unsafe {
+                _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+            }
+        }
+    }
+}
