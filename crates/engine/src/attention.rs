@@ -290,21 +290,40 @@ unsafe fn weighted_values_avx512(
     use std::arch::x86_64::*;
     let vd = call.value_dim;
     assert!(heads <= MAX_SHARED_HEADS && out.len() >= heads * vd && vd.is_multiple_of(VALUE_CHUNK));
+    assert!(call.start >= p.first && call.start <= call.end);
+    assert!(p.scores.len() >= (heads.max(1) - 1) * p.stride + call.end + 1 - p.first);
+    let width = call.pool.value_width();
+    let (first_block, last_block) = (
+        call.start / KV_BLOCK_POSITIONS,
+        call.end / KV_BLOCK_POSITIONS,
+    );
     for chunk in (0..vd).step_by(VALUE_CHUNK) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MAX_SHARED_HEADS];
-        for position in call.start..=call.end {
-            let v = &value_row(call, position)[chunk..chunk + VALUE_CHUNK];
-            // SAFETY: `v` holds 32 floats.
-            let (v0, v1) = unsafe {
-                (
-                    _mm512_loadu_ps(v.as_ptr()),
-                    _mm512_loadu_ps(v.as_ptr().add(16)),
-                )
-            };
-            for (h, a) in acc.iter_mut().enumerate().take(heads) {
-                let w = _mm512_set1_ps(p.of(h, position));
-                a[0] = _mm512_fmadd_ps(w, v0, a[0]);
-                a[1] = _mm512_fmadd_ps(w, v1, a[1]);
+        for b in first_block..=last_block {
+            let block = call.pool.value_block(call.table, b);
+            let head = call.kv_head * vd + chunk;
+            assert!(head + VALUE_CHUNK <= width && block.len() == KV_BLOCK_POSITIONS * width);
+            let from = call.start.max(b * KV_BLOCK_POSITIONS);
+            let to = call
+                .end
+                .min(b * KV_BLOCK_POSITIONS + KV_BLOCK_POSITIONS - 1);
+            for position in from..=to {
+                // SAFETY: the position is in the block and the chunk in
+                // the row (asserted); the probability's index is within
+                // `scores` by the assertions at the top.
+                unsafe {
+                    let v = block
+                        .as_ptr()
+                        .add((position - b * KV_BLOCK_POSITIONS) * width + head);
+                    let v0 = _mm512_loadu_ps(v);
+                    let v1 = _mm512_loadu_ps(v.add(16));
+                    for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                        let w = *p.scores.get_unchecked(h * p.stride + position - p.first);
+                        let w = _mm512_set1_ps(w);
+                        a[0] = _mm512_fmadd_ps(w, v0, a[0]);
+                        a[1] = _mm512_fmadd_ps(w, v1, a[1]);
+                    }
+                }
             }
         }
         for (h, a) in acc.iter().enumerate().take(heads) {

@@ -505,6 +505,18 @@ impl KvPool {
         &self.storage[base..][..KV_BLOCK_POSITIONS * self.key_width]
     }
 
+    /// The values of block `block` of the sequence whose block table is
+    /// `table`: its 16 positions in order, all KV heads each.
+    pub(crate) fn value_block(&self, table: &[u32], block: usize) -> &[f32] {
+        let base = table[block] as usize * self.block_floats + KV_BLOCK_POSITIONS * self.key_width;
+        &self.storage[base..][..KV_BLOCK_POSITIONS * self.value_width]
+    }
+
+    /// Floats of one position's values, all KV heads.
+    pub(crate) fn value_width(&self) -> usize {
+        self.value_width
+    }
+
     /// The values at `position`, all KV heads.
     pub(crate) fn values(&self, table: &[u32], position: usize) -> &[f32] {
         let at = self.slot(table, position);

@@ -69,24 +69,28 @@ pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[PanelActivations], 
     };
     let mut i = 0;
     while i + 4 <= xs.len() {
-        let rows = [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]];
-        let sums = match w.bits {
-            PanelBits::Eight => panel_rows::<4, 8>(w, p, rows),
-            PanelBits::Four => panel_rows::<4, 4>(w, p, rows),
-            PanelBits::Five => panel_rows::<4, 5>(w, p, rows),
-        };
+        let sums = rows_of(w, p, [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]]);
         store(out, i, &sums);
         i += 4;
     }
     while i < xs.len() {
-        let rows = [&xs[i]];
-        let sums = match w.bits {
-            PanelBits::Eight => panel_rows::<1, 8>(w, p, rows),
-            PanelBits::Four => panel_rows::<1, 4>(w, p, rows),
-            PanelBits::Five => panel_rows::<1, 5>(w, p, rows),
-        };
+        let sums = rows_of(w, p, [&xs[i]]);
         store(out, i, &sums);
         i += 1;
+    }
+}
+
+/// [`panel_rows`] for the matrix's form and span.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn rows_of<const R: usize>(w: &PanelMatrix, p: usize, xs: [&PanelActivations; R]) -> [__m512; R] {
+    match (w.bits, w.span == 2 * GROUP) {
+        (PanelBits::Eight, false) => panel_rows::<R, 8, 1>(w, p, xs),
+        (PanelBits::Eight, true) => panel_rows::<R, 8, 2>(w, p, xs),
+        (PanelBits::Four, false) => panel_rows::<R, 4, 1>(w, p, xs),
+        (PanelBits::Four, true) => panel_rows::<R, 4, 2>(w, p, xs),
+        (PanelBits::Five, false) => panel_rows::<R, 5, 1>(w, p, xs),
+        (PanelBits::Five, true) => panel_rows::<R, 5, 2>(w, p, xs),
     }
 }
 
@@ -124,9 +128,12 @@ unsafe fn group_registers<const BITS: u32>(group: *const u8) -> [__m512i; 4] {
     }
 }
 
+/// The 16 outputs of panel `p` for `R` activation rows, the weights stored
+/// as `BITS` with `SPAN_GROUPS` groups per scale span: integer sums run over
+/// a whole span, and its scales apply once.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn panel_rows<const R: usize, const BITS: u32>(
+fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize>(
     w: &PanelMatrix,
     p: usize,
     xs: [&PanelActivations; R],
@@ -136,11 +143,8 @@ fn panel_rows<const R: usize, const BITS: u32>(
     let scales = w.panel_scales(p);
     let per_span = scales_per_group(w.zero);
     let group_bytes = w.bits.group_bytes();
-    assert!(bytes.len() == groups * group_bytes && scales.len() == w.cols / w.span * per_span);
-    assert!(w.span.is_multiple_of(GROUP) && (w.span / GROUP).is_power_of_two());
-    // Groups per span as a shift: a division per group would cost more
-    // than the group's float work.
-    let span_shift = (w.span / GROUP).trailing_zeros();
+    assert!(w.span == SPAN_GROUPS * GROUP && groups.is_multiple_of(SPAN_GROUPS));
+    assert!(bytes.len() == groups * group_bytes && scales.len() == groups / SPAN_GROUPS * per_span);
     for x in xs {
         assert!(x.q.len() >= w.cols && x.scale.len() >= groups && x.scaled_sum.len() >= groups);
     }
@@ -148,35 +152,45 @@ fn panel_rows<const R: usize, const BITS: u32>(
     let high_pair = pair_pattern(2);
     let mut acc = [_mm512_setzero_ps(); R];
     let mut corr = [_mm512_setzero_ps(); R];
-    for g in 0..groups {
-        // SAFETY: the assertions above bound every load below: one group's
-        // bytes and 16 or 32 scales per span, 16 int16 values and one scale
-        // per group of each activation row.
+    for span in 0..groups / SPAN_GROUPS {
+        // SAFETY: the assertions above bound every load below: a span's
+        // groups of bytes and its 16 or 32 scales, 16 int16 values and one
+        // scale per group of each activation row.
         unsafe {
-            let registers = group_registers::<BITS>(bytes.as_ptr().add(g * group_bytes));
-            let mut wv = [_mm512_setzero_si512(); 8];
-            for (q, u) in registers.into_iter().enumerate() {
-                wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
-                wv[2 * q + 1] = _mm512_shuffle_epi8(u, high_pair);
+            let mut sums = [_mm512_setzero_si512(); R];
+            for k in 0..SPAN_GROUPS {
+                let g = span * SPAN_GROUPS + k;
+                let registers = group_registers::<BITS>(bytes.as_ptr().add(g * group_bytes));
+                let mut wv = [_mm512_setzero_si512(); 8];
+                for (q, u) in registers.into_iter().enumerate() {
+                    wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
+                    wv[2 * q + 1] = _mm512_shuffle_epi8(u, high_pair);
+                }
+                for r in 0..R {
+                    let pairs = xs[r].q.as_ptr().add(g * GROUP).cast::<i32>();
+                    for (j, wj) in wv.iter().enumerate() {
+                        let pair = pairs.add(j).read_unaligned();
+                        sums[r] = _mm512_dpwssd_epi32(sums[r], *wj, _mm512_set1_epi32(pair));
+                    }
+                }
             }
-            let sp = scales.as_ptr().add((g >> span_shift) * per_span);
+            let sp = scales.as_ptr().add(span * per_span);
             let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
             let b = match w.zero {
                 Some(z) => _mm512_mul_ps(a, _mm512_set1_ps(z)),
                 None => _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast())),
             };
+            let g0 = span * SPAN_GROUPS;
             for r in 0..R {
                 let x = xs[r];
-                let pairs = x.q.as_ptr().add(g * GROUP).cast::<i32>();
-                let mut s = _mm512_setzero_si512();
-                for (j, wj) in wv.iter().enumerate() {
-                    let pair = pairs.add(j).read_unaligned();
-                    s = _mm512_dpwssd_epi32(s, *wj, _mm512_set1_epi32(pair));
+                // A span lies within one activation block: one scale.
+                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
+                let mut offset = *x.scaled_sum.get_unchecked(g0);
+                for k in 1..SPAN_GROUPS {
+                    offset += *x.scaled_sum.get_unchecked(g0 + k);
                 }
-                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g)));
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r]);
-                let offset = _mm512_set1_ps(*x.scaled_sum.get_unchecked(g));
-                corr[r] = _mm512_fmadd_ps(b, offset, corr[r]);
+                corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
             }
         }
     }
