@@ -374,6 +374,26 @@ impl PanelActivations {
         self.q.resize(x.len(), 0);
         self.scale.resize(groups, 0.0);
         self.scaled_sum.resize(groups, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if crate::panel_avx512::available() {
+            // SAFETY: AVX-512 F was detected (with the product's features).
+            unsafe {
+                crate::panel_avx512::quantize_blocks(
+                    x,
+                    &mut self.q,
+                    &mut self.scale,
+                    &mut self.scaled_sum,
+                    ACT_MAX,
+                )
+            };
+            return;
+        }
+        self.quantize_blocks_portable(x);
+    }
+
+    /// The blocks of [`PanelActivations::quantize`] in plain Rust (buffers
+    /// already sized).
+    fn quantize_blocks_portable(&mut self, x: &[f32]) {
         for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / ACT_MAX;
@@ -483,6 +503,30 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn vector_quantisation_gives_the_portable_numbers(
+            mut xs in proptest::collection::vec(-50.0f32..50.0, 1..8usize).prop_flat_map(|v| {
+                proptest::collection::vec(-50.0f32..50.0, v.len() * 32)
+            }),
+            zero_block in any::<bool>(),
+        ) {
+            if zero_block {
+                xs[..32].fill(0.0);
+            }
+            let middle = xs.len() / 2;
+            xs[middle] = f32::NAN;
+            let mut simd = PanelActivations::default();
+            simd.quantize(&xs);
+            let mut portable = simd.clone();
+            portable.quantize_blocks_portable(&xs);
+            prop_assert_eq!(&simd.q, &portable.q);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&simd.scale), bits(&portable.scale));
+            prop_assert_eq!(bits(&simd.scaled_sum), bits(&portable.scaled_sum));
         }
     }
 

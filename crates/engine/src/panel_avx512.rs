@@ -200,3 +200,57 @@ fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize>(
     }
     out
 }
+
+/// The blocks of [`PanelActivations::quantize`] with AVX-512: the same
+/// numbers, bit for bit (the same float operations, lane by lane).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn quantize_blocks(
+    x: &[f32],
+    q: &mut [i16],
+    scale: &mut [f32],
+    scaled_sum: &mut [f32],
+    act_max: f32,
+) {
+    const BLOCK: usize = 2 * GROUP;
+    let groups = x.len() / GROUP;
+    assert!(x.len().is_multiple_of(BLOCK) && q.len() >= x.len());
+    assert!(scale.len() >= groups && scaled_sum.len() >= groups);
+    let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let half = _mm512_castps_si512(_mm512_set1_ps(0.5));
+    for b in 0..x.len() / BLOCK {
+        // SAFETY: the assertions bound every load and store.
+        unsafe {
+            let at = x.as_ptr().add(b * BLOCK);
+            let v = [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(GROUP))];
+            let abs =
+                v.map(|v| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), magnitude)));
+            // A NaN operand first gives the other: NaNs are skipped, as
+            // `f32::max` skips them.
+            let amax = _mm512_max_ps(abs[1], _mm512_max_ps(abs[0], _mm512_setzero_ps()));
+            let amax = _mm512_reduce_max_ps(amax);
+            let d = amax / act_max;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            for (h, v) in v.into_iter().enumerate() {
+                let t = _mm512_mul_ps(v, inv);
+                // Half away from zero: add 0.5 with the sign of `t`, then truncate.
+                let signed_half = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_and_si512(_mm512_castps_si512(t), sign),
+                    half,
+                ));
+                let values =
+                    _mm512_cvtepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(t, signed_half)));
+                // Summed as stored: a NaN's lane is 0 there, as in `as i16`.
+                let sum = _mm512_reduce_add_epi32(_mm512_cvtepi16_epi32(values));
+                let out = q.as_mut_ptr().add(b * BLOCK + h * GROUP);
+                _mm256_storeu_si256(out.cast(), values);
+                let g = b * 2 + h;
+                *scale.get_unchecked_mut(g) = d;
+                *scaled_sum.get_unchecked_mut(g) = d * sum as f32;
+            }
+        }
+    }
+}
