@@ -362,6 +362,8 @@ pub struct PanelActivations {
     pub scale: Vec<f32>,
     /// Per group of 16: the scale times the sum of its values.
     pub scaled_sum: Vec<f32>,
+    /// Per group of 16: the sum of its values.
+    pub sum: Vec<i32>,
 }
 
 /// Largest quantised activation magnitude.
@@ -374,6 +376,7 @@ impl PanelActivations {
         self.q.resize(x.len(), 0);
         self.scale.resize(groups, 0.0);
         self.scaled_sum.resize(groups, 0.0);
+        self.sum.resize(groups, 0);
         #[cfg(target_arch = "x86_64")]
         if crate::panel_avx512::available() {
             // SAFETY: AVX-512 F was detected (with the product's features).
@@ -383,6 +386,7 @@ impl PanelActivations {
                     &mut self.q,
                     &mut self.scale,
                     &mut self.scaled_sum,
+                    &mut self.sum,
                     ACT_MAX,
                 )
             };
@@ -412,6 +416,7 @@ impl PanelActivations {
                 let g = b * ACT_BLOCK / GROUP + h;
                 self.scale[g] = d;
                 self.scaled_sum[g] = d * sum as f32;
+                self.sum[g] = sum;
             }
         }
     }
@@ -527,6 +532,7 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             prop_assert_eq!(bits(&simd.scale), bits(&portable.scale));
             prop_assert_eq!(bits(&simd.scaled_sum), bits(&portable.scaled_sum));
+            prop_assert_eq!(&simd.sum, &portable.sum);
         }
     }
 

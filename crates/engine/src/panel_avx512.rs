@@ -84,13 +84,19 @@ pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[PanelActivations], 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn rows_of<const R: usize>(w: &PanelMatrix, p: usize, xs: [&PanelActivations; R]) -> [__m512; R] {
-    match (w.bits, w.span == 2 * GROUP) {
-        (PanelBits::Eight, false) => panel_rows::<R, 8, 1>(w, p, xs),
-        (PanelBits::Eight, true) => panel_rows::<R, 8, 2>(w, p, xs),
-        (PanelBits::Four, false) => panel_rows::<R, 4, 1>(w, p, xs),
-        (PanelBits::Four, true) => panel_rows::<R, 4, 2>(w, p, xs),
-        (PanelBits::Five, false) => panel_rows::<R, 5, 1>(w, p, xs),
-        (PanelBits::Five, true) => panel_rows::<R, 5, 2>(w, p, xs),
+    match (w.bits, w.span == 2 * GROUP, w.zero.is_some()) {
+        (PanelBits::Eight, false, false) => panel_rows::<R, 8, 1, false>(w, p, xs),
+        (PanelBits::Eight, false, true) => panel_rows::<R, 8, 1, true>(w, p, xs),
+        (PanelBits::Eight, true, false) => panel_rows::<R, 8, 2, false>(w, p, xs),
+        (PanelBits::Eight, true, true) => panel_rows::<R, 8, 2, true>(w, p, xs),
+        (PanelBits::Four, false, false) => panel_rows::<R, 4, 1, false>(w, p, xs),
+        (PanelBits::Four, false, true) => panel_rows::<R, 4, 1, true>(w, p, xs),
+        (PanelBits::Four, true, false) => panel_rows::<R, 4, 2, false>(w, p, xs),
+        (PanelBits::Four, true, true) => panel_rows::<R, 4, 2, true>(w, p, xs),
+        (PanelBits::Five, false, false) => panel_rows::<R, 5, 1, false>(w, p, xs),
+        (PanelBits::Five, false, true) => panel_rows::<R, 5, 1, true>(w, p, xs),
+        (PanelBits::Five, true, false) => panel_rows::<R, 5, 2, false>(w, p, xs),
+        (PanelBits::Five, true, true) => panel_rows::<R, 5, 2, true>(w, p, xs),
     }
 }
 
@@ -130,10 +136,12 @@ unsafe fn group_registers<const BITS: u32>(group: *const u8) -> [__m512i; 4] {
 
 /// The 16 outputs of panel `p` for `R` activation rows, the weights stored
 /// as `BITS` with `SPAN_GROUPS` groups per scale span: integer sums run over
-/// a whole span, and its scales apply once.
+/// a whole span, and its scales apply once. With `ZERO` (offsets a fixed
+/// integer multiple of the multipliers), the offset is taken off the
+/// integer sum, exactly: `sum (u - zero) x = sum u x - zero sum x`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize>(
+fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize, const ZERO: bool>(
     w: &PanelMatrix,
     p: usize,
     xs: [&PanelActivations; R],
@@ -146,8 +154,12 @@ fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize>(
     assert!(w.span == SPAN_GROUPS * GROUP && groups.is_multiple_of(SPAN_GROUPS));
     assert!(bytes.len() == groups * group_bytes && scales.len() == groups / SPAN_GROUPS * per_span);
     for x in xs {
-        assert!(x.q.len() >= w.cols && x.scale.len() >= groups && x.scaled_sum.len() >= groups);
+        assert!(x.q.len() >= w.cols && x.scale.len() >= groups);
+        assert!(x.scaled_sum.len() >= groups && x.sum.len() >= groups);
     }
+    // The zeros are small powers of two (see `zero_of`), exact as integers.
+    let zero = w.zero.unwrap_or(0.0) as i32;
+    assert!(ZERO == w.zero.is_some());
     let low_pair = pair_pattern(0);
     let high_pair = pair_pattern(2);
     let mut acc = [_mm512_setzero_ps(); R];
@@ -176,21 +188,27 @@ fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize>(
             }
             let sp = scales.as_ptr().add(span * per_span);
             let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let b = match w.zero {
-                Some(z) => _mm512_mul_ps(a, _mm512_set1_ps(z)),
-                None => _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast())),
-            };
             let g0 = span * SPAN_GROUPS;
             for r in 0..R {
                 let x = xs[r];
                 // A span lies within one activation block: one scale.
                 let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
-                let mut offset = *x.scaled_sum.get_unchecked(g0);
-                for k in 1..SPAN_GROUPS {
-                    offset += *x.scaled_sum.get_unchecked(g0 + k);
+                if ZERO {
+                    let mut total = *x.sum.get_unchecked(g0);
+                    for k in 1..SPAN_GROUPS {
+                        total += *x.sum.get_unchecked(g0 + k);
+                    }
+                    sums[r] = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(zero * total));
                 }
-                corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
+                if !ZERO {
+                    let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
+                    let mut offset = *x.scaled_sum.get_unchecked(g0);
+                    for k in 1..SPAN_GROUPS {
+                        offset += *x.scaled_sum.get_unchecked(g0 + k);
+                    }
+                    corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
+                }
             }
         }
     }
@@ -212,12 +230,13 @@ pub unsafe fn quantize_blocks(
     q: &mut [i16],
     scale: &mut [f32],
     scaled_sum: &mut [f32],
+    sums: &mut [i32],
     act_max: f32,
 ) {
     const BLOCK: usize = 2 * GROUP;
     let groups = x.len() / GROUP;
     assert!(x.len().is_multiple_of(BLOCK) && q.len() >= x.len());
-    assert!(scale.len() >= groups && scaled_sum.len() >= groups);
+    assert!(scale.len() >= groups && scaled_sum.len() >= groups && sums.len() >= groups);
     let magnitude = _mm512_set1_epi32(0x7fff_ffff);
     let sign = _mm512_set1_epi32(i32::MIN);
     let half = _mm512_castps_si512(_mm512_set1_ps(0.5));
@@ -250,6 +269,7 @@ pub unsafe fn quantize_blocks(
                 let g = b * 2 + h;
                 *scale.get_unchecked_mut(g) = d;
                 *scaled_sum.get_unchecked_mut(g) = d * sum as f32;
+                *sums.get_unchecked_mut(g) = sum;
             }
         }
     }
