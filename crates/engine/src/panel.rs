@@ -8,8 +8,8 @@
 //! 16 lanes of a `vpdpwssd` are 16 output features, and the activation
 //! operand is one broadcast pair. A group of 16 values is four such
 //! registers of bytes, stored as narrow as the type allows
-//! ([`PanelBits`]: nibbles for 4-bit types, nibbles and a bit plane for
-//! 5-bit ones), since one sequence's decode step is bound by the bytes it
+//! ([`PanelBits`]: nibbles for 4-bit types, nibbles and one or two bit
+//! planes for 5- and 6-bit ones), since one sequence's decode step is bound by the bytes it
 //! reads. `a` and `b` for the 16 rows follow per span of 16 or 32 values
 //! (the type's own scale blocks) as f16; for types whose offset is a fixed
 //! multiple of the multiplier (`b = zero * a`: Q8_0, Q4_0, Q5_0, Q6_K) only
@@ -45,6 +45,10 @@ pub enum PanelBits {
     /// fifth bit of each register's 64 values as a little-endian 64-bit
     /// mask (160 bytes).
     Five,
+    /// Values below 64: the low four bits as [`PanelBits::Four`], then 64
+    /// bytes whose byte `i` holds bits 4 and 5 of value `i` of register `q`
+    /// at bits `2q` and `2q + 1` (192 bytes).
+    Six,
 }
 
 impl PanelBits {
@@ -53,6 +57,7 @@ impl PanelBits {
         match ty {
             TensorType::Q4_0 | TensorType::Q4K => PanelBits::Four,
             TensorType::Q5_0 | TensorType::Q5K => PanelBits::Five,
+            TensorType::Q6K => PanelBits::Six,
             _ => PanelBits::Eight,
         }
     }
@@ -63,6 +68,7 @@ impl PanelBits {
             PanelBits::Eight => WIDE_GROUP_BYTES,
             PanelBits::Four => WIDE_GROUP_BYTES / 2,
             PanelBits::Five => WIDE_GROUP_BYTES / 2 + WIDE_GROUP_BYTES / 8,
+            PanelBits::Six => WIDE_GROUP_BYTES / 2 + WIDE_GROUP_BYTES / 4,
         }
     }
 
@@ -70,7 +76,7 @@ impl PanelBits {
     fn narrow(self, wide: &[u8], out: &mut [u8]) {
         match self {
             PanelBits::Eight => out.copy_from_slice(wide),
-            PanelBits::Four | PanelBits::Five => {
+            _ => {
                 for i in 0..64 {
                     out[i] = (wide[i] & 0x0f) | (wide[64 + i] << 4);
                     out[64 + i] = (wide[128 + i] & 0x0f) | (wide[192 + i] << 4);
@@ -83,6 +89,12 @@ impl PanelBits {
                         out[128 + q * 8..136 + q * 8].copy_from_slice(&mask.to_le_bytes());
                     }
                 }
+                if self == PanelBits::Six {
+                    for i in 0..64 {
+                        out[128 + i] =
+                            (0..4).fold(0u8, |b, q| b | ((wide[q * 64 + i] >> 4) & 3) << (2 * q));
+                    }
+                }
             }
         }
     }
@@ -92,7 +104,7 @@ impl PanelBits {
         let mut wide = [0u8; WIDE_GROUP_BYTES];
         match self {
             PanelBits::Eight => wide.copy_from_slice(group),
-            PanelBits::Four | PanelBits::Five => {
+            _ => {
                 for i in 0..64 {
                     wide[i] = group[i] & 0x0f;
                     wide[64 + i] = group[i] >> 4;
@@ -107,6 +119,13 @@ impl PanelBits {
                         let mask = u64::from_le_bytes(mask);
                         for i in 0..64 {
                             wide[q * 64 + i] |= (((mask >> i) & 1) as u8) << 4;
+                        }
+                    }
+                }
+                if self == PanelBits::Six {
+                    for i in 0..64 {
+                        for q in 0..4 {
+                            wide[q * 64 + i] |= ((group[128 + i] >> (2 * q)) & 3) << 4;
                         }
                     }
                 }
@@ -574,6 +593,7 @@ mod tests {
         }
         assert!(parts[0].zero.is_some() && parts[1].zero.is_none());
         assert_eq!(parts[1].bits, PanelBits::Four);
+        assert_eq!(parts[2].bits, PanelBits::Six);
         assert_eq!(parts[3].bits, PanelBits::Five);
         let refs: Vec<&PanelMatrix> = parts.iter().collect();
         let stacked = PanelMatrix::stack(&refs).unwrap();

@@ -97,6 +97,10 @@ fn rows_of<const R: usize>(w: &PanelMatrix, p: usize, xs: [&PanelActivations; R]
         (PanelBits::Five, false, true) => panel_rows::<R, 5, 1, true>(w, p, xs),
         (PanelBits::Five, true, false) => panel_rows::<R, 5, 2, false>(w, p, xs),
         (PanelBits::Five, true, true) => panel_rows::<R, 5, 2, true>(w, p, xs),
+        (PanelBits::Six, false, false) => panel_rows::<R, 6, 1, false>(w, p, xs),
+        (PanelBits::Six, false, true) => panel_rows::<R, 6, 1, true>(w, p, xs),
+        (PanelBits::Six, true, false) => panel_rows::<R, 6, 2, false>(w, p, xs),
+        (PanelBits::Six, true, true) => panel_rows::<R, 6, 2, true>(w, p, xs),
     }
 }
 
@@ -109,7 +113,7 @@ fn rows_of<const R: usize>(w: &PanelMatrix, p: usize, xs: [&PanelActivations; R]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_registers<const BITS: u32>(group: *const u8) -> [__m512i; 4] {
     // SAFETY: the caller's contract bounds every load: 256 bytes for eight
-    // bits, 128 for four, 160 for five.
+    // bits, 128 for four, 160 for five, 192 for six.
     unsafe {
         if BITS == 8 {
             return std::array::from_fn(|q| _mm512_loadu_si512(group.add(q * 64).cast()));
@@ -124,10 +128,27 @@ unsafe fn group_registers<const BITS: u32>(group: *const u8) -> [__m512i; 4] {
             _mm512_and_si512(_mm512_srli_epi16(second, 4), low),
         ];
         if BITS == 5 {
+            // Each register's fifth bits as a mask.
             let fifth = _mm512_set1_epi8(0x10);
             for (q, v) in u.iter_mut().enumerate() {
                 let mask = group.add(128 + q * 8).cast::<u64>().read_unaligned();
                 *v = _mm512_mask_add_epi8(*v, mask, *v, fifth);
+            }
+        }
+        if BITS == 6 {
+            // Bits 4 and 5 of register q sit at bits 2q and 2q + 1: shift
+            // them to 4 and 5, then `v | (high & 0x30)` in one ternary op
+            // (0xF8 = A | (B & C)). Bits shifted across a byte are masked.
+            let high = _mm512_loadu_si512(group.add(128).cast());
+            let bits = _mm512_set1_epi8(0x30);
+            let shifted = [
+                _mm512_slli_epi16(high, 4),
+                _mm512_slli_epi16(high, 2),
+                high,
+                _mm512_srli_epi16(high, 2),
+            ];
+            for (v, h) in u.iter_mut().zip(shifted) {
+                *v = _mm512_ternarylogic_epi32(*v, h, bits, 0xF8);
             }
         }
         u
