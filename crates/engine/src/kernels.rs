@@ -465,12 +465,16 @@ impl<'a> ColumnSplit<'a> {
     }
 }
 
+/// Activation rows that go past a panel together (the most the AVX-512
+/// kernel keeps in registers).
+const PANEL_ROW_BLOCK: usize = 8;
+
 thread_local! {
     static PANEL_ROWS_IN: RefCell<Vec<PanelActivations>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The product with weights in panels (AVX-512 VNNI), for any number of
-/// rows: each task owns a run of panels, and every group of four
+/// rows: each task owns a run of panels, and every group of up to eight
 /// activation rows goes past a panel while its bytes are in the L1 cache.
 #[cfg(target_arch = "x86_64")]
 fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
@@ -487,9 +491,9 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
         (0..split.tasks()).into_par_iter().for_each(|t| {
             let (first, cols) = split.columns(t);
             let p0 = first / PANEL_ROWS;
-            let mut results = [0f32; 4 * PANEL_ROWS];
+            let mut results = [0f32; PANEL_ROW_BLOCK * PANEL_ROWS];
             for local in 0..cols / PANEL_ROWS {
-                for (b, block) in rows.chunks(4).enumerate() {
+                for (b, block) in rows.chunks(PANEL_ROW_BLOCK).enumerate() {
                     let results = &mut results[..block.len() * PANEL_ROWS];
                     // SAFETY: `available()` checked every feature it needs.
                     unsafe { crate::panel_avx512::panel_product(w, p0 + local, block, results) };
@@ -497,7 +501,7 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
                     for (i, r) in results.chunks_exact(PANEL_ROWS).enumerate() {
                         // SAFETY: task `t` alone writes its columns, one
                         // row at a time.
-                        let part = unsafe { split.part(t, b * 4 + i) };
+                        let part = unsafe { split.part(t, b * PANEL_ROW_BLOCK + i) };
                         part[at..at + PANEL_ROWS].copy_from_slice(r);
                     }
                 }

@@ -505,8 +505,9 @@ mod tests {
                 let got = panel_dot_portable(&packed, p, &x);
                 #[cfg(target_arch = "x86_64")]
                 let simd = crate::panel_avx512::available().then(|| {
-                    let mut out = [0f32; 5 * PANEL_ROWS];
-                    let xs = [x.clone(), x.clone(), x.clone(), x.clone(), x.clone()];
+                    // 13 rows: a block of eight, one of four, and one alone.
+                    let mut out = [0f32; 13 * PANEL_ROWS];
+                    let xs: Vec<PanelActivations> = (0..13).map(|_| x.clone()).collect();
                     // SAFETY: the features were just detected.
                     unsafe { crate::panel_avx512::panel_product(&packed, p, &xs, &mut out) };
                     out
@@ -519,7 +520,7 @@ mod tests {
                     prop_assert!((got[r] as f64 - want).abs() <= 2e-3 * scale, "{ty:?} row {r}: {} vs {want}", got[r]);
                     #[cfg(target_arch = "x86_64")]
                     if let Some(simd) = simd {
-                        for i in 0..5 {
+                        for i in 0..13 {
                             let v = simd[i * PANEL_ROWS + r] as f64;
                             prop_assert!((v - got[r] as f64).abs() <= 1e-4 * scale, "{ty:?} row {r}: AVX-512 {v} vs portable {}", got[r]);
                             prop_assert_eq!(simd[i * PANEL_ROWS + r].to_bits(), simd[r].to_bits());

@@ -68,6 +68,15 @@ pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[PanelActivations], 
         }
     };
     let mut i = 0;
+    // Eight rows at a time for narrow forms whose offsets fold into the
+    // integer sums: their unpacking is shared by more rows, and without
+    // correction accumulators the registers suffice. (Byte panels gain
+    // nothing from it.)
+    while w.zero.is_some() && w.bits != PanelBits::Eight && i + 8 <= xs.len() {
+        let sums = rows_of(w, p, std::array::from_fn::<_, 8, _>(|j| &xs[i + j]));
+        store(out, i, &sums);
+        i += 8;
+    }
     while i + 4 <= xs.len() {
         let sums = rows_of(w, p, [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]]);
         store(out, i, &sums);
