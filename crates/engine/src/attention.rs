@@ -6,8 +6,12 @@
 //! transposed within their block ([`KvPool::key_block`]: 16 positions per
 //! dimension), so one vector holds a dimension of 16 positions and the
 //! scores of a block take one fused multiply-add per head and dimension,
-//! with no horizontal sums. Each head's arithmetic is the same whichever
-//! heads go with it and whatever the batch, so results stay batch-invariant.
+//! with no horizontal sums. Two consecutive rows of one sequence (a prompt
+//! being prefilled) may go together too: their ranges differ by one
+//! position at either end, and each head's probabilities are zero outside
+//! its own range. Each head's arithmetic is the same whichever heads go
+//! with it and whatever the batch (a zero weight adds nothing to a sum),
+//! so results stay batch-invariant.
 
 use crate::kernels::{exp_below_in_place, max_f32};
 use crate::kv_cache::{KvPool, KV_BLOCK_POSITIONS};
@@ -18,7 +22,19 @@ pub const MAX_SHARED_HEADS: usize = 8;
 /// Values per chunk of the weighted sum of values (two 16-float vectors).
 const VALUE_CHUNK: usize = 32;
 
-/// One attention call: the heads of one row that read KV head `kv_head`.
+/// Query heads that see the same positions.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadSpan {
+    /// How many heads (consecutive in the call's queries).
+    pub heads: usize,
+    /// First position seen (after a sliding window).
+    pub start: usize,
+    /// Last position seen (the row's own).
+    pub end: usize,
+}
+
+/// One attention call: query heads of one sequence that read KV head
+/// `kv_head`.
 #[derive(Debug, Clone, Copy)]
 pub struct SharedHeads<'a> {
     /// The pool holding the sequence's keys and values.
@@ -31,10 +47,6 @@ pub struct SharedHeads<'a> {
     pub head_dim: usize,
     /// Width of a value head.
     pub value_dim: usize,
-    /// First position seen (after a sliding window).
-    pub start: usize,
-    /// Last position seen (the row's own).
-    pub end: usize,
     /// Factor applied to every score.
     pub scale: f32,
 }
@@ -46,16 +58,25 @@ thread_local! {
 
 impl SharedHeads<'_> {
     /// The attention output of `queries` (heads of `head_dim`, one after
-    /// another, at most [`MAX_SHARED_HEADS`]) into `out` (heads of
-    /// `value_dim`). `context` bounds any sequence's length, so that the
-    /// score buffer is sized once per thread.
-    pub fn attend(&self, queries: &[f32], out: &mut [f32], context: usize) {
+    /// another, at most [`MAX_SHARED_HEADS`], seeing the positions `spans`
+    /// give them in order) into `out` (heads of `value_dim`). `context`
+    /// bounds any sequence's length, so that the score buffer is sized
+    /// once per thread.
+    pub fn attend(&self, queries: &[f32], spans: &[HeadSpan], out: &mut [f32], context: usize) {
         let heads = queries.len() / self.head_dim;
         assert!(heads <= MAX_SHARED_HEADS && out.len() == heads * self.value_dim);
-        assert!(self.start <= self.end);
-        let first_block = self.start / KV_BLOCK_POSITIONS;
-        let blocks = self.end / KV_BLOCK_POSITIONS + 1 - first_block;
+        assert!(spans.iter().map(|s| s.heads).sum::<usize>() == heads);
+        assert!(spans.iter().all(|s| s.start <= s.end));
+        let (Some(start), Some(end)) = (
+            spans.iter().map(|s| s.start).min(),
+            spans.iter().map(|s| s.end).max(),
+        ) else {
+            return;
+        };
+        let first_block = start / KV_BLOCK_POSITIONS;
+        let blocks = end / KV_BLOCK_POSITIONS + 1 - first_block;
         let stride = blocks * KV_BLOCK_POSITIONS;
+        let first = first_block * KV_BLOCK_POSITIONS;
         // Taken out of its cell, as the kernels' buffers are: nothing here
         // nests another call on this thread, but a steal could.
         let mut scores = SCORES.with(|cell| cell.take());
@@ -69,20 +90,29 @@ impl SharedHeads<'_> {
                 [..self.head_dim * KV_BLOCK_POSITIONS];
             block_scores(keys, queries, self.head_dim, heads, &mut scores, stride, b);
         }
-        // Softmax of each head over its positions, as probabilities.
-        let from = self.start - first_block * KV_BLOCK_POSITIONS;
-        let to = self.end - first_block * KV_BLOCK_POSITIONS;
-        for h in 0..heads {
-            let row = &mut scores[h * stride..][from..=to];
-            row.iter_mut().for_each(|s| *s *= self.scale);
-            let max = max_f32(row);
-            let sum = exp_below_in_place(row, max);
-            row.iter_mut().for_each(|s| *s /= sum);
+        // Softmax of each head over its own positions, as probabilities;
+        // zero at the positions only other heads see.
+        let mut h = 0;
+        for span in spans {
+            for _ in 0..span.heads {
+                let row = &mut scores[h * stride..][start - first..=end - first];
+                let (own, after) = row.split_at_mut(span.end - start + 1);
+                after.fill(0.0);
+                let (before, own) = own.split_at_mut(span.start - start);
+                before.fill(0.0);
+                own.iter_mut().for_each(|s| *s *= self.scale);
+                let max = max_f32(own);
+                let sum = exp_below_in_place(own, max);
+                own.iter_mut().for_each(|s| *s /= sum);
+                h += 1;
+            }
         }
         let probabilities = Probabilities {
             scores: &scores,
             stride,
-            first: first_block * KV_BLOCK_POSITIONS,
+            first,
+            start,
+            end,
         };
         weighted_values(self, &probabilities, heads, out);
         SCORES.with(|cell| cell.replace(scores));
@@ -90,11 +120,13 @@ impl SharedHeads<'_> {
 }
 
 /// Each head's probabilities: row `h` of `scores` (rows of `stride`) holds
-/// positions from `first`.
+/// positions from `first`; those from `start` to `end` are summed.
 struct Probabilities<'a> {
     scores: &'a [f32],
     stride: usize,
     first: usize,
+    start: usize,
+    end: usize,
 }
 
 impl Probabilities<'_> {
@@ -263,7 +295,7 @@ fn weighted_values_portable(
 ) {
     let vd = call.value_dim;
     out.iter_mut().for_each(|o| *o = 0.0);
-    for position in call.start..=call.end {
+    for position in p.start..=p.end {
         let v = value_row(call, position);
         for h in 0..heads {
             let w = p.of(h, position);
@@ -290,23 +322,18 @@ unsafe fn weighted_values_avx512(
     use std::arch::x86_64::*;
     let vd = call.value_dim;
     assert!(heads <= MAX_SHARED_HEADS && out.len() >= heads * vd && vd.is_multiple_of(VALUE_CHUNK));
-    assert!(call.start >= p.first && call.start <= call.end);
-    assert!(p.scores.len() >= (heads.max(1) - 1) * p.stride + call.end + 1 - p.first);
+    assert!(p.start >= p.first && p.start <= p.end);
+    assert!(p.scores.len() >= (heads.max(1) - 1) * p.stride + p.end + 1 - p.first);
     let width = call.pool.value_width();
-    let (first_block, last_block) = (
-        call.start / KV_BLOCK_POSITIONS,
-        call.end / KV_BLOCK_POSITIONS,
-    );
+    let (first_block, last_block) = (p.start / KV_BLOCK_POSITIONS, p.end / KV_BLOCK_POSITIONS);
     for chunk in (0..vd).step_by(VALUE_CHUNK) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MAX_SHARED_HEADS];
         for b in first_block..=last_block {
             let block = call.pool.value_block(call.table, b);
             let head = call.kv_head * vd + chunk;
             assert!(head + VALUE_CHUNK <= width && block.len() == KV_BLOCK_POSITIONS * width);
-            let from = call.start.max(b * KV_BLOCK_POSITIONS);
-            let to = call
-                .end
-                .min(b * KV_BLOCK_POSITIONS + KV_BLOCK_POSITIONS - 1);
+            let from = p.start.max(b * KV_BLOCK_POSITIONS);
+            let to = p.end.min(b * KV_BLOCK_POSITIONS + KV_BLOCK_POSITIONS - 1);
             for position in from..=to {
                 // SAFETY: the position is in the block and the chunk in
                 // the row (asserted); the probability's index is within

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::attention::{SharedHeads, MAX_SHARED_HEADS};
+use crate::attention::{HeadSpan, SharedHeads, MAX_SHARED_HEADS};
 use crate::error::EngineError;
 use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
 use crate::kernels::{gelu_tanh_gated, matmul, silu_gated, QMatrix};
@@ -736,39 +736,124 @@ impl Model {
         let c = &self.config;
         let (hd, vd) = (c.head_dim, c.value_dim);
         let group = c.n_heads / c.n_kv_heads;
-        // Each row's heads that read one KV head go together, at most
-        // `MAX_SHARED_HEADS` at a time.
-        let shared = group.min(MAX_SHARED_HEADS);
-        let width = c.n_heads * hd;
-        out.par_chunks_mut(c.n_heads * vd)
+        let (width, out_width) = (c.n_heads * hd, c.n_heads * vd);
+        let span = |t: usize| {
+            let pos = row_pos[t];
+            (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos)
+        };
+        // Rows go in pairs: two consecutive rows of one sequence (a prompt)
+        // share each KV head's keys and values when their heads fit in one
+        // call; otherwise each row's heads that read one KV head go
+        // together, `MAX_SHARED_HEADS` at a time.
+        out.par_chunks_mut(2 * out_width)
             .enumerate()
-            .for_each(|(t, row_out)| {
-                let pos = row_pos[t];
-                let call = SharedHeads {
-                    pool,
-                    table: batch[row_seq[t]].cache.table(layer),
-                    kv_head: 0,
-                    head_dim: hd,
-                    value_dim: vd,
-                    start: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
-                    end: pos,
-                    scale: c.attention_scale,
-                };
-                let row_q = &q[t * width..(t + 1) * width];
-                let mut h = 0;
-                while h < c.n_heads {
-                    let kv_head = h / group;
-                    let heads = shared.min((kv_head + 1) * group - h);
-                    let call = SharedHeads { kv_head, ..call };
-                    call.attend(
-                        &row_q[h * hd..(h + heads) * hd],
-                        &mut row_out[h * vd..(h + heads) * vd],
-                        c.context_length,
-                    );
-                    h += heads;
+            .for_each(|(pair, pair_out)| {
+                let t0 = 2 * pair;
+                let rows = pair_out.len() / out_width;
+                let joint = rows == 2
+                    && row_seq[t0] == row_seq[t0 + 1]
+                    && row_pos[t0 + 1] == row_pos[t0] + 1
+                    && 2 * group <= MAX_SHARED_HEADS;
+                if joint {
+                    self.attend_row_pair(pool, q, batch, layer, row_seq, t0, span, pair_out);
+                    return;
+                }
+                for (i, row_out) in pair_out.chunks_exact_mut(out_width).enumerate() {
+                    let t = t0 + i;
+                    let (start, end) = span(t);
+                    let call = SharedHeads {
+                        pool,
+                        table: batch[row_seq[t]].cache.table(layer),
+                        kv_head: 0,
+                        head_dim: hd,
+                        value_dim: vd,
+                        scale: c.attention_scale,
+                    };
+                    let row_q = &q[t * width..(t + 1) * width];
+                    let shared = group.min(MAX_SHARED_HEADS);
+                    let mut h = 0;
+                    while h < c.n_heads {
+                        let kv_head = h / group;
+                        let heads = shared.min((kv_head + 1) * group - h);
+                        SharedHeads { kv_head, ..call }.attend(
+                            &row_q[h * hd..(h + heads) * hd],
+                            &[HeadSpan { heads, start, end }],
+                            &mut row_out[h * vd..(h + heads) * vd],
+                            c.context_length,
+                        );
+                        h += heads;
+                    }
                 }
             });
     }
+
+    /// Attention of rows `t0` and `t0 + 1`, consecutive positions of one
+    /// sequence: per KV head, both rows' heads in one call, their queries
+    /// gathered and their outputs spread back.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_row_pair(
+        &self,
+        pool: &KvPool,
+        q: &[f32],
+        batch: &[BatchSequence<'_>],
+        layer: usize,
+        row_seq: &[usize],
+        t0: usize,
+        span: impl Fn(usize) -> (usize, usize),
+        pair_out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let (hd, vd) = (c.head_dim, c.value_dim);
+        let group = c.n_heads / c.n_kv_heads;
+        let (width, out_width) = (c.n_heads * hd, c.n_heads * vd);
+        let call = SharedHeads {
+            pool,
+            table: batch[row_seq[t0]].cache.table(layer),
+            kv_head: 0,
+            head_dim: hd,
+            value_dim: vd,
+            scale: c.attention_scale,
+        };
+        let spans = [0, 1].map(|i| {
+            let (start, end) = span(t0 + i);
+            HeadSpan {
+                heads: group,
+                start,
+                end,
+            }
+        });
+        PAIR_BUFFERS.with(|cell| {
+            let (mut queries, mut outputs) = cell.take();
+            queries.resize(2 * group * hd, 0.0);
+            outputs.resize(2 * group * vd, 0.0);
+            for kv_head in 0..c.n_kv_heads {
+                let heads = kv_head * group..(kv_head + 1) * group;
+                for i in 0..2 {
+                    let row = &q[(t0 + i) * width..][..width];
+                    queries[i * group * hd..(i + 1) * group * hd]
+                        .copy_from_slice(&row[heads.start * hd..heads.end * hd]);
+                }
+                SharedHeads { kv_head, ..call }.attend(
+                    &queries,
+                    &spans,
+                    &mut outputs,
+                    c.context_length,
+                );
+                for i in 0..2 {
+                    let row = &mut pair_out[i * out_width..][..out_width];
+                    row[heads.start * vd..heads.end * vd]
+                        .copy_from_slice(&outputs[i * group * vd..(i + 1) * group * vd]);
+                }
+            }
+            cell.replace((queries, outputs));
+        });
+    }
+}
+
+thread_local! {
+    /// Gathered queries and outputs of a row pair, reused on each thread.
+    static PAIR_BUFFERS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// One sequence's part of a batched forward pass ([`Model::forward_batch`]).
