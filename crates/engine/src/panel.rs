@@ -158,6 +158,9 @@ pub struct PanelMatrix {
     pub zero: Option<f32>,
 }
 
+/// The zero that stacked byte panels of types with different zeros share.
+const COMMON_ZERO: f32 = 128.0;
+
 /// The fixed ratio of offset to multiplier of a weight type's unpacked form,
 /// when it has one.
 fn zero_of(ty: TensorType) -> Option<f32> {
@@ -248,20 +251,27 @@ impl PanelMatrix {
         })
     }
 
-    /// The same matrix with one byte per value and scales per group, the
-    /// form that any other panels can stack with.
-    fn widened(&self) -> PanelMatrix {
+    /// The same matrix with one byte per value and scales per `span`
+    /// values (its own or 16), the form that any other panels can stack
+    /// with. With `recenter`, a matrix with a zero moves its bytes so that
+    /// the zero is [`COMMON_ZERO`]: `u - z = (u + 128 - z) - 128` exactly,
+    /// and every type's bytes stay below 256 (at most 63 + 96).
+    fn widened(&self, span: usize, recenter: bool) -> PanelMatrix {
         let per_span = scales_per_group(self.zero);
-        let groups = self.cols / GROUP;
+        let spans = self.cols / span;
+        let shift = match (recenter, self.zero) {
+            (true, Some(z)) => (COMMON_ZERO - z) as u8,
+            _ => 0,
+        };
         let mut bytes = Vec::with_capacity(self.rows * self.cols);
-        let mut scales = Vec::with_capacity(self.rows / PANEL_ROWS * groups * per_span);
+        let mut scales = Vec::with_capacity(self.rows / PANEL_ROWS * spans * per_span);
         for p in 0..self.rows / PANEL_ROWS {
             for group in self.panel_bytes(p).chunks_exact(self.bits.group_bytes()) {
-                bytes.extend_from_slice(&self.bits.widen(group));
+                bytes.extend(self.bits.widen(group).iter().map(|&u| u + shift));
             }
             let panel_scales = self.panel_scales(p);
-            for g in 0..groups {
-                let at = g * GROUP / self.span * per_span;
+            for i in 0..spans {
+                let at = i * span / self.span * per_span;
                 scales.extend_from_slice(&panel_scales[at..at + per_span]);
             }
         }
@@ -269,10 +279,13 @@ impl PanelMatrix {
             rows: self.rows,
             cols: self.cols,
             bits: PanelBits::Eight,
-            span: GROUP,
+            span,
             bytes,
             scales,
-            zero: self.zero,
+            zero: match (recenter, self.zero) {
+                (true, Some(_)) => Some(COMMON_ZERO),
+                (_, zero) => zero,
+            },
         }
     }
 
@@ -293,7 +306,11 @@ impl PanelMatrix {
         {
             parts.to_vec()
         } else {
-            widened = parts.iter().map(|p| p.widened()).collect();
+            // The finest span of the parts; parts that all have zeros keep
+            // one (moved to a common one), so the product folds it.
+            let span = parts.iter().map(|p| p.span).min().unwrap_or(GROUP);
+            let recenter = parts.iter().all(|p| p.zero.is_some());
+            widened = parts.iter().map(|p| p.widened(span, recenter)).collect();
             widened.iter().collect()
         };
         let first = parts.first()?;
@@ -614,5 +631,36 @@ mod tests {
             panel_dot_portable(&same, 1, &act).map(f32::to_bits),
             panel_dot_portable(&parts[0], 0, &act).map(f32::to_bits)
         );
+
+        // Q5_0 and Q8_0 (query and value in the models) both have zeros:
+        // their stack moves them to one zero, exactly, and keeps folding it
+        // into the integer sums, with the same bits as alone.
+        let order = [3, 0];
+        let centered = PanelMatrix::stack(&order.map(|i| &parts[i])).unwrap();
+        assert_eq!(
+            (centered.zero, centered.bits, centered.span),
+            (Some(COMMON_ZERO), PanelBits::Eight, 2 * GROUP)
+        );
+        for (p, &i) in order.iter().enumerate() {
+            let alone = panel_dot_portable(&parts[i], 0, &act);
+            let within = panel_dot_portable(&centered, p, &act);
+            for (a, w) in alone.iter().zip(&within) {
+                assert!(
+                    (a - w).abs() <= 1e-4 * (a.abs() + 1.0),
+                    "part {i}: {a} vs {w}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::panel_avx512::available() {
+                let (mut a, mut w) = ([0f32; PANEL_ROWS], [0f32; PANEL_ROWS]);
+                let rows = [act.clone()];
+                // SAFETY: the features were just detected.
+                unsafe {
+                    crate::panel_avx512::panel_product(&parts[i], 0, &rows, &mut a);
+                    crate::panel_avx512::panel_product(&centered, p, &rows, &mut w);
+                }
+                assert_eq!(a.map(f32::to_bits), w.map(f32::to_bits), "part {i}");
+            }
+        }
     }
 }
