@@ -88,7 +88,15 @@ impl SharedHeads<'_> {
             let keys = self.pool.key_block(self.table, first_block + b);
             let keys = &keys[self.kv_head * self.head_dim * KV_BLOCK_POSITIONS..]
                 [..self.head_dim * KV_BLOCK_POSITIONS];
-            block_scores(keys, queries, self.head_dim, heads, &mut scores, stride, b);
+            let block = ScoreBlock {
+                keys,
+                queries,
+                head_dim: self.head_dim,
+                heads,
+                stride,
+                b,
+            };
+            block_scores(&block, &mut scores);
         }
         // Softmax of each head over its own positions, as probabilities;
         // zero at the positions only other heads see.
@@ -136,31 +144,34 @@ impl Probabilities<'_> {
     }
 }
 
-/// Scores of `heads` queries against the 16 positions of one block of
-/// transposed keys, into column block `b` of `scores` (rows of `stride`).
-fn block_scores(
-    keys: &[f32],
-    queries: &[f32],
+/// `heads` queries (heads of `head_dim`, one after another) against the
+/// 16 positions of one block of transposed keys, whose scores go to column
+/// block `b` of rows of `stride`.
+struct ScoreBlock<'a> {
+    keys: &'a [f32],
+    queries: &'a [f32],
     head_dim: usize,
     heads: usize,
-    scores: &mut [f32],
     stride: usize,
     b: usize,
-) {
+}
+
+/// The scores of `block` into `scores`.
+fn block_scores(block: &ScoreBlock<'_>, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::panel_avx512::available() {
             // SAFETY: AVX-512 F was detected (with the panel product's features).
-            unsafe { block_scores_avx512(keys, queries, head_dim, heads, scores, stride, b) };
+            unsafe { block_scores_avx512(block, scores) };
             return;
         }
         if crate::kernels::simd_level() == crate::kernels::SimdLevel::Avx2 {
             // SAFETY: AVX2 and FMA were detected.
-            unsafe { block_scores_avx2(keys, queries, head_dim, heads, scores, stride, b) };
+            unsafe { block_scores_avx2(block, scores) };
             return;
         }
     }
-    block_scores_portable(keys, queries, head_dim, heads, scores, stride, b);
+    block_scores_portable(block, scores);
 }
 
 /// The portable scores, compiled with AVX2 and FMA.
@@ -169,33 +180,18 @@ fn block_scores(
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_scores_avx2(
-    keys: &[f32],
-    queries: &[f32],
-    head_dim: usize,
-    heads: usize,
-    scores: &mut [f32],
-    stride: usize,
-    b: usize,
-) {
-    block_scores_portable(keys, queries, head_dim, heads, scores, stride, b)
+unsafe fn block_scores_avx2(block: &ScoreBlock<'_>, scores: &mut [f32]) {
+    block_scores_portable(block, scores)
 }
 
 #[inline(always)]
-fn block_scores_portable(
-    keys: &[f32],
-    queries: &[f32],
-    head_dim: usize,
-    heads: usize,
-    scores: &mut [f32],
-    stride: usize,
-    b: usize,
-) {
-    for h in 0..heads {
-        let q = &queries[h * head_dim..(h + 1) * head_dim];
+fn block_scores_portable(block: &ScoreBlock<'_>, scores: &mut [f32]) {
+    let (hd, stride, b) = (block.head_dim, block.stride, block.b);
+    for h in 0..block.heads {
+        let q = &block.queries[h * hd..(h + 1) * hd];
         let mut acc = [0f32; KV_BLOCK_POSITIONS];
         for (d, &qd) in q.iter().enumerate() {
-            let k = &keys[d * KV_BLOCK_POSITIONS..(d + 1) * KV_BLOCK_POSITIONS];
+            let k = &block.keys[d * KV_BLOCK_POSITIONS..(d + 1) * KV_BLOCK_POSITIONS];
             for (a, &kd) in acc.iter_mut().zip(k) {
                 *a += qd * kd;
             }
@@ -211,16 +207,10 @@ fn block_scores_portable(
 /// The CPU must support AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_scores_avx512(
-    keys: &[f32],
-    queries: &[f32],
-    head_dim: usize,
-    heads: usize,
-    scores: &mut [f32],
-    stride: usize,
-    b: usize,
-) {
+unsafe fn block_scores_avx512(block: &ScoreBlock<'_>, scores: &mut [f32]) {
     use std::arch::x86_64::*;
+    let (keys, queries) = (block.keys, block.queries);
+    let (head_dim, heads, stride, b) = (block.head_dim, block.heads, block.stride, block.b);
     assert!(heads <= MAX_SHARED_HEADS);
     assert!(keys.len() >= head_dim * KV_BLOCK_POSITIONS && queries.len() >= heads * head_dim);
     assert!(scores.len() >= (heads.max(1) - 1) * stride + (b + 1) * KV_BLOCK_POSITIONS);

@@ -761,14 +761,7 @@ impl Model {
                 for (i, row_out) in pair_out.chunks_exact_mut(out_width).enumerate() {
                     let t = t0 + i;
                     let (start, end) = span(t);
-                    let call = SharedHeads {
-                        pool,
-                        table: batch[row_seq[t]].cache.table(layer),
-                        kv_head: 0,
-                        head_dim: hd,
-                        value_dim: vd,
-                        scale: c.attention_scale,
-                    };
+                    let call = self.attention_call(pool, batch[row_seq[t]].cache.table(layer));
                     let row_q = &q[t * width..(t + 1) * width];
                     let shared = group.min(MAX_SHARED_HEADS);
                     let mut h = 0;
@@ -785,6 +778,20 @@ impl Model {
                     }
                 }
             });
+    }
+
+    /// An attention call over a sequence's block table `table` (KV head 0;
+    /// callers set theirs).
+    fn attention_call<'a>(&self, pool: &'a KvPool, table: &'a [u32]) -> SharedHeads<'a> {
+        let c = &self.config;
+        SharedHeads {
+            pool,
+            table,
+            kv_head: 0,
+            head_dim: c.head_dim,
+            value_dim: c.value_dim,
+            scale: c.attention_scale,
+        }
     }
 
     /// Attention of rows `t0` and `t0 + 1`, consecutive positions of one
@@ -806,14 +813,7 @@ impl Model {
         let (hd, vd) = (c.head_dim, c.value_dim);
         let group = c.n_heads / c.n_kv_heads;
         let (width, out_width) = (c.n_heads * hd, c.n_heads * vd);
-        let call = SharedHeads {
-            pool,
-            table: batch[row_seq[t0]].cache.table(layer),
-            kv_head: 0,
-            head_dim: hd,
-            value_dim: vd,
-            scale: c.attention_scale,
-        };
+        let call = self.attention_call(pool, batch[row_seq[t0]].cache.table(layer));
         let spans = [0, 1].map(|i| {
             let (start, end) = span(t0 + i);
             HeadSpan {
