@@ -56,6 +56,25 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Floats of score buffer that any call over a context of `context`
+/// positions needs.
+fn score_room(context: usize) -> usize {
+    MAX_SHARED_HEADS * (context + 2 * KV_BLOCK_POSITIONS)
+}
+
+/// Sizes the score buffer of every thread of the current pool for
+/// sequences of up to `context` positions, so that no later pass
+/// allocates one, whichever thread its attention lands on.
+pub fn reserve_thread_buffers(context: usize) {
+    rayon::broadcast(|_| {
+        SCORES.with(|cell| {
+            let mut scores = cell.take();
+            scores.reserve(score_room(context));
+            cell.replace(scores);
+        })
+    });
+}
+
 impl SharedHeads<'_> {
     /// The attention output of `queries` (heads of `head_dim`, one after
     /// another, at most [`MAX_SHARED_HEADS`], seeing the positions `spans`
@@ -81,8 +100,7 @@ impl SharedHeads<'_> {
         // nests another call on this thread, but a steal could.
         let mut scores = SCORES.with(|cell| cell.take());
         scores.clear();
-        let room = MAX_SHARED_HEADS * (context + 2 * KV_BLOCK_POSITIONS);
-        scores.reserve(room.max(heads * stride));
+        scores.reserve(score_room(context).max(heads * stride));
         scores.resize(heads * stride, 0.0);
         for b in 0..blocks {
             let keys = self.pool.key_block(self.table, first_block + b);

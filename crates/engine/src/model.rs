@@ -503,6 +503,10 @@ impl Model {
         for s in batch.iter_mut() {
             pool.grow(s.cache, s.tokens.len())?;
         }
+        if !scratch.threads_ready {
+            crate::attention::reserve_thread_buffers(c.context_length);
+            scratch.threads_ready = true;
+        }
         let ForwardScratch {
             row_seq,
             row_pos,
@@ -521,6 +525,7 @@ impl Model {
             picked,
             last,
             logits,
+            threads_ready: _,
         } = scratch;
         let t_len: usize = batch.iter().map(|s| s.tokens.len()).sum();
         // Row r belongs to sequence `row_seq[r]` and sits at `row_pos[r]`.
@@ -993,6 +998,9 @@ pub struct ForwardScratch {
     picked: Vec<usize>,
     last: Vec<f32>,
     logits: Vec<f32>,
+    /// Whether every kernel thread's attention buffers were sized for
+    /// this model's context (see [`crate::attention::reserve_thread_buffers`]).
+    threads_ready: bool,
 }
 
 /// Rotary position embedding over rows of `row_width` values (whole heads of
