@@ -12,7 +12,7 @@ use crate::error::EngineError;
 use crate::gguf::GgufFile;
 use crate::json_grammar::{Grammar, JsonPrefix};
 use crate::kv_cache::{KvCache, KvPool};
-use crate::model::{BatchSequence, Model};
+use crate::model::{BatchSequence, ForwardScratch, Model};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -217,12 +217,14 @@ pub fn generate_cached(
 ) -> Result<Generation, EngineError> {
     let mut run = SequenceRun::start(lm, req.clone())?;
     run.attach(pool);
+    // One set of buffers for every pass, as the server's scheduler keeps.
+    let mut scratch = ForwardScratch::default();
     let outcome = loop {
         let Some(pass) = run.next_pass(PREFILL_CHUNK) else {
             break Ok(());
         };
-        match lm.model.forward_batch(pool, &mut [pass]) {
-            Ok(mut logits) => run.advance(&mut logits, on_progress),
+        match lm.model.forward_batch_with(pool, &mut [pass], &mut scratch) {
+            Ok(logits) => run.advance(logits, on_progress),
             Err(e) => break Err(e),
         }
     };
