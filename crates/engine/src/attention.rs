@@ -78,10 +78,9 @@ pub fn reserve_thread_buffers(context: usize) {
 impl SharedHeads<'_> {
     /// The attention output of `queries` (heads of `head_dim`, one after
     /// another, at most [`MAX_SHARED_HEADS`], seeing the positions `spans`
-    /// give them in order) into `out` (heads of `value_dim`). `context`
-    /// bounds any sequence's length, so that the score buffer is sized
-    /// once per thread.
-    pub fn attend(&self, queries: &[f32], spans: &[HeadSpan], out: &mut [f32], context: usize) {
+    /// give them in order) into `out` (heads of `value_dim`). The score
+    /// buffer is this thread's, sized by [`reserve_thread_buffers`].
+    pub fn attend(&self, queries: &[f32], spans: &[HeadSpan], out: &mut [f32]) {
         let heads = queries.len() / self.head_dim;
         assert!(heads <= MAX_SHARED_HEADS && out.len() == heads * self.value_dim);
         assert!(spans.iter().map(|s| s.heads).sum::<usize>() == heads);
@@ -100,7 +99,6 @@ impl SharedHeads<'_> {
         // nests another call on this thread, but a steal could.
         let mut scores = SCORES.with(|cell| cell.take());
         scores.clear();
-        scores.reserve(score_room(context).max(heads * stride));
         scores.resize(heads * stride, 0.0);
         for b in 0..blocks {
             let keys = self.pool.key_block(self.table, first_block + b);

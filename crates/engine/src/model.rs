@@ -742,6 +742,7 @@ impl Model {
         let (hd, vd) = (c.head_dim, c.value_dim);
         let group = c.n_heads / c.n_kv_heads;
         let (width, out_width) = (c.n_heads * hd, c.n_heads * vd);
+        let shared = group.min(MAX_SHARED_HEADS);
         let span = |t: usize| {
             let pos = row_pos[t];
             (window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos)
@@ -760,7 +761,16 @@ impl Model {
                     && row_pos[t0 + 1] == row_pos[t0] + 1
                     && 2 * group <= MAX_SHARED_HEADS;
                 if joint {
-                    self.attend_row_pair(pool, q, batch, layer, row_seq, t0, span, pair_out);
+                    let call = self.attention_call(pool, batch[row_seq[t0]].cache.table(layer));
+                    let spans = [t0, t0 + 1].map(|t| {
+                        let (start, end) = span(t);
+                        HeadSpan {
+                            heads: group,
+                            start,
+                            end,
+                        }
+                    });
+                    self.attend_row_pair(call, spans, &q[t0 * width..(t0 + 2) * width], pair_out);
                     return;
                 }
                 for (i, row_out) in pair_out.chunks_exact_mut(out_width).enumerate() {
@@ -768,7 +778,6 @@ impl Model {
                     let (start, end) = span(t);
                     let call = self.attention_call(pool, batch[row_seq[t]].cache.table(layer));
                     let row_q = &q[t * width..(t + 1) * width];
-                    let shared = group.min(MAX_SHARED_HEADS);
                     let mut h = 0;
                     while h < c.n_heads {
                         let kv_head = h / group;
@@ -777,7 +786,6 @@ impl Model {
                             &row_q[h * hd..(h + heads) * hd],
                             &[HeadSpan { heads, start, end }],
                             &mut row_out[h * vd..(h + heads) * vd],
-                            c.context_length,
                         );
                         h += heads;
                     }
@@ -799,34 +807,21 @@ impl Model {
         }
     }
 
-    /// Attention of rows `t0` and `t0 + 1`, consecutive positions of one
-    /// sequence: per KV head, both rows' heads in one call, their queries
-    /// gathered and their outputs spread back.
-    #[allow(clippy::too_many_arguments)]
+    /// Attention of two consecutive rows of one sequence (`rows_q`, their
+    /// queries; `spans`, their positions): per KV head, both rows' heads in
+    /// one `call`, their queries gathered and their outputs spread back
+    /// into `pair_out`.
     fn attend_row_pair(
         &self,
-        pool: &KvPool,
-        q: &[f32],
-        batch: &[BatchSequence<'_>],
-        layer: usize,
-        row_seq: &[usize],
-        t0: usize,
-        span: impl Fn(usize) -> (usize, usize),
+        call: SharedHeads<'_>,
+        spans: [HeadSpan; 2],
+        rows_q: &[f32],
         pair_out: &mut [f32],
     ) {
         let c = &self.config;
         let (hd, vd) = (c.head_dim, c.value_dim);
         let group = c.n_heads / c.n_kv_heads;
         let (width, out_width) = (c.n_heads * hd, c.n_heads * vd);
-        let call = self.attention_call(pool, batch[row_seq[t0]].cache.table(layer));
-        let spans = [0, 1].map(|i| {
-            let (start, end) = span(t0 + i);
-            HeadSpan {
-                heads: group,
-                start,
-                end,
-            }
-        });
         PAIR_BUFFERS.with(|cell| {
             let (mut queries, mut outputs) = cell.take();
             queries.resize(2 * group * hd, 0.0);
@@ -834,16 +829,11 @@ impl Model {
             for kv_head in 0..c.n_kv_heads {
                 let heads = kv_head * group..(kv_head + 1) * group;
                 for i in 0..2 {
-                    let row = &q[(t0 + i) * width..][..width];
+                    let row = &rows_q[i * width..][..width];
                     queries[i * group * hd..(i + 1) * group * hd]
                         .copy_from_slice(&row[heads.start * hd..heads.end * hd]);
                 }
-                SharedHeads { kv_head, ..call }.attend(
-                    &queries,
-                    &spans,
-                    &mut outputs,
-                    c.context_length,
-                );
+                SharedHeads { kv_head, ..call }.attend(&queries, &spans, &mut outputs);
                 for i in 0..2 {
                     let row = &mut pair_out[i * out_width..][..out_width];
                     row[heads.start * vd..heads.end * vd]

@@ -52,8 +52,8 @@ fn pair_pattern(first: i8) -> __m512i {
 }
 
 /// The 16 outputs of panel `p` for each of `xs`, into `out` (row `i`'s at
-/// `16 i..16 i + 16`). Rows go four at a time; a row's outputs are the
-/// same in any group.
+/// `16 i..16 i + 16`). Rows go eight, four or one at a time; a row's
+/// outputs are the same in any group.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
