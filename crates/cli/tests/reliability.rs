@@ -262,6 +262,9 @@ fn row5_out_of_range_parameters(s: &Server) {
         (json!({"tool_choice": "required"}), "tool_choice"),
         (json!({"tools": [{"type": "function"}]}), "tools[0]"),
         (json!({"min_tokens": 10, "max_tokens": 5}), "min_tokens"),
+        (json!({"priority": 1u64 << 40}), "priority"),
+        (json!({"priority": "high"}), "priority"),
+        (json!({"priority": 1.5}), "priority"),
         (json!({"messages": []}), "messages"),
         (json!({"messages": "hi"}), "messages"),
         (

@@ -269,6 +269,39 @@ fn open_stream(s: &Server, chunks: usize) -> (std::net::TcpStream, usize) {
 }
 
 #[test]
+fn a_request_of_higher_priority_overtakes_a_running_one() {
+    let server = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &["--model", GEMMA, "--max-batch", "1"],
+    );
+    let s = &server;
+    let body = |priority: i64, max_tokens: u32| {
+        json!({
+            "model": GEMMA, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "priority": priority,
+        })
+    };
+    // A long request of low priority holds the one place in the batch.
+    let addr = s.addr;
+    let long = std::thread::spawn(move || {
+        let resp = post_json(addr, "/v1/chat/completions", &body(5, 200));
+        (resp.status, std::time::Instant::now())
+    });
+    wait_for("the long request to run", || {
+        metric(s, "neocloud:generation_tokens_total") > 0
+            || metric(s, "neocloud:num_requests_running") == 1
+    });
+    let urgent = chat(s, body(-1, 4));
+    let answered = std::time::Instant::now();
+    assert_eq!(urgent.status, 200, "{}", urgent.text());
+    let (status, long_answered) = long.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(answered < long_answered, "the urgent request waited for the long one");
+    // The long one gave its place up and was recomputed.
+    assert_eq!(metric(s, "neocloud:num_preemptions_total"), 1);
+}
+
+#[test]
 fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
     let server = Server::start(
         env!("CARGO_BIN_EXE_neocloud"),

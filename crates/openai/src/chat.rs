@@ -55,6 +55,9 @@ pub struct ChatCompletionRequest {
     /// End-user identifier.
     #[serde(default)]
     pub user: Option<String>,
+    /// Scheduling priority: lower values run first (extension, as vLLM).
+    #[serde(default)]
+    pub priority: Option<i64>,
 }
 
 /// Sampling parameters common to chat and text completions.

@@ -55,6 +55,9 @@ pub struct CompletionRequest {
     /// End-user identifier.
     #[serde(default)]
     pub user: Option<String>,
+    /// Scheduling priority: lower values run first (extension, as vLLM).
+    #[serde(default)]
+    pub priority: Option<i64>,
 }
 
 /// Legacy log-probabilities: parallel lists, one entry per token.

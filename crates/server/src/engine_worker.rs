@@ -86,9 +86,15 @@ pub enum JobKind {
 struct Job {
     model: usize,
     kind: JobKind,
+    priority: Priority,
     events: mpsc::UnboundedSender<WorkerEvent>,
     arrived: Instant,
 }
+
+/// A job's place in the scheduling order: lower values are admitted,
+/// planned and kept before higher ones, as in vLLM's priority scheduling;
+/// requests that give none have 0.
+pub type Priority = i32;
 
 /// The events of one job, as the HTTP side receives them. Unbounded, so
 /// that a slow reader never holds up the batch; a job's events are bounded
@@ -108,6 +114,8 @@ pub struct BatchLimits {
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: SyncSender<Job>,
+    /// Jobs that may wait to start at once.
+    queue_capacity: usize,
     models: Arc<OnceLock<Vec<Arc<LoadedModel>>>>,
     load_error: Arc<OnceLock<String>>,
     names: Arc<Vec<String>>,
@@ -128,6 +136,7 @@ impl EngineHandle {
         let (tx, rx) = sync_channel(queue_capacity);
         let handle = EngineHandle {
             jobs: tx,
+            queue_capacity: queue_capacity.max(1),
             models: Arc::new(OnceLock::new()),
             load_error: Arc::new(OnceLock::new()),
             names: Arc::new(models.iter().map(|m| m.name.clone()).collect()),
@@ -173,6 +182,7 @@ impl EngineHandle {
             max_batch: limits.max_batch.max(1),
             metrics,
             last_model: None,
+            arrivals: 0,
         };
         scheduler.run(jobs);
     }
@@ -206,31 +216,57 @@ impl EngineHandle {
         }))
     }
 
-    /// Queues a generation; refuses at once when the queue is full.
+    /// Queues a generation of the default priority; refuses at once when
+    /// the queue is full.
     pub fn submit(&self, model: usize, request: GenerateRequest) -> Result<JobEvents, ServerError> {
-        self.submit_job(model, JobKind::Generate(request))
+        self.submit_with_priority(model, request, 0)
+    }
+
+    /// Queues a generation of `priority`; refuses at once when the queue is
+    /// full.
+    pub fn submit_with_priority(
+        &self,
+        model: usize,
+        request: GenerateRequest,
+        priority: Priority,
+    ) -> Result<JobEvents, ServerError> {
+        self.queue(model, JobKind::Generate(request), priority)
     }
 
     /// Queues a job of any kind; refuses at once when the queue is full.
     pub fn submit_job(&self, model: usize, kind: JobKind) -> Result<JobEvents, ServerError> {
+        self.queue(model, kind, 0)
+    }
+
+    fn queue(
+        &self,
+        model: usize,
+        kind: JobKind,
+        priority: Priority,
+    ) -> Result<JobEvents, ServerError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let job = Job {
             model,
             kind,
+            priority,
             events: tx,
             arrived: Instant::now(),
         };
+        let full = || ServerError::Unavailable("the server is at capacity; retry shortly".into());
         // Counted before the send: the engine may pick the job up at once.
-        self.metrics.waiting.fetch_add(1, Ordering::Relaxed);
+        // The engine takes jobs from the channel as they come, to order
+        // them itself, so the count of jobs not started yet is the bound.
+        if self.metrics.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue_capacity {
+            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(full());
+        }
         let sent = self.jobs.try_send(job);
         if sent.is_err() {
             self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         match sent {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(ServerError::Unavailable(
-                "the server is at capacity; retry shortly".into(),
-            )),
+            Err(TrySendError::Full(_)) => Err(full()),
             Err(TrySendError::Disconnected(_)) => {
                 Err(ServerError::Unavailable("the engine has stopped".into()))
             }
@@ -250,11 +286,14 @@ struct Scheduler<'m> {
     scratch: Vec<ForwardScratch>,
     /// Each model's keys and values.
     pools: Vec<KvPool>,
-    /// The batch, in the order the jobs joined it.
+    /// The batch, in scheduling order (see [`ActiveJob::order`]).
     active: Vec<ActiveJob<'m>>,
-    /// Jobs taken from the queue that wait for blocks, in order; those
-    /// preempted go first.
+    /// Jobs taken from the queue that wait for blocks or a place in the
+    /// batch, in scheduling order: a preempted job goes back before those
+    /// of its priority that arrived after it.
     waiting: VecDeque<ActiveJob<'m>>,
+    /// Jobs taken from the queue so far: each job's arrival number.
+    arrivals: u64,
     max_batch: usize,
     metrics: Arc<Metrics>,
     /// The model of the last step: the next step goes to the next model
@@ -265,26 +304,34 @@ struct Scheduler<'m> {
 /// A generation, in the batch or waiting for blocks.
 struct ActiveJob<'m> {
     model: usize,
+    priority: Priority,
+    /// When the engine took the job, counted in jobs.
+    arrival: u64,
     run: SequenceRun<'m>,
     report: JobReport,
+}
+
+impl ActiveJob<'_> {
+    /// The scheduling order: by priority, then by arrival.
+    fn order(&self) -> (Priority, u64) {
+        (self.priority, self.arrival)
+    }
 }
 
 impl<'m> Scheduler<'m> {
     fn run(mut self, jobs: Receiver<Job>) {
         loop {
-            // Wait for work when there is none; otherwise take what has
-            // arrived, as far as the batch has room.
+            // Wait for work when there is none; otherwise take all that
+            // has arrived, to put it in scheduling order (the handle bounds
+            // how many jobs wait).
             if self.active.is_empty() && self.waiting.is_empty() {
                 match jobs.recv() {
                     Ok(job) => self.take(job),
                     Err(_) => return,
                 }
             }
-            while self.active.len() + self.waiting.len() < self.max_batch {
-                match jobs.try_recv() {
-                    Ok(job) => self.take(job),
-                    Err(_) => break,
-                }
+            while let Ok(job) = jobs.try_recv() {
+                self.take(job);
             }
             self.admit_waiting();
             // Each step runs on a worker of the kernels' pool: the parallel
@@ -328,18 +375,23 @@ impl<'m> Scheduler<'m> {
         };
         let prompt_tokens = request.prompt.len();
         match SequenceRun::start(lm, request) {
-            Ok(run) => self.waiting.push_back(ActiveJob {
-                model: job.model,
-                run,
-                report: JobReport {
-                    events: job.events,
-                    arrived: job.arrived,
-                    pending: Vec::new(),
-                    last_token: None,
-                    prompt_tokens,
-                    started: false,
-                },
-            }),
+            Ok(run) => {
+                self.arrivals += 1;
+                self.wait(ActiveJob {
+                    model: job.model,
+                    priority: job.priority,
+                    arrival: self.arrivals,
+                    run,
+                    report: JobReport {
+                        events: job.events,
+                        arrived: job.arrived,
+                        pending: Vec::new(),
+                        last_token: None,
+                        prompt_tokens,
+                        started: false,
+                    },
+                })
+            }
             Err(e) => {
                 metrics.waiting.fetch_sub(1, Ordering::Relaxed);
                 metrics.finished(FinishedReason::Error);
@@ -348,13 +400,21 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// Moves waiting jobs into the batch, in order, while it has room and
-    /// their models' pools have the blocks for them. A job never admitted
-    /// ahead of an earlier one of the same model.
+    /// Puts `job` among the waiting ones, in scheduling order.
+    fn wait(&mut self, job: ActiveJob<'m>) {
+        let at = self.waiting.partition_point(|j| j.order() < job.order());
+        self.waiting.insert(at, job);
+    }
+
+    /// Moves waiting jobs into the batch, in scheduling order, while it has
+    /// room and their models' pools have the blocks for them. A job is
+    /// never admitted ahead of one of the same model before it in that
+    /// order. A job that finds no room preempts the batch's last job when
+    /// that one's priority is lower (see [`Scheduler::preempt_for`]).
     fn admit_waiting(&mut self) {
         let mut blocked = vec![false; self.models.len()];
         let mut i = 0;
-        while i < self.waiting.len() && self.active.len() < self.max_batch {
+        while i < self.waiting.len() {
             let job = &self.waiting[i];
             let model = job.model;
             if job.report.events.is_closed() {
@@ -368,6 +428,13 @@ impl<'m> Scheduler<'m> {
                 i += 1;
                 continue;
             }
+            if self.active.len() >= self.max_batch {
+                if self.preempt_for(i, None) {
+                    continue;
+                }
+                break;
+            }
+            let job = &self.waiting[i];
             let others_running = self.has_active(model);
             let pool = &mut self.pools[model];
             let need = job.run.blocks_to_resume(pool);
@@ -380,6 +447,9 @@ impl<'m> Scheduler<'m> {
                 continue;
             }
             if need + reserve > pool.available_blocks() && others_running {
+                if self.preempt_for(i, Some(model)) {
+                    continue;
+                }
                 blocked[model] = true;
                 i += 1;
                 continue;
@@ -387,6 +457,7 @@ impl<'m> Scheduler<'m> {
             let Some(mut job) = self.waiting.remove(i) else {
                 break;
             };
+            let pool = &mut self.pools[model];
             job.run.attach(pool);
             if !job.report.started {
                 job.report.started = true;
@@ -396,8 +467,35 @@ impl<'m> Scheduler<'m> {
                     .queue_time
                     .observe_duration(job.report.arrived.elapsed());
             }
-            self.active.push(job);
+            let at = self.active.partition_point(|j| j.order() < job.order());
+            self.active.insert(at, job);
         }
+    }
+
+    /// Makes room for waiting job `i` by preempting the batch's last job
+    /// (of `model`, where given: the one whose blocks are short) when its
+    /// priority is lower than job `i`'s; the preempted job waits to run
+    /// its positions again. Whether it did.
+    fn preempt_for(&mut self, i: usize, model: Option<usize>) -> bool {
+        let Some(priority) = self.waiting.get(i).map(|j| j.priority) else {
+            return false;
+        };
+        let Some(victim) = self
+            .active
+            .iter()
+            .rposition(|j| model.is_none_or(|m| j.model == m))
+        else {
+            return false;
+        };
+        if self.active[victim].priority <= priority {
+            return false;
+        }
+        let mut job = self.active.remove(victim);
+        job.run.preempt(&mut self.pools[job.model]);
+        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+        // Behind job `i`, whose priority is higher.
+        self.wait(job);
+        true
     }
 
     fn has_active(&self, model: usize) -> bool {
@@ -425,8 +523,9 @@ impl<'m> Scheduler<'m> {
             )));
     }
 
-    /// The jobs of `model` in the batch, in the order they joined, each
-    /// with the tokens of its next pass (within the prefill budget).
+    /// The jobs of `model` in the batch, in scheduling order, each with the
+    /// tokens of its next pass (within the prefill budget, which goes to
+    /// the first jobs first).
     fn plan(&self, model: usize) -> Vec<(usize, usize)> {
         let mut budget = PREFILL_TOKENS_PER_STEP;
         let mut plan = Vec::new();
@@ -451,9 +550,9 @@ impl<'m> Scheduler<'m> {
     }
 
     /// A plan for the next pass of `model` whose blocks its pool can give:
-    /// while they are short, the most recently admitted job of the model
-    /// gives its blocks back and waits to run its positions again; the
-    /// last one left ends for length.
+    /// while they are short, the model's last job in scheduling order (the
+    /// lowest priority, the latest to arrive) gives its blocks back and
+    /// waits to run its positions again; the last one left ends for length.
     fn fit_plan(&mut self, model: usize) -> Vec<(usize, usize)> {
         loop {
             let plan = self.plan(model);
@@ -472,7 +571,7 @@ impl<'m> Scheduler<'m> {
             if self.has_active(model) {
                 job.run.preempt(&mut self.pools[model]);
                 self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
-                self.waiting.push_front(job);
+                self.wait(job);
             } else if job.run.has_output() {
                 let report = &mut job.report;
                 let metrics = &self.metrics;
@@ -600,9 +699,12 @@ impl<'m> Scheduler<'m> {
         metrics
             .e2e_request_latency
             .observe_duration(report.arrived.elapsed());
-        let prompt = report.prompt_tokens as u64;
-        metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-        metrics.request_prompt_tokens.observe(prompt as f64);
+        // A job that never started read none of its prompt.
+        if report.started {
+            let prompt = report.prompt_tokens as u64;
+            metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+            metrics.request_prompt_tokens.observe(prompt as f64);
+        }
         metrics
             .prefix_cache_hit_tokens
             .fetch_add(generation.cached_prompt_tokens as u64, Ordering::Relaxed);
@@ -993,6 +1095,66 @@ mod tests {
             );
         }
         assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn higher_priority_jobs_start_first_preempting_lower_ones_and_all_answer_as_alone() {
+        // One place in the batch: the jobs end in the scheduler's order.
+        let (engine, metrics) = start_gemma(8);
+        let lm = loaded(&engine).await;
+        let request = |text: &str, tokens: usize| GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(lm.tokenizer.encode(text, true, true), tokens)
+        };
+        // In the order they are submitted, the first one running before
+        // the others arrive.
+        let jobs = [
+            (
+                "running",
+                request("Write a long story about the sea.", 96),
+                5,
+            ),
+            (
+                "as running, later",
+                request("Describe a busy harbour.", 8),
+                5,
+            ),
+            ("lower", request("List some facts about owls.", 8), 9),
+            ("urgent", request("The capital of France is", 8), -1),
+        ];
+        let mut ignore = |_: Progress<'_>| ControlFlow::Continue(());
+        let alone: Vec<Generation> = jobs
+            .iter()
+            .map(|(_, r, _)| neocloud_engine::generation::generate(&lm, r, &mut ignore).unwrap())
+            .collect();
+        let ended = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut answers = Vec::new();
+        for (i, (name, r, priority)) in jobs.iter().enumerate() {
+            let events = engine
+                .submit_with_priority(0, r.clone(), *priority)
+                .unwrap();
+            let (ended, name) = (Arc::clone(&ended), *name);
+            answers.push(tokio::spawn(async move {
+                let g = finish(events).await;
+                ended.lock().unwrap().push(name);
+                g
+            }));
+            if i == 0 {
+                until_a_job_runs(&metrics).await;
+            }
+        }
+        for (answer, want) in answers.into_iter().zip(&alone) {
+            let got = answer.await.unwrap().unwrap();
+            assert_eq!(got.tokens, want.tokens);
+        }
+        assert_eq!(
+            *ended.lock().unwrap(),
+            ["urgent", "running", "as running, later", "lower"]
+        );
+        assert_eq!(metrics.preemptions.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

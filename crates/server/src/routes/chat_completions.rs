@@ -12,11 +12,11 @@ use neocloud_openai::chat::{
     ChatCompletionRequest, ChatDelta, ChoiceLogprobs, TokenLogprob, ToolCallDelta, Usage,
 };
 
-use crate::engine_worker::{JobEvents, WorkerEvent};
+use crate::engine_worker::{JobEvents, Priority, WorkerEvent};
 use crate::error::ServerError;
 use crate::json_body::JsonBody;
 use crate::routes::choices::{
-    choices_of, collect_all, merge, now, response_id, submit_all, MAX_CHOICES,
+    choices_of, collect_all, merge, now, priority_of, response_id, submit_all, MAX_CHOICES,
 };
 use crate::routes::event_stream::event_stream;
 use crate::routes::sampling::{sampling_params, stop_strings};
@@ -30,6 +30,7 @@ struct Plan {
     model: usize,
     generate: GenerateRequest,
     n: usize,
+    priority: Priority,
     logprobs: bool,
     /// Names of the tools offered, when answers are parsed for calls.
     tool_names: Option<Vec<String>>,
@@ -220,6 +221,7 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
             grammar,
         },
         n,
+        priority: priority_of(req.priority)?,
         logprobs,
         tool_names,
         stream: req.stream,
@@ -265,7 +267,12 @@ pub async fn chat_completions(
         logprobs: plan.logprobs,
         tool_names: plan.tool_names,
     };
-    let jobs = submit_all(&state, plan.model, choices_of(&plan.generate, plan.n))?;
+    let jobs = submit_all(
+        &state,
+        plan.model,
+        choices_of(&plan.generate, plan.n),
+        plan.priority,
+    )?;
     if plan.stream {
         return Ok(stream_response(jobs, answer, plan.include_usage));
     }

@@ -7,24 +7,41 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use neocloud_engine::generation::{GenerateRequest, Generation};
 use tokio::sync::mpsc;
 
-use crate::engine_worker::{JobEvents, WorkerEvent};
+use crate::engine_worker::{JobEvents, Priority, WorkerEvent};
 use crate::error::ServerError;
 use crate::AppState;
 
 /// Most choices one request may ask for.
 pub(crate) const MAX_CHOICES: usize = 16;
 
-/// Submits one job per request; when one cannot be queued, the jobs queued
-/// before it are dropped (they never start) and the error is returned.
+/// Submits one job per request, all of `priority`; when one cannot be
+/// queued, the jobs queued before it are dropped (they never start) and the
+/// error is returned.
 pub(crate) fn submit_all(
     state: &AppState,
     model: usize,
     requests: Vec<GenerateRequest>,
+    priority: Priority,
 ) -> Result<Vec<JobEvents>, ServerError> {
     requests
         .into_iter()
-        .map(|r| state.engine.submit(model, r))
+        .map(|r| state.engine.submit_with_priority(model, r, priority))
         .collect()
+}
+
+/// The request's `priority` (0 when absent), which must fit the engine's.
+pub(crate) fn priority_of(priority: Option<i64>) -> Result<Priority, ServerError> {
+    let priority = priority.unwrap_or(0);
+    Priority::try_from(priority).map_err(|_| {
+        ServerError::param(
+            "priority",
+            format!(
+                "priority must be an integer from {} to {}; got {priority}",
+                Priority::MIN,
+                Priority::MAX
+            ),
+        )
+    })
 }
 
 /// The same request `n` times; with a seed, choice `i` samples with `seed + i`

@@ -16,11 +16,11 @@ use neocloud_openai::completions::{
     Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
 };
 
-use crate::engine_worker::{JobEvents, JobKind, WorkerEvent};
+use crate::engine_worker::{JobEvents, JobKind, Priority, WorkerEvent};
 use crate::error::ServerError;
 use crate::json_body::JsonBody;
 use crate::routes::choices::{
-    choices_of, collect_all, merge, now, response_id, submit_all, MAX_CHOICES,
+    choices_of, collect_all, merge, now, priority_of, response_id, submit_all, MAX_CHOICES,
 };
 use crate::routes::event_stream::event_stream;
 use crate::routes::sampling::{sampling_params, stop_strings};
@@ -82,6 +82,7 @@ struct Plan {
     /// Generation of one choice, without its prompt.
     generate: GenerateRequest,
     n: usize,
+    priority: Priority,
     top: Option<usize>,
     echo: bool,
     as_ids: bool,
@@ -162,6 +163,7 @@ fn validate(req: CompletionRequest, state: &AppState) -> Result<Plan, ServerErro
             grammar: None,
         },
         n,
+        priority: priority_of(req.priority)?,
         top,
         echo: req.echo,
         as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
@@ -226,7 +228,7 @@ pub async fn completions(
             })
             .collect()
     };
-    let jobs = submit_all(&state, plan.model, requests)?;
+    let jobs = submit_all(&state, plan.model, requests, plan.priority)?;
     if plan.stream {
         return Ok(stream_response(plan, jobs, heads, id, model_name));
     }
