@@ -296,7 +296,10 @@ fn a_request_of_higher_priority_overtakes_a_running_one() {
     assert_eq!(urgent.status, 200, "{}", urgent.text());
     let (status, long_answered) = long.join().unwrap();
     assert_eq!(status, 200);
-    assert!(answered < long_answered, "the urgent request waited for the long one");
+    assert!(
+        answered < long_answered,
+        "the urgent request waited for the long one"
+    );
     // The long one gave its place up and was recomputed.
     assert_eq!(metric(s, "neocloud:num_preemptions_total"), 1);
 }

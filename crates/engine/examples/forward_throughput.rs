@@ -20,11 +20,11 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .ok_or("usage: forward_throughput MODEL.gguf")?;
     let (model, gguf) = Model::open(std::path::Path::new(&path))?;
-    for name in [
-        "token_embd.weight",
-        "blk.0.ffn_up.weight",
-        "blk.0.ffn_down.weight",
-    ] {
+    // `NEOCLOUD_MATRICES` (comma-separated tensor names) picks the matrices
+    // measured alone.
+    let matrices = std::env::var("NEOCLOUD_MATRICES")
+        .unwrap_or_else(|_| "token_embd.weight,blk.0.ffn_up.weight,blk.0.ffn_down.weight".into());
+    for name in matrices.split(',').filter(|n| !n.is_empty()) {
         let Some(t) = gguf.tensor(name) else { continue };
         let w = QMatrix {
             ty: t.ty,
@@ -38,7 +38,7 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
             panels: packed.as_ref(),
             ..w
         };
-        for m in [1usize, 4, 32] {
+        for m in [1usize, 4, 8, 32] {
             let x: Vec<f32> = (0..m * w.cols)
                 .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
                 .collect();

@@ -188,6 +188,13 @@ unsafe fn dot_pairs(acc: __m512i, w: __m512i, pair: *const i32) -> __m512i {
     acc
 }
 
+/// How far ahead of the group in use the kernel asks for weight bytes, when
+/// four rows or more share them. A decode step of a few sequences computes
+/// long enough per byte that the hardware's own prefetching falls behind
+/// the stream from memory; asking this far ahead (the next panels lie next
+/// in memory) took Gemma's 8-sequence step from about 27 to 23 ms.
+const PREFETCH_AHEAD: usize = 16 << 10;
+
 /// The 16 outputs of panel `p` for `R` activation rows, the weights stored
 /// as `BITS` with `SPAN_GROUPS` groups per scale span: integer sums run over
 /// a whole span, and its scales apply once. With `ZERO` (offsets a fixed
@@ -227,7 +234,12 @@ fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize, const Z
             let mut sums = [_mm512_setzero_si512(); R];
             for k in 0..SPAN_GROUPS {
                 let g = span * SPAN_GROUPS + k;
-                let registers = group_registers::<BITS>(bytes.as_ptr().add(g * group_bytes));
+                let group = bytes.as_ptr().add(g * group_bytes);
+                if R >= 4 {
+                    // Never faults, wherever it points.
+                    _mm_prefetch::<_MM_HINT_T0>(group.wrapping_add(PREFETCH_AHEAD).cast());
+                }
+                let registers = group_registers::<BITS>(group);
                 let mut wv = [_mm512_setzero_si512(); 8];
                 for (q, u) in registers.into_iter().enumerate() {
                     wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
