@@ -38,13 +38,13 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
             panels: packed.as_ref(),
             ..w
         };
-        for m in [1usize, 4, 8, 32] {
+        for m in [1usize, 4, 8, 32, 512] {
             let x: Vec<f32> = (0..m * w.cols)
                 .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
                 .collect();
             let mut out = vec![0f32; m * w.rows];
             matmul(&w, &x, m, &mut out);
-            let reps = if m == 32 { 3 } else { 10 };
+            let reps = if m >= 32 { 3 } else { 10 };
             let start = Instant::now();
             for _ in 0..reps {
                 matmul(&w, &x, m, &mut out);
