@@ -11,7 +11,7 @@
 #      bound the issue sets: file + neocloud's KV budget + 200 MB
 #
 #   bench/compare-llamacpp.sh [--model gemma-3-270m] [--threads 2]
-#                             [--requests 8] [--kv-cache-mb 256]
+#                             [--requests 8] [--kv-cache-mb 512]
 #                             [--out target/compare-llamacpp]
 #                             [--levels single-stream,long-prompt,...]
 #
@@ -29,7 +29,7 @@ set -euo pipefail
 model=gemma-3-270m
 threads=2
 requests=8
-kv_cache_mb=256
+kv_cache_mb=512
 out=target/compare-llamacpp
 levels=single-stream,long-prompt,shared-prefix,streams-8,streams-32
 while [[ $# -gt 0 ]]; do
