@@ -490,12 +490,18 @@ impl<'m> Scheduler<'m> {
         if self.active[victim].priority <= priority {
             return false;
         }
-        let mut job = self.active.remove(victim);
+        // It waits behind job `i`, whose priority is higher.
+        let job = self.active.remove(victim);
+        self.requeue(job);
+        true
+    }
+
+    /// Gives a job taken out of the batch its blocks back; it waits, in
+    /// scheduling order, to run its positions again.
+    fn requeue(&mut self, mut job: ActiveJob<'m>) {
         job.run.preempt(&mut self.pools[job.model]);
         self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
-        // Behind job `i`, whose priority is higher.
         self.wait(job);
-        true
     }
 
     fn has_active(&self, model: usize) -> bool {
@@ -569,9 +575,7 @@ impl<'m> Scheduler<'m> {
             };
             let mut job = self.active.remove(victim);
             if self.has_active(model) {
-                job.run.preempt(&mut self.pools[model]);
-                self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
-                self.wait(job);
+                self.requeue(job);
             } else if job.run.has_output() {
                 let report = &mut job.report;
                 let metrics = &self.metrics;
