@@ -111,13 +111,20 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         widths
     };
+    // `NEOCLOUD_DECODE_CONTEXT` sets the positions each decoding sequence
+    // already holds (32 unless set).
+    let context: usize = std::env::var("NEOCLOUD_DECODE_CONTEXT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+        .clamp(1, prompt.len() - 32);
     for streams in widths {
         let mut pool = model.kv_pool(1 << 30);
         let mut caches: Vec<KvCache> = (0..streams)
             .map(|s| {
                 let mut c = KvCache::new();
-                let p: Vec<u32> = prompt[s..s + 32].to_vec();
-                model.forward(&mut pool, &p, &mut c, 31).map(|_| c)
+                let p: Vec<u32> = prompt[s..s + context].to_vec();
+                model.forward(&mut pool, &p, &mut c, context - 1).map(|_| c)
             })
             .collect::<Result<_, _>>()?;
         let steps = if streams == 1 { 64 } else { 16 };
