@@ -29,6 +29,8 @@ pub struct ServeFile {
     pub shutdown_timeout_secs: Option<u64>,
     /// Worker threads for the compute kernels.
     pub threads: Option<usize>,
+    /// Bits per activation in the matrix products: 16 or 8.
+    pub activation_bits: Option<u8>,
     /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
     /// gateway.
     #[serde(skip)]
@@ -76,12 +78,14 @@ mod tests {
             body_limit = 1048576
             shutdown_timeout_secs = 5
             threads = 2
+            activation_bits = 8
             "#,
         )
         .unwrap();
         assert_eq!(f.port, Some(9000));
         assert_eq!(f.models.as_ref().map(Vec::len), Some(2));
         assert_eq!(f.shutdown_timeout_secs, Some(5));
+        assert_eq!(f.activation_bits, Some(8));
     }
 
     #[test]

@@ -422,6 +422,43 @@ fn a_config_file_with_an_unknown_key_is_refused_at_start() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn activation_bits_other_than_16_or_8_are_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_neocloud"))
+        .args([
+            "serve",
+            "--model",
+            "gemma-3-270m",
+            "--activation-bits",
+            "12",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("activation-bits"), "{stderr}");
+
+    let dir = std::env::temp_dir().join(format!("nc-bits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("neocloud.toml");
+    std::fs::write(
+        &config,
+        "models = [\"gemma-3-270m\"]\nactivation_bits = 12\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_neocloud"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("activation_bits must be 16 or 8"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Row 25: on SIGTERM an open stream runs to its end, new requests get 503,
 /// and the process then exits with success.
 #[test]

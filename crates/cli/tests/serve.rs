@@ -822,3 +822,32 @@ fn json_mode_answers_are_json_objects(s: &Server) {
         Some("response_format"),
     );
 }
+
+/// `--activation-bits 8` reaches the engine: the same greedy request gets
+/// log-probabilities that differ from the default server's, slightly.
+#[test]
+fn a_server_with_8_bit_activations_answers_with_its_own_numbers() {
+    let body = json!({
+        "model": GEMMA,
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 3, "temperature": 0, "logprobs": true,
+    });
+    let first_logprob = |args: &[&str]| -> f64 {
+        let server = Server::start(env!("CARGO_BIN_EXE_neocloud"), args);
+        let resp = chat(&server, body.clone());
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        resp.json()["choices"][0]["logprobs"]["content"][0]["logprob"]
+            .as_f64()
+            .unwrap()
+    };
+    let sixteen = first_logprob(&["--model", GEMMA]);
+    let eight = first_logprob(&["--model", GEMMA, "--activation-bits", "8"]);
+    eprintln!("first token's log-probability: {sixteen} with 16 bits, {eight} with 8");
+    assert!((sixteen - eight).abs() < 0.5);
+    // Without AVX-512 VNNI both run 16-bit products.
+    if std::is_x86_feature_detected!("avx512vnni")
+        && std::env::var_os("NEOCLOUD_PORTABLE_KERNELS").is_none()
+    {
+        assert_ne!(sixteen, eight);
+    }
+}

@@ -8,6 +8,7 @@ use std::time::Instant;
 use neocloud_engine::kernels::{matmul, QMatrix};
 use neocloud_engine::kv_cache::KvCache;
 use neocloud_engine::model::{BatchSequence, Model};
+use neocloud_engine::panel::{ActivationBits, PanelMatrix};
 use neocloud_engine::sampler::{Sampler, SamplingParams};
 
 fn main() -> Result<(), String> {
@@ -19,7 +20,13 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
         .nth(1)
         .ok_or("usage: forward_throughput MODEL.gguf")?;
-    let (model, gguf) = Model::open(std::path::Path::new(&path))?;
+    let (mut model, gguf) = Model::open(std::path::Path::new(&path))?;
+    // `NEOCLOUD_ACTIVATION_BITS=8` times the products with 8-bit activations.
+    let bits = match std::env::var("NEOCLOUD_ACTIVATION_BITS").as_deref() {
+        Ok("8") => ActivationBits::Eight,
+        _ => ActivationBits::Sixteen,
+    };
+    model.set_activation_bits(bits);
     // `NEOCLOUD_MATRICES` (comma-separated tensor names) picks the matrices
     // measured alone.
     let matrices = std::env::var("NEOCLOUD_MATRICES")
@@ -33,7 +40,10 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
             bytes: gguf.tensor_bytes(t),
             panels: None,
         };
-        let packed = neocloud_engine::panel::PanelMatrix::pack(&w);
+        let packed = neocloud_engine::panel::PanelMatrix::pack(&w).map(|p| PanelMatrix {
+            activations: bits,
+            ..p
+        });
         let w = QMatrix {
             panels: packed.as_ref(),
             ..w

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::integer_dot::{self, QuantizedRow};
-use crate::panel::{PanelActivations, PanelMatrix, PANEL_ROWS};
+use crate::panel::{ActivationBits, ByteActivations, PanelActivations, PanelMatrix, PANEL_ROWS};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
 /// The instruction set the kernels use on this CPU.
@@ -382,6 +382,12 @@ impl QuantizedActivations for PanelActivations {
     }
 }
 
+impl QuantizedActivations for ByteActivations {
+    fn quantize_from(&mut self, x: &[f32]) {
+        self.quantize(x)
+    }
+}
+
 impl QuantizedActivations for QuantizedRow {
     fn quantize_from(&mut self, x: &[f32]) {
         self.quantize(x)
@@ -471,18 +477,61 @@ const PANEL_ROW_BLOCK: usize = 8;
 
 thread_local! {
     static PANEL_ROWS_IN: RefCell<Vec<PanelActivations>> = const { RefCell::new(Vec::new()) };
+    static BYTE_ROWS_IN: RefCell<Vec<ByteActivations>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An activation row's form for one panel product.
+trait PanelRow: QuantizedActivations {
+    /// The panel's 16 outputs for each of `rows` (see
+    /// [`crate::panel_avx512::panel_product`]).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI.
+    unsafe fn product(w: &PanelMatrix, p: usize, rows: &[Self], out: &mut [f32]);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelRow for PanelActivations {
+    unsafe fn product(w: &PanelMatrix, p: usize, rows: &[Self], out: &mut [f32]) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::panel_avx512::panel_product(w, p, rows, out) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelRow for ByteActivations {
+    unsafe fn product(w: &PanelMatrix, p: usize, rows: &[Self], out: &mut [f32]) {
+        // SAFETY: the caller's contract.
+        unsafe { crate::panel_avx512::byte_panel_product(w, p, rows, out) }
+    }
 }
 
 /// The product with weights in panels (AVX-512 VNNI), for any number of
-/// rows: each task owns a run of panels, and every group of up to eight
-/// activation rows goes past a panel while its bytes are in the L1 cache.
+/// rows, with activations quantised as the matrix says.
 #[cfg(target_arch = "x86_64")]
 fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
+    match w.activations {
+        ActivationBits::Sixteen => PANEL_ROWS_IN.with(|cell| panel_product_in(cell, w, x, m, out)),
+        ActivationBits::Eight => BYTE_ROWS_IN.with(|cell| panel_product_in(cell, w, x, m, out)),
+    }
+}
+
+/// [`panel_product`] with activation rows of form `T`, in the buffers of
+/// `cell`: each task owns a run of panels, and every group of up to eight
+/// activation rows goes past a panel while its bytes are in the L1 cache.
+#[cfg(target_arch = "x86_64")]
+fn panel_product_in<T: PanelRow>(
+    cell: &RefCell<Vec<T>>,
+    w: &PanelMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     let (k, n) = (w.cols, w.rows);
     // The buffer is taken out of its cell for the product: a worker that
     // steals other work while waiting in this product's parallel regions
     // may run another product on this thread, which then gets a fresh one.
-    let mut buffer = PANEL_ROWS_IN.with(|cell| cell.take());
+    let mut buffer = cell.take();
     {
         let rows = &*quantize_rows(&mut buffer, x, k, m);
         let panels = n / PANEL_ROWS;
@@ -496,7 +545,7 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
                 for (b, block) in rows.chunks(PANEL_ROW_BLOCK).enumerate() {
                     let results = &mut results[..block.len() * PANEL_ROWS];
                     // SAFETY: `available()` checked every feature it needs.
-                    unsafe { crate::panel_avx512::panel_product(w, p0 + local, block, results) };
+                    unsafe { T::product(w, p0 + local, block, results) };
                     let at = local * PANEL_ROWS;
                     for (i, r) in results.chunks_exact(PANEL_ROWS).enumerate() {
                         // SAFETY: task `t` alone writes its columns, one
@@ -508,7 +557,7 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
             }
         });
     }
-    PANEL_ROWS_IN.with(|cell| cell.replace(buffer));
+    cell.replace(buffer);
 }
 
 /// Batches up to this many rows multiply with integer activations: reading

@@ -17,7 +17,7 @@ use crate::error::EngineError;
 use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
 use crate::kernels::{gelu_tanh_gated, matmul, silu_gated, QMatrix};
 use crate::kv_cache::{KvCache, KvPool};
-use crate::panel::PanelMatrix;
+use crate::panel::{ActivationBits, PanelMatrix};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
 /// Model family, from `general.architecture`.
@@ -434,6 +434,33 @@ impl Model {
             // Projections of the same input are stacked: one product each.
             l.qkv = stack_panels(&mut [&mut l.wq, &mut l.wk, &mut l.wv]);
             l.gate_up = stack_panels(&mut [&mut l.w_gate, &mut l.w_up]);
+        }
+    }
+
+    /// Sets how every product in panels quantises its activations (see
+    /// [`ActivationBits`]); without AVX-512 VNNI nothing is in panels and
+    /// nothing changes.
+    pub fn set_activation_bits(&mut self, bits: ActivationBits) {
+        let set = |p: &mut Option<PanelMatrix>| {
+            if let Some(p) = p {
+                p.activations = bits;
+            }
+        };
+        set(&mut self.output.panels);
+        for l in &mut self.layers {
+            for w in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ] {
+                set(&mut w.panels);
+            }
+            set(&mut l.qkv);
+            set(&mut l.gate_up);
         }
     }
 

@@ -135,6 +135,17 @@ impl PanelBits {
     }
 }
 
+/// How finely a panel product quantises its activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationBits {
+    /// int16 per block of 32 values ([`PanelActivations`]): the default.
+    #[default]
+    Sixteen,
+    /// int8 per block of 32 values ([`ByteActivations`]), as llama.cpp
+    /// does: twice the products per instruction, 256 times the rounding.
+    Eight,
+}
+
 /// A weight matrix in panels (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct PanelMatrix {
@@ -156,6 +167,8 @@ pub struct PanelMatrix {
     /// When every offset is this multiple of its multiplier, the offsets
     /// are not stored.
     pub zero: Option<f32>,
+    /// How the product quantises activations.
+    pub activations: ActivationBits,
 }
 
 /// The zero that stacked byte panels of types with different zeros share.
@@ -248,6 +261,7 @@ impl PanelMatrix {
             bytes,
             scales,
             zero,
+            activations: ActivationBits::default(),
         })
     }
 
@@ -286,6 +300,7 @@ impl PanelMatrix {
                 (true, Some(_)) => Some(COMMON_ZERO),
                 (_, zero) => zero,
             },
+            activations: self.activations,
         }
     }
 
@@ -333,6 +348,7 @@ impl PanelMatrix {
             bytes: parts.iter().flat_map(|p| p.bytes.iter().copied()).collect(),
             scales,
             zero,
+            activations: first.activations,
         })
     }
 
@@ -458,6 +474,59 @@ impl PanelActivations {
     }
 }
 
+/// An activation row for the byte product ([`byte_panel_dot_portable`]):
+/// int8 values in blocks of 32 with an f32 scale, and per group of 16 the
+/// block's scale, the group's sum and the scale times it. Half the width of
+/// [`PanelActivations`], so each instruction multiplies twice as many
+/// values, with 256 times the rounding: the precision llama.cpp uses.
+#[derive(Debug, Default, Clone)]
+pub struct ByteActivations {
+    /// Quantised values, in order.
+    pub q: Vec<i8>,
+    /// Per group of 16: the scale of its block.
+    pub scale: Vec<f32>,
+    /// Per group of 16: the scale times the sum of its values.
+    pub scaled_sum: Vec<f32>,
+    /// Per group of 16: the sum of its values.
+    pub sum: Vec<i32>,
+}
+
+/// Largest quantised activation magnitude of [`ByteActivations`].
+const BYTE_ACT_MAX: f32 = 127.0;
+
+impl ByteActivations {
+    /// Quantises `x` (length a multiple of 32) into `self`, reusing its
+    /// buffers: per block, the scale `max |x| / 127` and each value
+    /// rounded half away from zero (NaNs become 0).
+    pub fn quantize(&mut self, x: &[f32]) {
+        let groups = x.len() / GROUP;
+        self.q.resize(x.len(), 0);
+        self.scale.resize(groups, 0.0);
+        self.scaled_sum.resize(groups, 0.0);
+        self.sum.resize(groups, 0);
+        for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / BYTE_ACT_MAX;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let qs = &mut self.q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
+            for (q, v) in qs.iter_mut().zip(xs) {
+                let t = v * inv;
+                *q = (t + 0.5f32.copysign(t)) as i8;
+            }
+            for h in 0..ACT_BLOCK / GROUP {
+                let g = b * ACT_BLOCK / GROUP + h;
+                let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
+                    .iter()
+                    .map(|&v| i32::from(v))
+                    .sum();
+                self.scale[g] = d;
+                self.scaled_sum[g] = d * sum as f32;
+                self.sum[g] = sum;
+            }
+        }
+    }
+}
+
 /// The portable product of panel `p` with one activation row: the
 /// reference for the vector code. Returns the panel's 16 outputs.
 pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f32; PANEL_ROWS] {
@@ -485,6 +554,54 @@ pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f
         }
     }
     out
+}
+
+/// The portable byte product of panel `p` with one row: the reference for
+/// the vector code, the same operations in the same order (integer sums
+/// over a scale span, then the span's scales). Returns the panel's 16
+/// outputs.
+pub fn byte_panel_dot_portable(
+    w: &PanelMatrix,
+    p: usize,
+    x: &ByteActivations,
+) -> [f32; PANEL_ROWS] {
+    let zero = w.zero.map(|z| z as i32);
+    let bytes = w.panel_bytes(p);
+    let scales = w.panel_scales(p);
+    let per_span = scales_per_group(w.zero);
+    let span_groups = w.span / GROUP;
+    let mut acc = [0f32; PANEL_ROWS];
+    let mut corr = [0f32; PANEL_ROWS];
+    let groups: Vec<[u8; WIDE_GROUP_BYTES]> = bytes
+        .chunks_exact(w.bits.group_bytes())
+        .map(|g| w.bits.widen(g))
+        .collect();
+    for (span, groups) in groups.chunks_exact(span_groups).enumerate() {
+        let g0 = span * span_groups;
+        let s = &scales[span * per_span..][..per_span];
+        let total: i32 = x.sum[g0..g0 + span_groups].iter().sum();
+        let offset: f32 = x.scaled_sum[g0..g0 + span_groups].iter().sum();
+        for r in 0..PANEL_ROWS {
+            let mut sum = 0i32;
+            for (k, group) in groups.iter().enumerate() {
+                for q in 0..GROUP / LANE {
+                    for t in 0..LANE {
+                        let u = group[q * 64 + r * LANE + t] as i32;
+                        sum += u * x.q[(g0 + k) * GROUP + q * LANE + t] as i32;
+                    }
+                }
+            }
+            if let Some(zero) = zero {
+                sum -= zero * total;
+            }
+            let scale = f16_to_f32(s[r]) * x.scale[g0];
+            acc[r] = scale.mul_add(sum as f32, acc[r]);
+            if zero.is_none() {
+                corr[r] = f16_to_f32(s[PANEL_ROWS + r]).mul_add(offset, corr[r]);
+            }
+        }
+    }
+    std::array::from_fn(|r| acc[r] - corr[r])
 }
 
 #[cfg(test)]
@@ -541,6 +658,59 @@ mod tests {
                             let v = simd[i * PANEL_ROWS + r] as f64;
                             prop_assert!((v - got[r] as f64).abs() <= 1e-4 * scale, "{ty:?} row {r}: AVX-512 {v} vs portable {}", got[r]);
                             prop_assert_eq!(simd[i * PANEL_ROWS + r].to_bits(), simd[r].to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        #[test]
+        fn byte_panel_products_match_float_products(
+            ty_index in 0usize..TYPES.len(),
+            seed in any::<u64>(),
+            scale in 0.01f32..0.1,
+            xs in proptest::collection::vec(-3.0f32..3.0, 512),
+        ) {
+            let ty = TYPES[ty_index];
+            let (rows, cols) = (32, 512);
+            let mut state = seed | 1;
+            let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
+            let count = rows * cols / ty.block_len();
+            let raw: Vec<u8> = (0..count * ty.block_bytes()).map(|_| next() as u8).collect();
+            let bytes = blocks(ty, &raw, count, scale);
+            let w = QMatrix { ty, rows, cols, bytes: &bytes, panels: None };
+            let packed = PanelMatrix::pack(&w).unwrap();
+            let mut x = ByteActivations::default();
+            x.quantize(&xs);
+            // Each value within half its block's scale.
+            let xq: Vec<f32> = (0..cols).map(|i| x.q[i] as f32 * x.scale[i / GROUP]).collect();
+            for (a, b) in xq.iter().zip(&xs) {
+                prop_assert!((a - b).abs() <= x.scale[0].max(3.0 / 127.0) * 0.5001);
+            }
+            let mut wrow = vec![0f32; cols];
+            for p in 0..rows / PANEL_ROWS {
+                let got = byte_panel_dot_portable(&packed, p, &x);
+                #[cfg(target_arch = "x86_64")]
+                let simd = crate::panel_avx512::available().then(|| {
+                    let mut out = [0f32; 13 * PANEL_ROWS];
+                    let xs: Vec<ByteActivations> = (0..13).map(|_| x.clone()).collect();
+                    // SAFETY: the features were just detected.
+                    unsafe { crate::panel_avx512::byte_panel_product(&packed, p, &xs, &mut out) };
+                    out
+                });
+                for r in 0..PANEL_ROWS {
+                    dequantize_row(ty, w.row(p * PANEL_ROWS + r), &mut wrow).unwrap();
+                    let want: f64 = wrow.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let scale: f64 = wrow.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() + 1e-3;
+                    prop_assert!((got[r] as f64 - want).abs() <= 2e-3 * scale, "{ty:?} row {r}: {} vs {want}", got[r]);
+                    #[cfg(target_arch = "x86_64")]
+                    if let Some(simd) = simd {
+                        for i in 0..13 {
+                            let v = simd[i * PANEL_ROWS + r];
+                            prop_assert_eq!(v.to_bits(), got[r].to_bits(), "{:?} row {}: AVX-512 {} vs portable {}", ty, r, v, got[r]);
                         }
                     }
                 }

@@ -5,7 +5,9 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use crate::panel::{scales_per_group, PanelActivations, PanelBits, PanelMatrix, GROUP, PANEL_ROWS};
+use crate::panel::{
+    scales_per_group, ByteActivations, PanelActivations, PanelBits, PanelMatrix, GROUP, PANEL_ROWS,
+};
 
 /// Whether this CPU has the instructions (and the portable kernels were not
 /// asked for), detected once.
@@ -260,6 +262,184 @@ fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize, const Z
             for r in 0..R {
                 let x = xs[r];
                 // A span lies within one activation block: one scale.
+                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
+                if ZERO {
+                    let mut total = *x.sum.get_unchecked(g0);
+                    for k in 1..SPAN_GROUPS {
+                        total += *x.sum.get_unchecked(g0 + k);
+                    }
+                    sums[r] = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(zero * total));
+                }
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
+                if !ZERO {
+                    let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
+                    let mut offset = *x.scaled_sum.get_unchecked(g0);
+                    for k in 1..SPAN_GROUPS {
+                        offset += *x.scaled_sum.get_unchecked(g0 + k);
+                    }
+                    corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
+                }
+            }
+        }
+    }
+    let mut out = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        out[r] = _mm512_sub_ps(acc[r], corr[r]);
+    }
+    out
+}
+
+/// `acc + u · quad`: `_mm512_dpbusd_epi32` (unsigned weight bytes times
+/// signed activation bytes, four per lane) with the activation quad at
+/// `quad` broadcast from memory, written out for the reason given at
+/// [`dot_pairs`].
+///
+/// # Safety
+/// `quad` must be valid for reading four bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dot_quads(acc: __m512i, u: __m512i, quad: *const i32) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: the caller's contract bounds the one load.
+    unsafe {
+        std::arch::asm!(
+            "vpdpbusd {acc}, {u}, dword ptr [{quad}]{{1to16}}",
+            acc = inout(zmm_reg) acc,
+            u = in(zmm_reg) u,
+            quad = in(reg) quad,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// The 16 outputs of panel `p` for each of the byte rows `xs`, into `out`
+/// (row `i`'s at `16 i..16 i + 16`): the numbers of
+/// [`crate::panel::byte_panel_dot_portable`]. Rows go eight, four or one
+/// at a time; a row's outputs are the same in any group.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn byte_panel_product(
+    w: &PanelMatrix,
+    p: usize,
+    xs: &[ByteActivations],
+    out: &mut [f32],
+) {
+    assert!(out.len() >= xs.len() * PANEL_ROWS);
+    let store = |out: &mut [f32], first: usize, sums: &[__m512]| {
+        for (j, s) in sums.iter().enumerate() {
+            let o = &mut out[(first + j) * PANEL_ROWS..(first + j + 1) * PANEL_ROWS];
+            // SAFETY: `o` holds exactly 16 floats.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *s) };
+        }
+    };
+    let mut i = 0;
+    while w.zero.is_some() && i + 8 <= xs.len() {
+        let sums = byte_rows_of(w, p, std::array::from_fn::<_, 8, _>(|j| &xs[i + j]));
+        store(out, i, &sums);
+        i += 8;
+    }
+    while i + 4 <= xs.len() {
+        let sums = byte_rows_of(w, p, [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]]);
+        store(out, i, &sums);
+        i += 4;
+    }
+    while i < xs.len() {
+        let sums = byte_rows_of(w, p, [&xs[i]]);
+        store(out, i, &sums);
+        i += 1;
+    }
+}
+
+/// [`byte_panel_rows`] for the matrix's form and span.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn byte_rows_of<const R: usize>(
+    w: &PanelMatrix,
+    p: usize,
+    xs: [&ByteActivations; R],
+) -> [__m512; R] {
+    match (w.bits, w.span == 2 * GROUP, w.zero.is_some()) {
+        (PanelBits::Eight, false, false) => byte_panel_rows::<R, 8, 1, false>(w, p, xs),
+        (PanelBits::Eight, false, true) => byte_panel_rows::<R, 8, 1, true>(w, p, xs),
+        (PanelBits::Eight, true, false) => byte_panel_rows::<R, 8, 2, false>(w, p, xs),
+        (PanelBits::Eight, true, true) => byte_panel_rows::<R, 8, 2, true>(w, p, xs),
+        (PanelBits::Four, false, false) => byte_panel_rows::<R, 4, 1, false>(w, p, xs),
+        (PanelBits::Four, false, true) => byte_panel_rows::<R, 4, 1, true>(w, p, xs),
+        (PanelBits::Four, true, false) => byte_panel_rows::<R, 4, 2, false>(w, p, xs),
+        (PanelBits::Four, true, true) => byte_panel_rows::<R, 4, 2, true>(w, p, xs),
+        (PanelBits::Five, false, false) => byte_panel_rows::<R, 5, 1, false>(w, p, xs),
+        (PanelBits::Five, false, true) => byte_panel_rows::<R, 5, 1, true>(w, p, xs),
+        (PanelBits::Five, true, false) => byte_panel_rows::<R, 5, 2, false>(w, p, xs),
+        (PanelBits::Five, true, true) => byte_panel_rows::<R, 5, 2, true>(w, p, xs),
+        (PanelBits::Six, false, false) => byte_panel_rows::<R, 6, 1, false>(w, p, xs),
+        (PanelBits::Six, false, true) => byte_panel_rows::<R, 6, 1, true>(w, p, xs),
+        (PanelBits::Six, true, false) => byte_panel_rows::<R, 6, 2, false>(w, p, xs),
+        (PanelBits::Six, true, true) => byte_panel_rows::<R, 6, 2, true>(w, p, xs),
+    }
+}
+
+/// The 16 outputs of panel `p` for `R` rows of bytes, the weights stored as
+/// `BITS` with `SPAN_GROUPS` groups per scale span: per group, four
+/// `vpdpbusd` per row (each register of a group holds four consecutive
+/// values of the 16 weight rows, as unsigned bytes), no widening; integer
+/// sums over a span, then its scales, as in [`panel_rows`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn byte_panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize, const ZERO: bool>(
+    w: &PanelMatrix,
+    p: usize,
+    xs: [&ByteActivations; R],
+) -> [__m512; R] {
+    let groups = w.cols / GROUP;
+    let zero = w.zero.unwrap_or(0.0) as i32;
+    assert!(ZERO == w.zero.is_some());
+    let bytes = w.panel_bytes(p);
+    let scales = w.panel_scales(p);
+    let per_span = scales_per_group(w.zero);
+    let group_bytes = w.bits.group_bytes();
+    assert!(w.span == SPAN_GROUPS * GROUP && groups.is_multiple_of(SPAN_GROUPS));
+    assert!(bytes.len() == groups * group_bytes && scales.len() == groups / SPAN_GROUPS * per_span);
+    for x in xs {
+        assert!(x.q.len() >= w.cols && x.scale.len() >= groups);
+        assert!(x.scaled_sum.len() >= groups && x.sum.len() >= groups);
+    }
+    let rows: [*const i8; R] = std::array::from_fn(|r| xs[r].q.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut corr = [_mm512_setzero_ps(); R];
+    for span in 0..groups / SPAN_GROUPS {
+        // SAFETY: the assertions above bound every load below: a span's
+        // groups of bytes and its 16 or 32 scales, 16 bytes and one
+        // scale and sum per group of each activation row.
+        unsafe {
+            let mut sums = [_mm512_setzero_si512(); R];
+            for k in 0..SPAN_GROUPS {
+                let g = span * SPAN_GROUPS + k;
+                let group = bytes.as_ptr().add(g * group_bytes);
+                if R >= 4 {
+                    // Every line of the group that far ahead: this product
+                    // spends half the time of the 16-bit one on each byte.
+                    // Never faults, wherever it points.
+                    let ahead = group.wrapping_add(PREFETCH_AHEAD);
+                    for line in (0..group_bytes).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                    }
+                }
+                let registers = group_registers::<BITS>(group);
+                for (q, u) in registers.into_iter().enumerate() {
+                    for r in 0..R {
+                        let quad = rows[r].add(g * GROUP + 4 * q).cast::<i32>();
+                        sums[r] = dot_quads(sums[r], u, quad);
+                    }
+                }
+            }
+            let sp = scales.as_ptr().add(span * per_span);
+            let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
+            let g0 = span * SPAN_GROUPS;
+            for r in 0..R {
+                let x = xs[r];
                 let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
                 if ZERO {
                     let mut total = *x.sum.get_unchecked(g0);

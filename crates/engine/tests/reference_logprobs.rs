@@ -8,6 +8,7 @@
 mod common;
 
 use neocloud_engine::kv_cache::KvCache;
+use neocloud_engine::panel::ActivationBits;
 use neocloud_engine::sampler::log_softmax;
 
 /// How the teacher-forced tokens go through the model.
@@ -20,7 +21,12 @@ enum Mode {
 }
 
 fn check_model(name: &str, mode: Mode) {
-    let (model, _tok) = common::load(name);
+    check_model_with(name, mode, ActivationBits::Sixteen);
+}
+
+fn check_model_with(name: &str, mode: Mode, bits: ActivationBits) {
+    let (mut model, _tok) = common::load(name);
+    model.set_activation_bits(bits);
     let lines = neocloud_testkit::reference_lines(name, "greedy.jsonl");
     let mut failures = Vec::new();
     for (li, line) in lines.iter().enumerate() {
@@ -93,14 +99,14 @@ fn check_model(name: &str, mode: Mode) {
                 .unwrap();
             if margin >= 0.25 && ours != ref_lp[0].0 {
                 failures.push(format!(
-                    "{name} {mode:?} prompt {li} step {i}: top-1 {ours} != {} (margin {margin:.3})",
+                    "{name} {mode:?} {bits:?} prompt {li} step {i}: top-1 {ours} != {} (margin {margin:.3})",
                     ref_lp[0].0
                 ));
             }
         }
         let mean = total_diff / count as f64;
         eprintln!(
-            "{name} {mode:?} prompt {li} ({} prompt tokens): mean |dlogprob| {mean:.4}, max {max_diff:.4}",
+            "{name} {mode:?} {bits:?} prompt {li} ({} prompt tokens): mean |dlogprob| {mean:.4}, max {max_diff:.4}",
             prompt.len()
         );
         if mean > 0.25 {
@@ -130,4 +136,22 @@ fn qwen2_5_coder_0_5b_batched_agrees_with_llama_cpp() {
 #[test]
 fn qwen2_5_coder_0_5b_incremental_agrees_with_llama_cpp() {
     check_model("qwen2.5-coder-0.5b-instruct", Mode::Incremental);
+}
+
+// With 8-bit activations (llama.cpp's own precision) Qwen still agrees.
+// Gemma does not: its top-1 token changes at three steps whose reference
+// margins are 0.27 to 0.70 nats (see docs/performance.md).
+
+#[test]
+fn qwen2_5_coder_0_5b_with_8_bit_activations_agrees_with_llama_cpp() {
+    check_model_with(
+        "qwen2.5-coder-0.5b-instruct",
+        Mode::Batched,
+        ActivationBits::Eight,
+    );
+    check_model_with(
+        "qwen2.5-coder-0.5b-instruct",
+        Mode::Incremental,
+        ActivationBits::Eight,
+    );
 }

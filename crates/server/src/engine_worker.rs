@@ -31,6 +31,7 @@ use neocloud_engine::generation::{
 };
 use neocloud_engine::kv_cache::KvPool;
 use neocloud_engine::model::ForwardScratch;
+use neocloud_engine::panel::ActivationBits;
 use neocloud_engine::sampler::Sampled;
 use neocloud_engine::EngineError;
 use tokio::sync::mpsc;
@@ -45,6 +46,8 @@ pub struct ServedModel {
     pub name: String,
     /// GGUF file.
     pub path: PathBuf,
+    /// How its matrix products quantise activations.
+    pub activation_bits: ActivationBits,
 }
 
 /// What the engine thread reports about a job.
@@ -154,7 +157,10 @@ impl EngineHandle {
         let mut loaded = Vec::with_capacity(served.len());
         for m in &served {
             match LoadedModel::open(&m.path) {
-                Ok(lm) => loaded.push(Arc::new(lm)),
+                Ok(mut lm) => {
+                    lm.model.set_activation_bits(m.activation_bits);
+                    loaded.push(Arc::new(lm))
+                }
                 Err(e) => {
                     let _ = self.load_error.set(format!("loading {}: {e}", m.name));
                     return;
@@ -854,6 +860,7 @@ mod tests {
         let served = vec![ServedModel {
             name: "gemma-3-270m".into(),
             path: gemma_path(),
+            activation_bits: ActivationBits::Sixteen,
         }];
         let engine = EngineHandle::start(served, queue, limits, Arc::clone(&metrics)).unwrap();
         (engine, metrics)
@@ -1169,6 +1176,7 @@ mod tests {
             .map(|name| ServedModel {
                 name: (*name).into(),
                 path: store.pull(name, &mut |p| eprintln!("{p}")).unwrap(),
+                activation_bits: ActivationBits::Sixteen,
             })
             .collect();
         let metrics = Arc::new(Metrics::default());
