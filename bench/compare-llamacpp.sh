@@ -12,9 +12,12 @@
 #
 #   bench/compare-llamacpp.sh [--model gemma-3-270m] [--threads 2]
 #                             [--requests 8] [--kv-cache-mb 512]
+#                             [--activation-bits 16]
 #                             [--out target/compare-llamacpp]
 #                             [--levels single-stream,long-prompt,...]
 #
+# --activation-bits 8 runs neocloud with int8 activations, llama.cpp's own
+# precision (16, the default, is what the reference tests hold).
 # --levels runs only the named levels (single-stream, long-prompt,
 # shared-prefix, streams-8, streams-32) and prints the ratios they give;
 # the memory lines need streams-32.
@@ -30,6 +33,7 @@ model=gemma-3-270m
 threads=2
 requests=8
 kv_cache_mb=512
+activation_bits=16
 out=target/compare-llamacpp
 levels=single-stream,long-prompt,shared-prefix,streams-8,streams-32
 while [[ $# -gt 0 ]]; do
@@ -38,6 +42,7 @@ while [[ $# -gt 0 ]]; do
     --threads) threads=$2; shift 2 ;;
     --requests) requests=$2; shift 2 ;;
     --kv-cache-mb) kv_cache_mb=$2; shift 2 ;;
+    --activation-bits) activation_bits=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --levels) levels=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -88,7 +93,7 @@ peak_rss_mb() { # PID: the process's peak resident memory so far, in MB
 
 port=$(free_port)
 "$neocloud" --threads "$threads" serve --model "$model" --port "$port" \
-  --kv-cache-mb "$kv_cache_mb" > "$out/neocloud.log" 2>&1 &
+  --kv-cache-mb "$kv_cache_mb" --activation-bits "$activation_bits" > "$out/neocloud.log" 2>&1 &
 neocloud_pid=$!
 pids+=($neocloud_pid)
 ours="http://127.0.0.1:$port"
