@@ -480,32 +480,6 @@ thread_local! {
     static BYTE_ROWS_IN: RefCell<Vec<ByteActivations>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An activation row's form for one panel product.
-trait PanelRow: QuantizedActivations {
-    /// The panel's 16 outputs for each of `rows` (see
-    /// [`crate::panel_avx512::panel_product`]).
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512 F, BW and VNNI.
-    unsafe fn product(w: &PanelMatrix, p: usize, rows: &[Self], out: &mut [f32]);
-}
-
-#[cfg(target_arch = "x86_64")]
-impl PanelRow for PanelActivations {
-    unsafe fn product(w: &PanelMatrix, p: usize, rows: &[Self], out: &mut [f32]) {
-        // SAFETY: the caller's contract.
-        unsafe { crate::panel_avx512::panel_product(w, p, rows, out) }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl PanelRow for ByteActivations {
-    unsafe fn product(w: &PanelMatrix, p: usize, rows: &[Self], out: &mut [f32]) {
-        // SAFETY: the caller's contract.
-        unsafe { crate::panel_avx512::byte_panel_product(w, p, rows, out) }
-    }
-}
-
 /// The product with weights in panels (AVX-512 VNNI), for any number of
 /// rows, with activations quantised as the matrix says.
 #[cfg(target_arch = "x86_64")]
@@ -520,7 +494,7 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
 /// `cell`: each task owns a run of panels, and every group of up to eight
 /// activation rows goes past a panel while its bytes are in the L1 cache.
 #[cfg(target_arch = "x86_64")]
-fn panel_product_in<T: PanelRow>(
+fn panel_product_in<T: crate::panel_avx512::PanelRow + QuantizedActivations>(
     cell: &RefCell<Vec<T>>,
     w: &PanelMatrix,
     x: &[f32],
@@ -545,7 +519,7 @@ fn panel_product_in<T: PanelRow>(
                 for (b, block) in rows.chunks(PANEL_ROW_BLOCK).enumerate() {
                     let results = &mut results[..block.len() * PANEL_ROWS];
                     // SAFETY: `available()` checked every feature it needs.
-                    unsafe { T::product(w, p0 + local, block, results) };
+                    unsafe { crate::panel_avx512::panel_product(w, p0 + local, block, results) };
                     let at = local * PANEL_ROWS;
                     for (i, r) in results.chunks_exact(PANEL_ROWS).enumerate() {
                         // SAFETY: task `t` alone writes its columns, one

@@ -130,6 +130,21 @@ struct LayerWeights {
     gate_up: Option<PanelMatrix>,
 }
 
+impl LayerWeights {
+    /// The layer's seven weight matrices.
+    fn matrices_mut(&mut self) -> [&mut WeightRef; 7] {
+        [
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.w_gate,
+            &mut self.w_up,
+            &mut self.w_down,
+        ]
+    }
+}
+
 /// A loaded model: configuration plus weights referenced in the memory map.
 #[derive(Debug)]
 pub struct Model {
@@ -420,15 +435,7 @@ impl Model {
         };
         pack(&mut self.output);
         for l in &mut self.layers {
-            for w in [
-                &mut l.wq,
-                &mut l.wk,
-                &mut l.wv,
-                &mut l.wo,
-                &mut l.w_gate,
-                &mut l.w_up,
-                &mut l.w_down,
-            ] {
+            for w in l.matrices_mut() {
                 pack(w);
             }
             // Projections of the same input are stacked: one product each.
@@ -448,15 +455,7 @@ impl Model {
         };
         set(&mut self.output.panels);
         for l in &mut self.layers {
-            for w in [
-                &mut l.wq,
-                &mut l.wk,
-                &mut l.wv,
-                &mut l.wo,
-                &mut l.w_gate,
-                &mut l.w_up,
-                &mut l.w_down,
-            ] {
+            for w in l.matrices_mut() {
                 set(&mut w.panels);
             }
             set(&mut l.qkv);

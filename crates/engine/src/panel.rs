@@ -450,26 +450,65 @@ impl PanelActivations {
     /// The blocks of [`PanelActivations::quantize`] in plain Rust (buffers
     /// already sized).
     fn quantize_blocks_portable(&mut self, x: &[f32]) {
-        for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / ACT_MAX;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let qs = &mut self.q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
-            for (q, v) in qs.iter_mut().zip(xs) {
-                // Half away from zero, as `round`, without a libm call.
-                let t = v * inv;
-                *q = (t + 0.5f32.copysign(t)) as i16;
-            }
-            for h in 0..ACT_BLOCK / GROUP {
-                let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
-                    .iter()
-                    .map(|&v| v as i32)
-                    .sum();
-                let g = b * ACT_BLOCK / GROUP + h;
-                self.scale[g] = d;
-                self.scaled_sum[g] = d * sum as f32;
-                self.sum[g] = sum;
-            }
+        quantize_blocks(
+            x,
+            ACT_MAX,
+            &mut self.q,
+            &mut self.scale,
+            &mut self.scaled_sum,
+            &mut self.sum,
+        );
+    }
+}
+
+/// A quantised activation value: an integer that rounding to it gives.
+trait QuantizedValue: Copy + Into<i32> {
+    /// `t` rounded half away from zero (saturating; NaN gives 0).
+    fn round_from(t: f32) -> Self;
+}
+
+impl QuantizedValue for i16 {
+    fn round_from(t: f32) -> Self {
+        // Half away from zero, as `round`, without a libm call.
+        (t + 0.5f32.copysign(t)) as i16
+    }
+}
+
+impl QuantizedValue for i8 {
+    fn round_from(t: f32) -> Self {
+        (t + 0.5f32.copysign(t)) as i8
+    }
+}
+
+/// Quantises `x` in blocks of 32 (its length a multiple of that) into `q`,
+/// values of at most `act_max` with the scale `max |x| / act_max` per
+/// block, and per group of 16 the scale, the scale times the group's sum,
+/// and the sum (buffers already sized).
+fn quantize_blocks<T: QuantizedValue>(
+    x: &[f32],
+    act_max: f32,
+    q: &mut [T],
+    scale: &mut [f32],
+    scaled_sum: &mut [f32],
+    sums: &mut [i32],
+) {
+    for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / act_max;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let qs = &mut q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
+        for (q, v) in qs.iter_mut().zip(xs) {
+            *q = T::round_from(v * inv);
+        }
+        for h in 0..ACT_BLOCK / GROUP {
+            let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
+                .iter()
+                .map(|&v| v.into())
+                .sum();
+            let g = b * ACT_BLOCK / GROUP + h;
+            scale[g] = d;
+            scaled_sum[g] = d * sum as f32;
+            sums[g] = sum;
         }
     }
 }
@@ -504,26 +543,14 @@ impl ByteActivations {
         self.scale.resize(groups, 0.0);
         self.scaled_sum.resize(groups, 0.0);
         self.sum.resize(groups, 0);
-        for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / BYTE_ACT_MAX;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let qs = &mut self.q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
-            for (q, v) in qs.iter_mut().zip(xs) {
-                let t = v * inv;
-                *q = (t + 0.5f32.copysign(t)) as i8;
-            }
-            for h in 0..ACT_BLOCK / GROUP {
-                let g = b * ACT_BLOCK / GROUP + h;
-                let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
-                    .iter()
-                    .map(|&v| i32::from(v))
-                    .sum();
-                self.scale[g] = d;
-                self.scaled_sum[g] = d * sum as f32;
-                self.sum[g] = sum;
-            }
-        }
+        quantize_blocks(
+            x,
+            BYTE_ACT_MAX,
+            &mut self.q,
+            &mut self.scale,
+            &mut self.scaled_sum,
+            &mut self.sum,
+        );
     }
 }
 
@@ -698,7 +725,7 @@ mod tests {
                     let mut out = [0f32; 13 * PANEL_ROWS];
                     let xs: Vec<ByteActivations> = (0..13).map(|_| x.clone()).collect();
                     // SAFETY: the features were just detected.
-                    unsafe { crate::panel_avx512::byte_panel_product(&packed, p, &xs, &mut out) };
+                    unsafe { crate::panel_avx512::panel_product(&packed, p, &xs, &mut out) };
                     out
                 });
                 for r in 0..PANEL_ROWS {

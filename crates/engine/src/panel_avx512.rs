@@ -52,15 +52,141 @@ fn pair_pattern(first: i8) -> __m512i {
     );
     _mm512_broadcast_i32x4(lane)
 }
+/// An activation row as the panel product takes it: int16 values, two per
+/// `vpdpwssd` lane ([`PanelActivations`]), or int8 values, four per
+/// `vpdpbusd` lane ([`ByteActivations`]); per group of 16 values, its
+/// block's scale, its sum, and the scale times the sum.
+pub trait PanelRow {
+    /// One quantised value.
+    type Value;
+    /// Whether the product asks for every cache line of a group ahead, not
+    /// just the first: the int8 product spends half as long on each byte,
+    /// so the hardware's prefetching falls further behind.
+    const PREFETCH_EVERY_LINE: bool;
+    /// The quantised values, in order.
+    fn values(&self) -> &[Self::Value];
+    /// Per group: the block's scale.
+    fn scales(&self) -> &[f32];
+    /// Per group: the scale times the sum of the values.
+    fn scaled_sums(&self) -> &[f32];
+    /// Per group: the sum of the values.
+    fn sums(&self) -> &[i32];
+    /// Adds the products of group `g` to each row's integer sums:
+    /// `registers` hold the group's weight bytes (lane `r` of register `q`
+    /// has values `4q..4q + 4` of weight row `r`), `rows` point at each
+    /// activation row's values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI, and each of `rows`
+    /// must hold group `g`'s 16 values.
+    unsafe fn add_group<const R: usize>(
+        sums: &mut [__m512i; R],
+        registers: [__m512i; 4],
+        rows: &[*const Self::Value; R],
+        g: usize,
+    );
+}
+
+impl PanelRow for PanelActivations {
+    type Value = i16;
+    const PREFETCH_EVERY_LINE: bool = false;
+
+    fn values(&self) -> &[i16] {
+        &self.q
+    }
+
+    fn scales(&self) -> &[f32] {
+        &self.scale
+    }
+
+    fn scaled_sums(&self) -> &[f32] {
+        &self.scaled_sum
+    }
+
+    fn sums(&self) -> &[i32] {
+        &self.sum
+    }
+
+    /// Each register widens to two of int16 pairs (a byte shuffle each),
+    /// then eight `vpdpwssd` per row, weight-major so that consecutive
+    /// instructions feed different sums and none waits on the one before.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn add_group<const R: usize>(
+        sums: &mut [__m512i; R],
+        registers: [__m512i; 4],
+        rows: &[*const i16; R],
+        g: usize,
+    ) {
+        let (low_pair, high_pair) = (pair_pattern(0), pair_pattern(2));
+        let mut wv = [_mm512_setzero_si512(); 8];
+        for (q, u) in registers.into_iter().enumerate() {
+            wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
+            wv[2 * q + 1] = _mm512_shuffle_epi8(u, high_pair);
+        }
+        for (j, wj) in wv.iter().enumerate() {
+            for r in 0..R {
+                // SAFETY: the caller's contract: the row holds the group.
+                unsafe {
+                    let pairs = rows[r].add(g * GROUP).cast::<i32>();
+                    sums[r] = dot_pairs(sums[r], *wj, pairs.add(j));
+                }
+            }
+        }
+    }
+}
+
+impl PanelRow for ByteActivations {
+    type Value = i8;
+    const PREFETCH_EVERY_LINE: bool = true;
+
+    fn values(&self) -> &[i8] {
+        &self.q
+    }
+
+    fn scales(&self) -> &[f32] {
+        &self.scale
+    }
+
+    fn scaled_sums(&self) -> &[f32] {
+        &self.scaled_sum
+    }
+
+    fn sums(&self) -> &[i32] {
+        &self.sum
+    }
+
+    /// Four `vpdpbusd` per row, on the stored bytes as they are (unsigned
+    /// weights times signed activations), register-major.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn add_group<const R: usize>(
+        sums: &mut [__m512i; R],
+        registers: [__m512i; 4],
+        rows: &[*const i8; R],
+        g: usize,
+    ) {
+        for (q, u) in registers.into_iter().enumerate() {
+            for r in 0..R {
+                // SAFETY: the caller's contract: the row holds the group.
+                unsafe {
+                    let quad = rows[r].add(g * GROUP + 4 * q).cast::<i32>();
+                    sums[r] = dot_quads(sums[r], u, quad);
+                }
+            }
+        }
+    }
+}
 
 /// The 16 outputs of panel `p` for each of `xs`, into `out` (row `i`'s at
-/// `16 i..16 i + 16`). Rows go eight, four or one at a time; a row's
-/// outputs are the same in any group.
+/// `16 i..16 i + 16`): the numbers of [`crate::panel::panel_dot_portable`]
+/// or [`crate::panel::byte_panel_dot_portable`]. Rows go eight, four or one
+/// at a time; a row's outputs are the same in any group.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[PanelActivations], out: &mut [f32]) {
+pub unsafe fn panel_product<T: PanelRow>(w: &PanelMatrix, p: usize, xs: &[T], out: &mut [f32]) {
     assert!(out.len() >= xs.len() * PANEL_ROWS);
     let store = |out: &mut [f32], first: usize, sums: &[__m512]| {
         for (j, s) in sums.iter().enumerate() {
@@ -93,24 +219,24 @@ pub unsafe fn panel_product(w: &PanelMatrix, p: usize, xs: &[PanelActivations], 
 /// [`panel_rows`] for the matrix's form and span.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn rows_of<const R: usize>(w: &PanelMatrix, p: usize, xs: [&PanelActivations; R]) -> [__m512; R] {
+fn rows_of<T: PanelRow, const R: usize>(w: &PanelMatrix, p: usize, xs: [&T; R]) -> [__m512; R] {
     match (w.bits, w.span == 2 * GROUP, w.zero.is_some()) {
-        (PanelBits::Eight, false, false) => panel_rows::<R, 8, 1, false>(w, p, xs),
-        (PanelBits::Eight, false, true) => panel_rows::<R, 8, 1, true>(w, p, xs),
-        (PanelBits::Eight, true, false) => panel_rows::<R, 8, 2, false>(w, p, xs),
-        (PanelBits::Eight, true, true) => panel_rows::<R, 8, 2, true>(w, p, xs),
-        (PanelBits::Four, false, false) => panel_rows::<R, 4, 1, false>(w, p, xs),
-        (PanelBits::Four, false, true) => panel_rows::<R, 4, 1, true>(w, p, xs),
-        (PanelBits::Four, true, false) => panel_rows::<R, 4, 2, false>(w, p, xs),
-        (PanelBits::Four, true, true) => panel_rows::<R, 4, 2, true>(w, p, xs),
-        (PanelBits::Five, false, false) => panel_rows::<R, 5, 1, false>(w, p, xs),
-        (PanelBits::Five, false, true) => panel_rows::<R, 5, 1, true>(w, p, xs),
-        (PanelBits::Five, true, false) => panel_rows::<R, 5, 2, false>(w, p, xs),
-        (PanelBits::Five, true, true) => panel_rows::<R, 5, 2, true>(w, p, xs),
-        (PanelBits::Six, false, false) => panel_rows::<R, 6, 1, false>(w, p, xs),
-        (PanelBits::Six, false, true) => panel_rows::<R, 6, 1, true>(w, p, xs),
-        (PanelBits::Six, true, false) => panel_rows::<R, 6, 2, false>(w, p, xs),
-        (PanelBits::Six, true, true) => panel_rows::<R, 6, 2, true>(w, p, xs),
+        (PanelBits::Eight, false, false) => panel_rows::<T, R, 8, 1, false>(w, p, xs),
+        (PanelBits::Eight, false, true) => panel_rows::<T, R, 8, 1, true>(w, p, xs),
+        (PanelBits::Eight, true, false) => panel_rows::<T, R, 8, 2, false>(w, p, xs),
+        (PanelBits::Eight, true, true) => panel_rows::<T, R, 8, 2, true>(w, p, xs),
+        (PanelBits::Four, false, false) => panel_rows::<T, R, 4, 1, false>(w, p, xs),
+        (PanelBits::Four, false, true) => panel_rows::<T, R, 4, 1, true>(w, p, xs),
+        (PanelBits::Four, true, false) => panel_rows::<T, R, 4, 2, false>(w, p, xs),
+        (PanelBits::Four, true, true) => panel_rows::<T, R, 4, 2, true>(w, p, xs),
+        (PanelBits::Five, false, false) => panel_rows::<T, R, 5, 1, false>(w, p, xs),
+        (PanelBits::Five, false, true) => panel_rows::<T, R, 5, 1, true>(w, p, xs),
+        (PanelBits::Five, true, false) => panel_rows::<T, R, 5, 2, false>(w, p, xs),
+        (PanelBits::Five, true, true) => panel_rows::<T, R, 5, 2, true>(w, p, xs),
+        (PanelBits::Six, false, false) => panel_rows::<T, R, 6, 1, false>(w, p, xs),
+        (PanelBits::Six, false, true) => panel_rows::<T, R, 6, 1, true>(w, p, xs),
+        (PanelBits::Six, true, false) => panel_rows::<T, R, 6, 2, false>(w, p, xs),
+        (PanelBits::Six, true, true) => panel_rows::<T, R, 6, 2, true>(w, p, xs),
     }
 }
 
@@ -197,98 +323,6 @@ unsafe fn dot_pairs(acc: __m512i, w: __m512i, pair: *const i32) -> __m512i {
 /// in memory) took Gemma's 8-sequence step from about 27 to 23 ms.
 const PREFETCH_AHEAD: usize = 16 << 10;
 
-/// The 16 outputs of panel `p` for `R` activation rows, the weights stored
-/// as `BITS` with `SPAN_GROUPS` groups per scale span: integer sums run over
-/// a whole span, and its scales apply once. With `ZERO` (offsets a fixed
-/// integer multiple of the multipliers), the offset is taken off the
-/// integer sum, exactly: `sum (u - zero) x = sum u x - zero sum x`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize, const ZERO: bool>(
-    w: &PanelMatrix,
-    p: usize,
-    xs: [&PanelActivations; R],
-) -> [__m512; R] {
-    let groups = w.cols / GROUP;
-    // The zeros are small powers of two (see `zero_of`), exact as integers.
-    let zero = w.zero.unwrap_or(0.0) as i32;
-    assert!(ZERO == w.zero.is_some());
-    let bytes = w.panel_bytes(p);
-    let scales = w.panel_scales(p);
-    let per_span = scales_per_group(w.zero);
-    let group_bytes = w.bits.group_bytes();
-    assert!(w.span == SPAN_GROUPS * GROUP && groups.is_multiple_of(SPAN_GROUPS));
-    assert!(bytes.len() == groups * group_bytes && scales.len() == groups / SPAN_GROUPS * per_span);
-    for x in xs {
-        assert!(x.q.len() >= w.cols && x.scale.len() >= groups);
-        assert!(x.scaled_sum.len() >= groups && x.sum.len() >= groups);
-    }
-    let low_pair = pair_pattern(0);
-    let high_pair = pair_pattern(2);
-    let rows: [*const i16; R] = std::array::from_fn(|r| xs[r].q.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut corr = [_mm512_setzero_ps(); R];
-    for span in 0..groups / SPAN_GROUPS {
-        // SAFETY: the assertions above bound every load below: a span's
-        // groups of bytes and its 16 or 32 scales, 16 int16 values and one
-        // scale per group of each activation row.
-        unsafe {
-            let mut sums = [_mm512_setzero_si512(); R];
-            for k in 0..SPAN_GROUPS {
-                let g = span * SPAN_GROUPS + k;
-                let group = bytes.as_ptr().add(g * group_bytes);
-                if R >= 4 {
-                    // Never faults, wherever it points.
-                    _mm_prefetch::<_MM_HINT_T0>(group.wrapping_add(PREFETCH_AHEAD).cast());
-                }
-                let registers = group_registers::<BITS>(group);
-                let mut wv = [_mm512_setzero_si512(); 8];
-                for (q, u) in registers.into_iter().enumerate() {
-                    wv[2 * q] = _mm512_shuffle_epi8(u, low_pair);
-                    wv[2 * q + 1] = _mm512_shuffle_epi8(u, high_pair);
-                }
-                // Weight-major, so consecutive instructions feed different
-                // sums and none waits on the one before.
-                for (j, wj) in wv.iter().enumerate() {
-                    for r in 0..R {
-                        let pairs = rows[r].add(g * GROUP).cast::<i32>();
-                        sums[r] = dot_pairs(sums[r], *wj, pairs.add(j));
-                    }
-                }
-            }
-            let sp = scales.as_ptr().add(span * per_span);
-            let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let g0 = span * SPAN_GROUPS;
-            for r in 0..R {
-                let x = xs[r];
-                // A span lies within one activation block: one scale.
-                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
-                if ZERO {
-                    let mut total = *x.sum.get_unchecked(g0);
-                    for k in 1..SPAN_GROUPS {
-                        total += *x.sum.get_unchecked(g0 + k);
-                    }
-                    sums[r] = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(zero * total));
-                }
-                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
-                if !ZERO {
-                    let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
-                    let mut offset = *x.scaled_sum.get_unchecked(g0);
-                    for k in 1..SPAN_GROUPS {
-                        offset += *x.scaled_sum.get_unchecked(g0 + k);
-                    }
-                    corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
-                }
-            }
-        }
-    }
-    let mut out = [_mm512_setzero_ps(); R];
-    for r in 0..R {
-        out[r] = _mm512_sub_ps(acc[r], corr[r]);
-    }
-    out
-}
-
 /// `acc + u · quad`: `_mm512_dpbusd_epi32` (unsigned weight bytes times
 /// signed activation bytes, four per lane) with the activation quad at
 /// `quad` broadcast from memory, written out for the reason given at
@@ -313,87 +347,26 @@ unsafe fn dot_quads(acc: __m512i, u: __m512i, quad: *const i32) -> __m512i {
     acc
 }
 
-/// The 16 outputs of panel `p` for each of the byte rows `xs`, into `out`
-/// (row `i`'s at `16 i..16 i + 16`): the numbers of
-/// [`crate::panel::byte_panel_dot_portable`]. Rows go eight, four or one
-/// at a time; a row's outputs are the same in any group.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW and VNNI.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn byte_panel_product(
-    w: &PanelMatrix,
-    p: usize,
-    xs: &[ByteActivations],
-    out: &mut [f32],
-) {
-    assert!(out.len() >= xs.len() * PANEL_ROWS);
-    let store = |out: &mut [f32], first: usize, sums: &[__m512]| {
-        for (j, s) in sums.iter().enumerate() {
-            let o = &mut out[(first + j) * PANEL_ROWS..(first + j + 1) * PANEL_ROWS];
-            // SAFETY: `o` holds exactly 16 floats.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *s) };
-        }
-    };
-    let mut i = 0;
-    while w.zero.is_some() && i + 8 <= xs.len() {
-        let sums = byte_rows_of(w, p, std::array::from_fn::<_, 8, _>(|j| &xs[i + j]));
-        store(out, i, &sums);
-        i += 8;
-    }
-    while i + 4 <= xs.len() {
-        let sums = byte_rows_of(w, p, [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]]);
-        store(out, i, &sums);
-        i += 4;
-    }
-    while i < xs.len() {
-        let sums = byte_rows_of(w, p, [&xs[i]]);
-        store(out, i, &sums);
-        i += 1;
-    }
-}
-
-/// [`byte_panel_rows`] for the matrix's form and span.
+/// The 16 outputs of panel `p` for `R` activation rows, the weights stored
+/// as `BITS` with `SPAN_GROUPS` groups per scale span: integer sums run over
+/// a whole span, and its scales apply once. With `ZERO` (offsets a fixed
+/// integer multiple of the multipliers), the offset is taken off the
+/// integer sum, exactly: `sum (u - zero) x = sum u x - zero sum x`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn byte_rows_of<const R: usize>(
+fn panel_rows<
+    T: PanelRow,
+    const R: usize,
+    const BITS: u32,
+    const SPAN_GROUPS: usize,
+    const ZERO: bool,
+>(
     w: &PanelMatrix,
     p: usize,
-    xs: [&ByteActivations; R],
-) -> [__m512; R] {
-    match (w.bits, w.span == 2 * GROUP, w.zero.is_some()) {
-        (PanelBits::Eight, false, false) => byte_panel_rows::<R, 8, 1, false>(w, p, xs),
-        (PanelBits::Eight, false, true) => byte_panel_rows::<R, 8, 1, true>(w, p, xs),
-        (PanelBits::Eight, true, false) => byte_panel_rows::<R, 8, 2, false>(w, p, xs),
-        (PanelBits::Eight, true, true) => byte_panel_rows::<R, 8, 2, true>(w, p, xs),
-        (PanelBits::Four, false, false) => byte_panel_rows::<R, 4, 1, false>(w, p, xs),
-        (PanelBits::Four, false, true) => byte_panel_rows::<R, 4, 1, true>(w, p, xs),
-        (PanelBits::Four, true, false) => byte_panel_rows::<R, 4, 2, false>(w, p, xs),
-        (PanelBits::Four, true, true) => byte_panel_rows::<R, 4, 2, true>(w, p, xs),
-        (PanelBits::Five, false, false) => byte_panel_rows::<R, 5, 1, false>(w, p, xs),
-        (PanelBits::Five, false, true) => byte_panel_rows::<R, 5, 1, true>(w, p, xs),
-        (PanelBits::Five, true, false) => byte_panel_rows::<R, 5, 2, false>(w, p, xs),
-        (PanelBits::Five, true, true) => byte_panel_rows::<R, 5, 2, true>(w, p, xs),
-        (PanelBits::Six, false, false) => byte_panel_rows::<R, 6, 1, false>(w, p, xs),
-        (PanelBits::Six, false, true) => byte_panel_rows::<R, 6, 1, true>(w, p, xs),
-        (PanelBits::Six, true, false) => byte_panel_rows::<R, 6, 2, false>(w, p, xs),
-        (PanelBits::Six, true, true) => byte_panel_rows::<R, 6, 2, true>(w, p, xs),
-    }
-}
-
-/// The 16 outputs of panel `p` for `R` rows of bytes, the weights stored as
-/// `BITS` with `SPAN_GROUPS` groups per scale span: per group, four
-/// `vpdpbusd` per row (each register of a group holds four consecutive
-/// values of the 16 weight rows, as unsigned bytes), no widening; integer
-/// sums over a span, then its scales, as in [`panel_rows`].
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn byte_panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize, const ZERO: bool>(
-    w: &PanelMatrix,
-    p: usize,
-    xs: [&ByteActivations; R],
+    xs: [&T; R],
 ) -> [__m512; R] {
     let groups = w.cols / GROUP;
+    // The zeros are small powers of two (see `zero_of`), exact as integers.
     let zero = w.zero.unwrap_or(0.0) as i32;
     assert!(ZERO == w.zero.is_some());
     let bytes = w.panel_bytes(p);
@@ -403,57 +376,55 @@ fn byte_panel_rows<const R: usize, const BITS: u32, const SPAN_GROUPS: usize, co
     assert!(w.span == SPAN_GROUPS * GROUP && groups.is_multiple_of(SPAN_GROUPS));
     assert!(bytes.len() == groups * group_bytes && scales.len() == groups / SPAN_GROUPS * per_span);
     for x in xs {
-        assert!(x.q.len() >= w.cols && x.scale.len() >= groups);
-        assert!(x.scaled_sum.len() >= groups && x.sum.len() >= groups);
+        assert!(x.values().len() >= w.cols && x.scales().len() >= groups);
+        assert!(x.scaled_sums().len() >= groups && x.sums().len() >= groups);
     }
-    let rows: [*const i8; R] = std::array::from_fn(|r| xs[r].q.as_ptr());
+    let rows: [*const T::Value; R] = std::array::from_fn(|r| xs[r].values().as_ptr());
     let mut acc = [_mm512_setzero_ps(); R];
     let mut corr = [_mm512_setzero_ps(); R];
     for span in 0..groups / SPAN_GROUPS {
         // SAFETY: the assertions above bound every load below: a span's
-        // groups of bytes and its 16 or 32 scales, 16 bytes and one
-        // scale and sum per group of each activation row.
+        // groups of bytes and its 16 or 32 scales, a group's values and
+        // one scale and sum per group of each activation row.
         unsafe {
             let mut sums = [_mm512_setzero_si512(); R];
             for k in 0..SPAN_GROUPS {
                 let g = span * SPAN_GROUPS + k;
                 let group = bytes.as_ptr().add(g * group_bytes);
                 if R >= 4 {
-                    // Every line of the group that far ahead: this product
-                    // spends half the time of the 16-bit one on each byte.
                     // Never faults, wherever it points.
                     let ahead = group.wrapping_add(PREFETCH_AHEAD);
-                    for line in (0..group_bytes).step_by(64) {
+                    let lines = if T::PREFETCH_EVERY_LINE {
+                        group_bytes
+                    } else {
+                        1
+                    };
+                    for line in (0..lines).step_by(64) {
                         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
                     }
                 }
-                let registers = group_registers::<BITS>(group);
-                for (q, u) in registers.into_iter().enumerate() {
-                    for r in 0..R {
-                        let quad = rows[r].add(g * GROUP + 4 * q).cast::<i32>();
-                        sums[r] = dot_quads(sums[r], u, quad);
-                    }
-                }
+                T::add_group(&mut sums, group_registers::<BITS>(group), &rows, g);
             }
             let sp = scales.as_ptr().add(span * per_span);
             let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
             let g0 = span * SPAN_GROUPS;
             for r in 0..R {
                 let x = xs[r];
-                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
+                // A span lies within one activation block: one scale.
+                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scales().get_unchecked(g0)));
                 if ZERO {
-                    let mut total = *x.sum.get_unchecked(g0);
+                    let mut total = *x.sums().get_unchecked(g0);
                     for k in 1..SPAN_GROUPS {
-                        total += *x.sum.get_unchecked(g0 + k);
+                        total += *x.sums().get_unchecked(g0 + k);
                     }
                     sums[r] = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(zero * total));
                 }
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
                 if !ZERO {
                     let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
-                    let mut offset = *x.scaled_sum.get_unchecked(g0);
+                    let mut offset = *x.scaled_sums().get_unchecked(g0);
                     for k in 1..SPAN_GROUPS {
-                        offset += *x.scaled_sum.get_unchecked(g0 + k);
+                        offset += *x.scaled_sums().get_unchecked(g0 + k);
                     }
                     corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
                 }
