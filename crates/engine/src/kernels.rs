@@ -376,13 +376,7 @@ trait QuantizedActivations: Default + Send + Sync {
     fn quantize_from(&mut self, x: &[f32]);
 }
 
-impl QuantizedActivations for PanelActivations {
-    fn quantize_from(&mut self, x: &[f32]) {
-        self.quantize(x)
-    }
-}
-
-impl QuantizedActivations for ByteActivations {
+impl<T: crate::panel::QuantizedValue + Send + Sync> QuantizedActivations for PanelActivations<T> {
     fn quantize_from(&mut self, x: &[f32]) {
         self.quantize(x)
     }
@@ -494,8 +488,8 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
 /// `cell`: each task owns a run of panels, and every group of up to eight
 /// activation rows goes past a panel while its bytes are in the L1 cache.
 #[cfg(target_arch = "x86_64")]
-fn panel_product_in<T: crate::panel_avx512::PanelRow + QuantizedActivations>(
-    cell: &RefCell<Vec<T>>,
+fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
+    cell: &RefCell<Vec<PanelActivations<T>>>,
     w: &PanelMatrix,
     x: &[f32],
     m: usize,

@@ -403,13 +403,14 @@ fn unpack_row(unpacked: &mut UnpackedRow, w: &QMatrix<'_>, r: usize) {
     unpacked.unpack(w.ty, w.row(r), w.cols);
 }
 
-/// An activation row for the panel product: int16 values in blocks of 32
-/// with an f32 scale, and per group of 16 the scale and the scale times the
-/// group's sum (for the weights' offsets).
+/// An activation row for the panel product: integers `T` in blocks of 32
+/// with an f32 scale, and per group of 16 the scale, the scale times the
+/// group's sum (for the weights' offsets) and the sum. `T` is `i16` (the
+/// default) or `i8` ([`ByteActivations`]).
 #[derive(Debug, Default, Clone)]
-pub struct PanelActivations {
+pub struct PanelActivations<T = i16> {
     /// Quantised values, in order.
-    pub q: Vec<i16>,
+    pub q: Vec<T>,
     /// Per group of 16: the scale of its block.
     pub scale: Vec<f32>,
     /// Per group of 16: the scale times the sum of its values.
@@ -418,139 +419,99 @@ pub struct PanelActivations {
     pub sum: Vec<i32>,
 }
 
-/// Largest quantised activation magnitude.
-const ACT_MAX: f32 = 32767.0;
+/// An activation row with int8 values: half the width of the int16 one, so
+/// each instruction multiplies twice as many values, with 256 times the
+/// rounding (the precision llama.cpp uses).
+pub type ByteActivations = PanelActivations<i8>;
 
-impl PanelActivations {
-    /// Quantises `x` (length a multiple of 32) into `self`, reusing its buffers.
-    pub fn quantize(&mut self, x: &[f32]) {
-        let groups = x.len() / GROUP;
-        self.q.resize(x.len(), 0);
-        self.scale.resize(groups, 0.0);
-        self.scaled_sum.resize(groups, 0.0);
-        self.sum.resize(groups, 0);
+/// The integer type of quantised activations.
+pub trait QuantizedValue: Copy + Default + Into<i32> {
+    /// Largest magnitude: a block's scale is its largest `|x|` over this.
+    const MAX: f32;
+    /// `t` rounded half away from zero (saturating; NaN gives 0).
+    fn round_from(t: f32) -> Self;
+    /// Quantises whole blocks with the CPU's vector instructions when there
+    /// are any for this type (the same numbers as the portable loop); false
+    /// when not.
+    fn quantize_vector(_x: &[f32], _row: &mut PanelActivations<Self>) -> bool {
+        false
+    }
+}
+
+impl QuantizedValue for i16 {
+    const MAX: f32 = 32767.0;
+
+    fn round_from(t: f32) -> Self {
+        // Half away from zero, as `round`, without a libm call.
+        (t + 0.5f32.copysign(t)) as i16
+    }
+
+    fn quantize_vector(x: &[f32], row: &mut PanelActivations<i16>) -> bool {
         #[cfg(target_arch = "x86_64")]
         if crate::panel_avx512::available() {
             // SAFETY: AVX-512 F was detected (with the product's features).
             unsafe {
                 crate::panel_avx512::quantize_blocks(
                     x,
-                    &mut self.q,
-                    &mut self.scale,
-                    &mut self.scaled_sum,
-                    &mut self.sum,
-                    ACT_MAX,
+                    &mut row.q,
+                    &mut row.scale,
+                    &mut row.scaled_sum,
+                    &mut row.sum,
+                    <i16 as QuantizedValue>::MAX,
                 )
             };
-            return;
+            return true;
         }
-        self.quantize_blocks_portable(x);
-    }
-
-    /// The blocks of [`PanelActivations::quantize`] in plain Rust (buffers
-    /// already sized).
-    fn quantize_blocks_portable(&mut self, x: &[f32]) {
-        quantize_blocks(
-            x,
-            ACT_MAX,
-            &mut self.q,
-            &mut self.scale,
-            &mut self.scaled_sum,
-            &mut self.sum,
-        );
-    }
-}
-
-/// A quantised activation value: an integer that rounding to it gives.
-trait QuantizedValue: Copy + Into<i32> {
-    /// `t` rounded half away from zero (saturating; NaN gives 0).
-    fn round_from(t: f32) -> Self;
-}
-
-impl QuantizedValue for i16 {
-    fn round_from(t: f32) -> Self {
-        // Half away from zero, as `round`, without a libm call.
-        (t + 0.5f32.copysign(t)) as i16
+        let _ = (x, row);
+        false
     }
 }
 
 impl QuantizedValue for i8 {
+    const MAX: f32 = 127.0;
+
     fn round_from(t: f32) -> Self {
         (t + 0.5f32.copysign(t)) as i8
     }
 }
 
-/// Quantises `x` in blocks of 32 (its length a multiple of that) into `q`,
-/// values of at most `act_max` with the scale `max |x| / act_max` per
-/// block, and per group of 16 the scale, the scale times the group's sum,
-/// and the sum (buffers already sized).
-fn quantize_blocks<T: QuantizedValue>(
-    x: &[f32],
-    act_max: f32,
-    q: &mut [T],
-    scale: &mut [f32],
-    scaled_sum: &mut [f32],
-    sums: &mut [i32],
-) {
-    for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / act_max;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let qs = &mut q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
-        for (q, v) in qs.iter_mut().zip(xs) {
-            *q = T::round_from(v * inv);
-        }
-        for h in 0..ACT_BLOCK / GROUP {
-            let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
-                .iter()
-                .map(|&v| v.into())
-                .sum();
-            let g = b * ACT_BLOCK / GROUP + h;
-            scale[g] = d;
-            scaled_sum[g] = d * sum as f32;
-            sums[g] = sum;
-        }
-    }
-}
-
-/// An activation row for the byte product ([`byte_panel_dot_portable`]):
-/// int8 values in blocks of 32 with an f32 scale, and per group of 16 the
-/// block's scale, the group's sum and the scale times it. Half the width of
-/// [`PanelActivations`], so each instruction multiplies twice as many
-/// values, with 256 times the rounding: the precision llama.cpp uses.
-#[derive(Debug, Default, Clone)]
-pub struct ByteActivations {
-    /// Quantised values, in order.
-    pub q: Vec<i8>,
-    /// Per group of 16: the scale of its block.
-    pub scale: Vec<f32>,
-    /// Per group of 16: the scale times the sum of its values.
-    pub scaled_sum: Vec<f32>,
-    /// Per group of 16: the sum of its values.
-    pub sum: Vec<i32>,
-}
-
-/// Largest quantised activation magnitude of [`ByteActivations`].
-const BYTE_ACT_MAX: f32 = 127.0;
-
-impl ByteActivations {
+impl<T: QuantizedValue> PanelActivations<T> {
     /// Quantises `x` (length a multiple of 32) into `self`, reusing its
-    /// buffers: per block, the scale `max |x| / 127` and each value
-    /// rounded half away from zero (NaNs become 0).
+    /// buffers: per block the scale `max |x| / T::MAX`, each value rounded
+    /// half away from zero (NaNs become 0).
     pub fn quantize(&mut self, x: &[f32]) {
         let groups = x.len() / GROUP;
-        self.q.resize(x.len(), 0);
+        self.q.resize(x.len(), T::default());
         self.scale.resize(groups, 0.0);
         self.scaled_sum.resize(groups, 0.0);
         self.sum.resize(groups, 0);
-        quantize_blocks(
-            x,
-            BYTE_ACT_MAX,
-            &mut self.q,
-            &mut self.scale,
-            &mut self.scaled_sum,
-            &mut self.sum,
-        );
+        if !T::quantize_vector(x, self) {
+            self.quantize_blocks_portable(x);
+        }
+    }
+
+    /// The blocks of [`PanelActivations::quantize`] in plain Rust (buffers
+    /// already sized).
+    fn quantize_blocks_portable(&mut self, x: &[f32]) {
+        for (b, xs) in x.chunks_exact(ACT_BLOCK).enumerate() {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / T::MAX;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let qs = &mut self.q[b * ACT_BLOCK..(b + 1) * ACT_BLOCK];
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = T::round_from(v * inv);
+            }
+            for h in 0..ACT_BLOCK / GROUP {
+                let sum: i32 = qs[h * GROUP..(h + 1) * GROUP]
+                    .iter()
+                    .map(|&v| v.into())
+                    .sum();
+                let g = b * ACT_BLOCK / GROUP + h;
+                self.scale[g] = d;
+                self.scaled_sum[g] = d * sum as f32;
+                self.sum[g] = sum;
+            }
+        }
     }
 }
 
@@ -658,7 +619,7 @@ mod tests {
             let bytes = blocks(ty, &raw, count, scale);
             let w = QMatrix { ty, rows, cols, bytes: &bytes, panels: None };
             let packed = PanelMatrix::pack(&w).unwrap();
-            let mut x = PanelActivations::default();
+            let mut x = PanelActivations::<i16>::default();
             x.quantize(&xs);
             let xq: Vec<f32> = (0..cols).map(|i| x.q[i] as f32 * x.scale[i / GROUP]).collect();
             let mut wrow = vec![0f32; cols];
@@ -714,8 +675,8 @@ mod tests {
             x.quantize(&xs);
             // Each value within half its block's scale.
             let xq: Vec<f32> = (0..cols).map(|i| x.q[i] as f32 * x.scale[i / GROUP]).collect();
-            for (a, b) in xq.iter().zip(&xs) {
-                prop_assert!((a - b).abs() <= x.scale[0].max(3.0 / 127.0) * 0.5001);
+            for (i, (a, b)) in xq.iter().zip(&xs).enumerate() {
+                prop_assert!((a - b).abs() <= x.scale[i / GROUP] * 0.5001, "value {i}: {a} for {b}");
             }
             let mut wrow = vec![0f32; cols];
             for p in 0..rows / PANEL_ROWS {
@@ -758,7 +719,7 @@ mod tests {
             }
             let middle = xs.len() / 2;
             xs[middle] = f32::NAN;
-            let mut simd = PanelActivations::default();
+            let mut simd = PanelActivations::<i16>::default();
             simd.quantize(&xs);
             let mut portable = simd.clone();
             portable.quantize_blocks_portable(&xs);
@@ -780,7 +741,7 @@ mod tests {
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
             .collect();
-        let mut act = PanelActivations::default();
+        let mut act = PanelActivations::<i16>::default();
         act.quantize(&x);
         let mut parts = Vec::new();
         for (k, ty) in [

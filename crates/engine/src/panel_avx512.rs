@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use crate::panel::{
-    scales_per_group, ByteActivations, PanelActivations, PanelBits, PanelMatrix, GROUP, PANEL_ROWS,
+    scales_per_group, PanelActivations, PanelBits, PanelMatrix, QuantizedValue, GROUP, PANEL_ROWS,
 };
 
 /// Whether this CPU has the instructions (and the portable kernels were not
@@ -52,25 +52,14 @@ fn pair_pattern(first: i8) -> __m512i {
     );
     _mm512_broadcast_i32x4(lane)
 }
-/// An activation row as the panel product takes it: int16 values, two per
-/// `vpdpwssd` lane ([`PanelActivations`]), or int8 values, four per
-/// `vpdpbusd` lane ([`ByteActivations`]); per group of 16 values, its
-/// block's scale, its sum, and the scale times the sum.
-pub trait PanelRow {
-    /// One quantised value.
-    type Value;
+/// The integers of an activation row as the panel product takes them:
+/// int16, two per `vpdpwssd` lane, or int8, four per `vpdpbusd` lane.
+pub trait PanelValue: QuantizedValue {
     /// Whether the product asks for every cache line of a group ahead, not
     /// just the first: the int8 product spends half as long on each byte,
     /// so the hardware's prefetching falls further behind.
     const PREFETCH_EVERY_LINE: bool;
-    /// The quantised values, in order.
-    fn values(&self) -> &[Self::Value];
-    /// Per group: the block's scale.
-    fn scales(&self) -> &[f32];
-    /// Per group: the scale times the sum of the values.
-    fn scaled_sums(&self) -> &[f32];
-    /// Per group: the sum of the values.
-    fn sums(&self) -> &[i32];
+
     /// Adds the products of group `g` to each row's integer sums:
     /// `registers` hold the group's weight bytes (lane `r` of register `q`
     /// has values `4q..4q + 4` of weight row `r`), `rows` point at each
@@ -82,30 +71,13 @@ pub trait PanelRow {
     unsafe fn add_group<const R: usize>(
         sums: &mut [__m512i; R],
         registers: [__m512i; 4],
-        rows: &[*const Self::Value; R],
+        rows: &[*const Self; R],
         g: usize,
     );
 }
 
-impl PanelRow for PanelActivations {
-    type Value = i16;
+impl PanelValue for i16 {
     const PREFETCH_EVERY_LINE: bool = false;
-
-    fn values(&self) -> &[i16] {
-        &self.q
-    }
-
-    fn scales(&self) -> &[f32] {
-        &self.scale
-    }
-
-    fn scaled_sums(&self) -> &[f32] {
-        &self.scaled_sum
-    }
-
-    fn sums(&self) -> &[i32] {
-        &self.sum
-    }
 
     /// Each register widens to two of int16 pairs (a byte shuffle each),
     /// then eight `vpdpwssd` per row, weight-major so that consecutive
@@ -136,25 +108,8 @@ impl PanelRow for PanelActivations {
     }
 }
 
-impl PanelRow for ByteActivations {
-    type Value = i8;
+impl PanelValue for i8 {
     const PREFETCH_EVERY_LINE: bool = true;
-
-    fn values(&self) -> &[i8] {
-        &self.q
-    }
-
-    fn scales(&self) -> &[f32] {
-        &self.scale
-    }
-
-    fn scaled_sums(&self) -> &[f32] {
-        &self.scaled_sum
-    }
-
-    fn sums(&self) -> &[i32] {
-        &self.sum
-    }
 
     /// Four `vpdpbusd` per row, on the stored bytes as they are (unsigned
     /// weights times signed activations), register-major.
@@ -186,7 +141,12 @@ impl PanelRow for ByteActivations {
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn panel_product<T: PanelRow>(w: &PanelMatrix, p: usize, xs: &[T], out: &mut [f32]) {
+pub unsafe fn panel_product<T: PanelValue>(
+    w: &PanelMatrix,
+    p: usize,
+    xs: &[PanelActivations<T>],
+    out: &mut [f32],
+) {
     assert!(out.len() >= xs.len() * PANEL_ROWS);
     let store = |out: &mut [f32], first: usize, sums: &[__m512]| {
         for (j, s) in sums.iter().enumerate() {
@@ -219,7 +179,11 @@ pub unsafe fn panel_product<T: PanelRow>(w: &PanelMatrix, p: usize, xs: &[T], ou
 /// [`panel_rows`] for the matrix's form and span.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn rows_of<T: PanelRow, const R: usize>(w: &PanelMatrix, p: usize, xs: [&T; R]) -> [__m512; R] {
+fn rows_of<T: PanelValue, const R: usize>(
+    w: &PanelMatrix,
+    p: usize,
+    xs: [&PanelActivations<T>; R],
+) -> [__m512; R] {
     match (w.bits, w.span == 2 * GROUP, w.zero.is_some()) {
         (PanelBits::Eight, false, false) => panel_rows::<T, R, 8, 1, false>(w, p, xs),
         (PanelBits::Eight, false, true) => panel_rows::<T, R, 8, 1, true>(w, p, xs),
@@ -355,7 +319,7 @@ unsafe fn dot_quads(acc: __m512i, u: __m512i, quad: *const i32) -> __m512i {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn panel_rows<
-    T: PanelRow,
+    T: PanelValue,
     const R: usize,
     const BITS: u32,
     const SPAN_GROUPS: usize,
@@ -363,7 +327,7 @@ fn panel_rows<
 >(
     w: &PanelMatrix,
     p: usize,
-    xs: [&T; R],
+    xs: [&PanelActivations<T>; R],
 ) -> [__m512; R] {
     let groups = w.cols / GROUP;
     // The zeros are small powers of two (see `zero_of`), exact as integers.
@@ -376,10 +340,10 @@ fn panel_rows<
     assert!(w.span == SPAN_GROUPS * GROUP && groups.is_multiple_of(SPAN_GROUPS));
     assert!(bytes.len() == groups * group_bytes && scales.len() == groups / SPAN_GROUPS * per_span);
     for x in xs {
-        assert!(x.values().len() >= w.cols && x.scales().len() >= groups);
-        assert!(x.scaled_sums().len() >= groups && x.sums().len() >= groups);
+        assert!(x.q.len() >= w.cols && x.scale.len() >= groups);
+        assert!(x.scaled_sum.len() >= groups && x.sum.len() >= groups);
     }
-    let rows: [*const T::Value; R] = std::array::from_fn(|r| xs[r].values().as_ptr());
+    let rows: [*const T; R] = std::array::from_fn(|r| xs[r].q.as_ptr());
     let mut acc = [_mm512_setzero_ps(); R];
     let mut corr = [_mm512_setzero_ps(); R];
     for span in 0..groups / SPAN_GROUPS {
@@ -411,20 +375,20 @@ fn panel_rows<
             for r in 0..R {
                 let x = xs[r];
                 // A span lies within one activation block: one scale.
-                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scales().get_unchecked(g0)));
+                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
                 if ZERO {
-                    let mut total = *x.sums().get_unchecked(g0);
+                    let mut total = *x.sum.get_unchecked(g0);
                     for k in 1..SPAN_GROUPS {
-                        total += *x.sums().get_unchecked(g0 + k);
+                        total += *x.sum.get_unchecked(g0 + k);
                     }
                     sums[r] = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(zero * total));
                 }
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
                 if !ZERO {
                     let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
-                    let mut offset = *x.scaled_sums().get_unchecked(g0);
+                    let mut offset = *x.scaled_sum.get_unchecked(g0);
                     for k in 1..SPAN_GROUPS {
-                        offset += *x.scaled_sums().get_unchecked(g0 + k);
+                        offset += *x.scaled_sum.get_unchecked(g0 + k);
                     }
                     corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
                 }
