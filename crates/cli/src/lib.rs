@@ -174,6 +174,10 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Bits per activation in the matrix products: 16 or 8 (as `serve`)
+    /// [default: 16].
+    #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
+    pub activation_bits: Option<ActivationBitsArg>,
 }
 
 /// Runs a parsed command line.
@@ -406,7 +410,10 @@ struct JsonGeneration<'a> {
 }
 
 fn run_generate(store: &ModelStore, args: GenerateArgs) -> anyhow::Result<()> {
-    let lm = open(store, &args.model)?;
+    let mut lm = open(store, &args.model)?;
+    if let Some(bits) = args.activation_bits {
+        lm.model.set_activation_bits(bits.engine());
+    }
     let prompt = lm.tokenizer.encode(&args.prompt, true, true);
     let req = GenerateRequest {
         prompt,

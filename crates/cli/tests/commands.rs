@@ -100,6 +100,35 @@ fn greedy_generation_continues_like_the_reference() {
 }
 
 #[test]
+fn generate_takes_the_activation_precision() {
+    let run = |bits: &str| {
+        let (out, _) = neocloud(&[
+            "generate",
+            "--model",
+            "gemma-3-270m",
+            "--prompt",
+            "The meaning of life is",
+            "--max-tokens",
+            "2",
+            "--temperature",
+            "0",
+            "--activation-bits",
+            bits,
+            "--json",
+        ]);
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+        got["steps"][0]["logprob"].as_f64().unwrap()
+    };
+    let (sixteen, eight) = (run("16"), run("8"));
+    assert!((sixteen - eight).abs() < 0.5, "{sixteen} vs {eight}");
+    if std::is_x86_feature_detected!("avx512vnni")
+        && std::env::var_os("NEOCLOUD_PORTABLE_KERNELS").is_none()
+    {
+        assert_ne!(sixteen, eight, "the setting did not reach the products");
+    }
+}
+
+#[test]
 fn seeded_sampling_is_reproducible() {
     let run = |seed: &str| {
         neocloud(&[
