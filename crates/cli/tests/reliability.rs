@@ -406,20 +406,26 @@ fn row8_odd_text(s: &Server) {
     assert_eq!(err["code"], "context_length_exceeded");
 }
 
-#[test]
-fn a_config_file_with_an_unknown_key_is_refused_at_start() {
-    let dir = std::env::temp_dir().join(format!("nc-badconfig-{}", std::process::id()));
+/// Runs `neocloud serve --config` on a config file holding `text`, which
+/// must fail to start; returns its standard error.
+fn serve_refuses_config(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("nc-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("neocloud.toml");
-    std::fs::write(&config, "models = [\"gemma-3-270m\"]\nprot = 9000\n").unwrap();
+    std::fs::write(&config, text).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_neocloud"))
         .args(["serve", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("prot"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_config_file_with_an_unknown_key_is_refused_at_start() {
+    let stderr = serve_refuses_config("badconfig", "models = [\"gemma-3-270m\"]\nprot = 9000\n");
+    assert!(stderr.contains("prot"), "{stderr}");
 }
 
 #[test]
@@ -438,25 +444,14 @@ fn activation_bits_other_than_16_or_8_are_refused_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("activation-bits"), "{stderr}");
 
-    let dir = std::env::temp_dir().join(format!("nc-bits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("neocloud.toml");
-    std::fs::write(
-        &config,
+    let stderr = serve_refuses_config(
+        "bits",
         "models = [\"gemma-3-270m\"]\nactivation_bits = 12\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_neocloud"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
         stderr.contains("activation_bits must be 16 or 8"),
         "{stderr}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Row 25: on SIGTERM an open stream runs to its end, new requests get 503,

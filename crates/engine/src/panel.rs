@@ -600,6 +600,32 @@ mod tests {
 
     use crate::quant::test_blocks::{blocks, INTEGER_TYPES as TYPES};
 
+    /// Random blocks of `ty` for `values` weights, with sane f16 scales.
+    fn random_blocks(ty: TensorType, seed: u64, scale: f32, values: usize) -> Vec<u8> {
+        let mut state = seed | 1;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let count = values / ty.block_len();
+        let raw: Vec<u8> = (0..count * ty.block_bytes())
+            .map(|_| next() as u8)
+            .collect();
+        blocks(ty, &raw, count, scale)
+    }
+
+    /// Row `r` of `w` times `xq` in f64, and the sum of the products'
+    /// magnitudes (plus a little, for a tolerance relative to it).
+    fn float_product(w: &QMatrix<'_>, r: usize, xq: &[f32]) -> (f64, f64) {
+        let mut row = vec![0f32; w.cols];
+        dequantize_row(w.ty, w.row(r), &mut row).unwrap();
+        let products = row.iter().zip(xq).map(|(a, b)| *a as f64 * *b as f64);
+        let want = products.clone().sum();
+        (want, products.map(f64::abs).sum::<f64>() + 1e-3)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(40))]
         #[test]
@@ -611,18 +637,12 @@ mod tests {
         ) {
             let ty = TYPES[ty_index];
             let (rows, cols) = (32, 512);
-            // Random blocks with sane f16 scales.
-            let mut state = seed | 1;
-            let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
-            let count = rows * cols / ty.block_len();
-            let raw: Vec<u8> = (0..count * ty.block_bytes()).map(|_| next() as u8).collect();
-            let bytes = blocks(ty, &raw, count, scale);
+            let bytes = random_blocks(ty, seed, scale, rows * cols);
             let w = QMatrix { ty, rows, cols, bytes: &bytes, panels: None };
             let packed = PanelMatrix::pack(&w).unwrap();
             let mut x = PanelActivations::<i16>::default();
             x.quantize(&xs);
             let xq: Vec<f32> = (0..cols).map(|i| x.q[i] as f32 * x.scale[i / GROUP]).collect();
-            let mut wrow = vec![0f32; cols];
             for p in 0..rows / PANEL_ROWS {
                 let got = panel_dot_portable(&packed, p, &x);
                 #[cfg(target_arch = "x86_64")]
@@ -635,9 +655,7 @@ mod tests {
                     out
                 });
                 for r in 0..PANEL_ROWS {
-                    dequantize_row(ty, w.row(p * PANEL_ROWS + r), &mut wrow).unwrap();
-                    let want: f64 = wrow.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let scale: f64 = wrow.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() + 1e-3;
+                    let (want, scale) = float_product(&w, p * PANEL_ROWS + r, &xq);
                     // The f16 scales round a and b by at most 2^-11.
                     prop_assert!((got[r] as f64 - want).abs() <= 2e-3 * scale, "{ty:?} row {r}: {} vs {want}", got[r]);
                     #[cfg(target_arch = "x86_64")]
@@ -664,11 +682,7 @@ mod tests {
         ) {
             let ty = TYPES[ty_index];
             let (rows, cols) = (32, 512);
-            let mut state = seed | 1;
-            let mut next = || { state ^= state << 13; state ^= state >> 7; state ^= state << 17; state };
-            let count = rows * cols / ty.block_len();
-            let raw: Vec<u8> = (0..count * ty.block_bytes()).map(|_| next() as u8).collect();
-            let bytes = blocks(ty, &raw, count, scale);
+            let bytes = random_blocks(ty, seed, scale, rows * cols);
             let w = QMatrix { ty, rows, cols, bytes: &bytes, panels: None };
             let packed = PanelMatrix::pack(&w).unwrap();
             let mut x = ByteActivations::default();
@@ -678,7 +692,6 @@ mod tests {
             for (i, (a, b)) in xq.iter().zip(&xs).enumerate() {
                 prop_assert!((a - b).abs() <= x.scale[i / GROUP] * 0.5001, "value {i}: {a} for {b}");
             }
-            let mut wrow = vec![0f32; cols];
             for p in 0..rows / PANEL_ROWS {
                 let got = byte_panel_dot_portable(&packed, p, &x);
                 #[cfg(target_arch = "x86_64")]
@@ -690,9 +703,7 @@ mod tests {
                     out
                 });
                 for r in 0..PANEL_ROWS {
-                    dequantize_row(ty, w.row(p * PANEL_ROWS + r), &mut wrow).unwrap();
-                    let want: f64 = wrow.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let scale: f64 = wrow.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() + 1e-3;
+                    let (want, scale) = float_product(&w, p * PANEL_ROWS + r, &xq);
                     prop_assert!((got[r] as f64 - want).abs() <= 2e-3 * scale, "{ty:?} row {r}: {} vs {want}", got[r]);
                     #[cfg(target_arch = "x86_64")]
                     if let Some(simd) = simd {
