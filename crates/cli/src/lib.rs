@@ -87,8 +87,8 @@ pub struct ServeArgs {
     #[arg(long, env = "NEOCLOUD_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout_secs: Option<u64>,
     /// Bits per activation in the matrix products: 16, or 8 as llama.cpp
-    /// (faster with many sequences per step, four times coarser answers;
-    /// needs AVX-512 VNNI, else 16) [default: 16].
+    /// (faster with many sequences per step, each activation rounded 256
+    /// times more coarsely; needs AVX-512 VNNI, else 16) [default: 16].
     #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
     pub activation_bits: Option<ActivationBitsArg>,
 }

@@ -40,7 +40,7 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
             bytes: gguf.tensor_bytes(t),
             panels: None,
         };
-        let packed = neocloud_engine::panel::PanelMatrix::pack(&w).map(|p| PanelMatrix {
+        let packed = PanelMatrix::pack(&w).map(|p| PanelMatrix {
             activations: bits,
             ..p
         });

@@ -52,6 +52,7 @@ fn pair_pattern(first: i8) -> __m512i {
     );
     _mm512_broadcast_i32x4(lane)
 }
+
 /// The integers of an activation row as the panel product takes them:
 /// int16, two per `vpdpwssd` lane, or int8, four per `vpdpbusd` lane.
 pub trait PanelValue: QuantizedValue {
