@@ -29,6 +29,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// How many top log-probabilities to report per step.
     pub top_logprobs: usize,
+    /// Whether the chosen token's log-probability is computed: a pass over
+    /// the whole vocabulary per step. When not, [`Sampled::token`] carries
+    /// NaN.
+    pub logprobs: bool,
 }
 
 impl Default for SamplingParams {
@@ -44,6 +48,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             seed: None,
             top_logprobs: 0,
+            logprobs: true,
         }
     }
 }
@@ -120,7 +125,8 @@ pub struct TokenLogprob {
 /// The outcome of one sampling step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
-    /// The chosen token and its raw log-probability.
+    /// The chosen token and its raw log-probability (NaN unless
+    /// [`SamplingParams::logprobs`]).
     pub token: TokenLogprob,
     /// The most likely tokens under the raw distribution, best first.
     pub top: Vec<TokenLogprob>,
@@ -207,7 +213,7 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place) and records it.
     pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
         let top = top_logprobs(logits, self.params.top_logprobs);
-        let raw_lse = log_sum_exp(logits);
+        let raw_lse = self.raw_log_sum_exp(logits);
         self.process(logits);
         let id = self.pick(logits);
         self.finish(id, raw_lse, top, logits)
@@ -224,7 +230,7 @@ impl Sampler {
         allowed: &dyn Fn(u32) -> bool,
     ) -> Option<Sampled> {
         let top = top_logprobs(logits, self.params.top_logprobs);
-        let raw_lse = log_sum_exp(logits);
+        let raw_lse = self.raw_log_sum_exp(logits);
         self.process(logits);
         let mut id = self.pick(logits);
         if !allowed(id) {
@@ -239,6 +245,16 @@ impl Sampler {
             }
         }
         Some(self.finish(id, raw_lse, top, logits))
+    }
+
+    /// The log-sum-exp of the raw logits when the chosen token's
+    /// log-probability is wanted; NaN when not.
+    fn raw_log_sum_exp(&self, logits: &[f32]) -> f64 {
+        if self.params.logprobs {
+            log_sum_exp(logits)
+        } else {
+            f64::NAN
+        }
     }
 
     /// Whether bias or penalties change logits before the pick.
@@ -514,6 +530,27 @@ mod tests {
             out.top.iter().map(|t| t.id).collect::<Vec<_>>(),
             vec![1, 5, 2]
         );
+    }
+
+    #[test]
+    fn without_logprobs_the_same_tokens_come_unscored() {
+        for temperature in [0.0, 0.8] {
+            let params = |logprobs| SamplingParams {
+                temperature,
+                seed: Some(7),
+                logprobs,
+                ..SamplingParams::default()
+            };
+            let (mut scored, mut unscored) = (
+                Sampler::new(params(true), &[]),
+                Sampler::new(params(false), &[]),
+            );
+            for _ in 0..20 {
+                let (a, b) = (scored.sample(&mut logits()), unscored.sample(&mut logits()));
+                assert_eq!(a.token.id, b.token.id);
+                assert!(a.token.logprob.is_finite() && b.token.logprob.is_nan());
+            }
+        }
     }
 
     #[test]

@@ -154,7 +154,12 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
             "top_logprobs needs logprobs: true",
         ));
     }
-    let sampling = sampling_params(&req.sampling, top_logprobs, lm.model.config.vocab_size)?;
+    let sampling = sampling_params(
+        &req.sampling,
+        logprobs,
+        top_logprobs,
+        lm.model.config.vocab_size,
+    )?;
     let stop = stop_strings(req.stop)?;
     let template = lm.chat_template.as_ref().ok_or_else(|| {
         ServerError::param(

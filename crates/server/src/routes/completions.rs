@@ -110,16 +110,21 @@ fn validate(req: CompletionRequest, state: &AppState) -> Result<Plan, ServerErro
         ));
     }
     let top = req.logprobs.map(|k| k as usize);
-    let sampling = sampling_params(&req.sampling, top.unwrap_or(0), lm.model.config.vocab_size)
-        .map_err(|e| match e {
-            ServerError::InvalidParam { param, message } if param == "top_logprobs" => {
-                ServerError::InvalidParam {
-                    param: "logprobs".into(),
-                    message,
-                }
+    let sampling = sampling_params(
+        &req.sampling,
+        top.is_some(),
+        top.unwrap_or(0),
+        lm.model.config.vocab_size,
+    )
+    .map_err(|e| match e {
+        ServerError::InvalidParam { param, message } if param == "top_logprobs" => {
+            ServerError::InvalidParam {
+                param: "logprobs".into(),
+                message,
             }
-            other => other,
-        })?;
+        }
+        other => other,
+    })?;
     let stop = stop_strings(req.stop.clone())?;
     let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
     let min_tokens = req.min_tokens.unwrap_or(0) as usize;

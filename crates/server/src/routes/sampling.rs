@@ -23,9 +23,11 @@ fn within(name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32) -> Result<
     }
 }
 
-/// Checks every field and builds the engine's parameters.
+/// Checks every field and builds the engine's parameters; `logprobs`
+/// says whether the request reports the chosen tokens' log-probabilities.
 pub(crate) fn sampling_params(
     f: &SamplingOptions,
+    logprobs: bool,
     top_logprobs: usize,
     vocab: usize,
 ) -> Result<SamplingParams, ServerError> {
@@ -88,6 +90,7 @@ pub(crate) fn sampling_params(
         logit_bias,
         seed: f.seed.map(|s| s as u64),
         top_logprobs,
+        logprobs,
     })
 }
 
