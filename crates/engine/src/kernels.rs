@@ -883,7 +883,8 @@ mod tests {
             let wf = &seed[7 * 96..7 * 96 + n * k];
             let bytes: Vec<u8> = wf.iter().flat_map(|v| v.to_le_bytes()).collect();
             let w = QMatrix { ty: TensorType::F32, rows: n, cols: k, bytes: &bytes, panels: None };
-            let mut out = vec![0f32; m * n];
+            // Whatever the buffer held is overwritten.
+            let mut out = vec![f32::NAN; m * n];
             matmul(&w, x, m, &mut out);
             for i in 0..m {
                 for j in 0..n {

@@ -703,7 +703,9 @@ impl Model {
         for (out, &r) in last.chunks_exact_mut(d).zip(picked.iter()) {
             rms_norm_rows(&x[r * d..(r + 1) * d], out, &self.output_norm, c.rms_eps);
         }
-        zeroed(logits, rows * c.vocab_size);
+        // Every product writes all of its output: the vocabulary-wide
+        // buffer is not cleared first.
+        sized(logits, rows * c.vocab_size);
         matmul(&self.matrix(&self.output), last, rows, logits);
         Ok(logits.as_mut_slice())
     }
@@ -989,6 +991,13 @@ const MAX_ROPE_PAIRS: usize = 512;
 /// Sets `buf` to `len` zeros, within its capacity once it has grown.
 fn zeroed(buf: &mut Vec<f32>, len: usize) {
     buf.clear();
+    buf.resize(len, 0.0);
+}
+
+/// Sets `buf` to `len` values, keeping what it held: for outputs written
+/// whole, where clearing a large buffer would be wasted work.
+fn sized(buf: &mut Vec<f32>, len: usize) {
+    buf.truncate(len);
     buf.resize(len, 0.0);
 }
 
