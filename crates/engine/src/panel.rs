@@ -446,24 +446,9 @@ impl QuantizedValue for i16 {
         (t + 0.5f32.copysign(t)) as i16
     }
 
+    #[cfg(target_arch = "x86_64")]
     fn quantize_vector(x: &[f32], row: &mut PanelActivations<i16>) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if crate::panel_avx512::available() {
-            // SAFETY: AVX-512 F was detected (with the product's features).
-            unsafe {
-                crate::panel_avx512::quantize_blocks(
-                    x,
-                    &mut row.q,
-                    &mut row.scale,
-                    &mut row.scaled_sum,
-                    &mut row.sum,
-                    <i16 as QuantizedValue>::MAX,
-                )
-            };
-            return true;
-        }
-        let _ = (x, row);
-        false
+        quantize_with_avx512(x, row)
     }
 }
 
@@ -473,6 +458,34 @@ impl QuantizedValue for i8 {
     fn round_from(t: f32) -> Self {
         (t + 0.5f32.copysign(t)) as i8
     }
+
+    #[cfg(target_arch = "x86_64")]
+    fn quantize_vector(x: &[f32], row: &mut PanelActivations<i8>) -> bool {
+        quantize_with_avx512(x, row)
+    }
+}
+
+/// [`QuantizedValue::quantize_vector`] with AVX-512, when the CPU has it.
+#[cfg(target_arch = "x86_64")]
+fn quantize_with_avx512<T: crate::panel_avx512::PanelValue>(
+    x: &[f32],
+    row: &mut PanelActivations<T>,
+) -> bool {
+    if crate::panel_avx512::available() {
+        // SAFETY: AVX-512 F was detected (with the product's features).
+        unsafe {
+            crate::panel_avx512::quantize_blocks(
+                x,
+                &mut row.q,
+                &mut row.scale,
+                &mut row.scaled_sum,
+                &mut row.sum,
+                T::MAX,
+            )
+        };
+        return true;
+    }
+    false
 }
 
 impl<T: QuantizedValue> PanelActivations<T> {
@@ -717,6 +730,22 @@ mod tests {
         }
     }
 
+    /// Quantising `xs` to `T` gives the portable loop's numbers, bit for bit.
+    fn vector_and_portable_agree<T: QuantizedValue + std::fmt::Debug + PartialEq>(
+        xs: &[f32],
+    ) -> Result<(), TestCaseError> {
+        let mut simd = PanelActivations::<T>::default();
+        simd.quantize(xs);
+        let mut portable = simd.clone();
+        portable.quantize_blocks_portable(xs);
+        prop_assert_eq!(&simd.q, &portable.q);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&simd.scale), bits(&portable.scale));
+        prop_assert_eq!(bits(&simd.scaled_sum), bits(&portable.scaled_sum));
+        prop_assert_eq!(&simd.sum, &portable.sum);
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn vector_quantisation_gives_the_portable_numbers(
@@ -730,15 +759,8 @@ mod tests {
             }
             let middle = xs.len() / 2;
             xs[middle] = f32::NAN;
-            let mut simd = PanelActivations::<i16>::default();
-            simd.quantize(&xs);
-            let mut portable = simd.clone();
-            portable.quantize_blocks_portable(&xs);
-            prop_assert_eq!(&simd.q, &portable.q);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            prop_assert_eq!(bits(&simd.scale), bits(&portable.scale));
-            prop_assert_eq!(bits(&simd.scaled_sum), bits(&portable.scaled_sum));
-            prop_assert_eq!(&simd.sum, &portable.sum);
+            vector_and_portable_agree::<i16>(&xs)?;
+            vector_and_portable_agree::<i8>(&xs)?;
         }
     }
 

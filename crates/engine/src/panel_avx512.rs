@@ -75,6 +75,13 @@ pub trait PanelValue: QuantizedValue {
         rows: &[*const Self; R],
         g: usize,
     );
+
+    /// Stores the 16 lanes of `values` at `out`, each truncated to this
+    /// width, and returns what was stored widened back to 32 bits.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; `out` must have room for 16 values.
+    unsafe fn store_narrowed(values: __m512i, out: *mut Self) -> __m512i;
 }
 
 impl PanelValue for i16 {
@@ -107,6 +114,15 @@ impl PanelValue for i16 {
             }
         }
     }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_narrowed(values: __m512i, out: *mut i16) -> __m512i {
+        let narrow = _mm512_cvtepi32_epi16(values);
+        // SAFETY: the caller's contract: room for 16 values.
+        unsafe { _mm256_storeu_si256(out.cast(), narrow) };
+        _mm512_cvtepi16_epi32(narrow)
+    }
 }
 
 impl PanelValue for i8 {
@@ -131,6 +147,15 @@ impl PanelValue for i8 {
                 }
             }
         }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_narrowed(values: __m512i, out: *mut i8) -> __m512i {
+        let narrow = _mm512_cvtepi32_epi8(values);
+        // SAFETY: the caller's contract: room for 16 values.
+        unsafe { _mm_storeu_si128(out.cast(), narrow) };
+        _mm512_cvtepi8_epi32(narrow)
     }
 }
 
@@ -409,9 +434,9 @@ fn panel_rows<
 /// # Safety
 /// The CPU must support AVX-512 F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn quantize_blocks(
+pub unsafe fn quantize_blocks<T: PanelValue>(
     x: &[f32],
-    q: &mut [i16],
+    q: &mut [T],
     scale: &mut [f32],
     scaled_sum: &mut [f32],
     sums: &mut [i32],
@@ -444,12 +469,11 @@ pub unsafe fn quantize_blocks(
                     _mm512_and_si512(_mm512_castps_si512(t), sign),
                     half,
                 ));
-                let values =
-                    _mm512_cvtepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(t, signed_half)));
-                // Summed as stored: a NaN's lane is 0 there, as in `as i16`.
-                let sum = _mm512_reduce_add_epi32(_mm512_cvtepi16_epi32(values));
+                let values = _mm512_cvttps_epi32(_mm512_add_ps(t, signed_half));
                 let out = q.as_mut_ptr().add(b * BLOCK + h * GROUP);
-                _mm256_storeu_si256(out.cast(), values);
+                // Summed as stored: a NaN's lane is 0 there, as in `as i16`
+                // or `as i8`.
+                let sum = _mm512_reduce_add_epi32(T::store_narrowed(values, out));
                 let g = b * 2 + h;
                 *scale.get_unchecked_mut(g) = d;
                 *scaled_sum.get_unchecked_mut(g) = d * sum as f32;
