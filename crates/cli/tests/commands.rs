@@ -166,8 +166,9 @@ fn a_bad_model_is_a_clear_error() {
 }
 
 /// The kernels each CPU gets: the AVX2 path computes what the portable
-/// one does (to float rounding); the AVX-512 panels keep K-quant scales as
-/// f16, so they may differ a little more, still far inside the reference
+/// one does to float rounding, which storing keys and values as f16 can
+/// magnify to an f16 step; the AVX-512 panels keep K-quant scales as f16,
+/// so they may differ a little more, still far inside the reference
 /// tolerance.
 #[test]
 fn portable_kernels_agree_with_simd_kernels() {
@@ -202,7 +203,7 @@ fn portable_kernels_agree_with_simd_kernels() {
     };
     let portable = run(&[("NEOCLOUD_PORTABLE_KERNELS", "1")]);
     for (simd, tolerance) in [
-        (run(&[("NEOCLOUD_NO_AVX512", "1")]), 1e-3),
+        (run(&[("NEOCLOUD_NO_AVX512", "1")]), 3e-3),
         (run(&[]), 1e-2),
     ] {
         assert_eq!(simd["tokens"], portable["tokens"]);

@@ -11,10 +11,12 @@
 //! position at either end, and each head's probabilities are zero outside
 //! its own range. Each head's arithmetic is the same whichever heads go
 //! with it and whatever the batch (a zero weight adds nothing to a sum),
-//! so results stay batch-invariant.
+//! so results stay batch-invariant. Keys and values are read as the pool
+//! stores them (f16) and widened to f32 as they are loaded.
 
 use crate::kernels::{exp_below_in_place, max_f32};
 use crate::kv_cache::{KvPool, KV_BLOCK_POSITIONS};
+use crate::quant::f16_to_f32;
 
 /// Query heads that share one pass over a KV head's keys and values.
 pub const MAX_SHARED_HEADS: usize = 8;
@@ -164,7 +166,7 @@ impl Probabilities<'_> {
 /// 16 positions of one block of transposed keys, whose scores go to column
 /// block `b` of rows of `stride`.
 struct ScoreBlock<'a> {
-    keys: &'a [f32],
+    keys: &'a [u16],
     queries: &'a [f32],
     head_dim: usize,
     heads: usize,
@@ -209,7 +211,7 @@ fn block_scores_portable(block: &ScoreBlock<'_>, scores: &mut [f32]) {
         for (d, &qd) in q.iter().enumerate() {
             let k = &block.keys[d * KV_BLOCK_POSITIONS..(d + 1) * KV_BLOCK_POSITIONS];
             for (a, &kd) in acc.iter_mut().zip(k) {
-                *a += qd * kd;
+                *a += qd * f16_to_f32(kd);
             }
         }
         scores[h * stride + b * KV_BLOCK_POSITIONS..][..KV_BLOCK_POSITIONS].copy_from_slice(&acc);
@@ -234,7 +236,9 @@ unsafe fn block_scores_avx512(block: &ScoreBlock<'_>, scores: &mut [f32]) {
     for d in 0..head_dim {
         // SAFETY: the assertions bound both loads.
         unsafe {
-            let k = _mm512_loadu_ps(keys.as_ptr().add(d * KV_BLOCK_POSITIONS));
+            let k = _mm512_cvtph_ps(_mm256_loadu_si256(
+                keys.as_ptr().add(d * KV_BLOCK_POSITIONS).cast(),
+            ));
             for (h, a) in acc.iter_mut().enumerate().take(heads) {
                 let q = _mm512_set1_ps(*queries.get_unchecked(h * head_dim + d));
                 *a = _mm512_fmadd_ps(q, k, *a);
@@ -273,7 +277,7 @@ fn weighted_values(call: &SharedHeads<'_>, p: &Probabilities<'_>, heads: usize, 
 
 /// The value rows of one call's KV head.
 #[inline(always)]
-fn value_row<'a>(call: &SharedHeads<'a>, position: usize) -> &'a [f32] {
+fn value_row<'a>(call: &SharedHeads<'a>, position: usize) -> &'a [u16] {
     &call.pool.values(call.table, position)[call.kv_head * call.value_dim..][..call.value_dim]
 }
 
@@ -306,7 +310,7 @@ fn weighted_values_portable(
         for h in 0..heads {
             let w = p.of(h, position);
             for (o, &x) in out[h * vd..(h + 1) * vd].iter_mut().zip(v) {
-                *o += w * x;
+                *o += w * f16_to_f32(x);
             }
         }
     }
@@ -348,8 +352,8 @@ unsafe fn weighted_values_avx512(
                     let v = block
                         .as_ptr()
                         .add((position - b * KV_BLOCK_POSITIONS) * width + head);
-                    let v0 = _mm512_loadu_ps(v);
-                    let v1 = _mm512_loadu_ps(v.add(16));
+                    let v0 = _mm512_cvtph_ps(_mm256_loadu_si256(v.cast()));
+                    let v1 = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16).cast()));
                     for (h, a) in acc.iter_mut().enumerate().take(heads) {
                         let w = *p.scores.get_unchecked(h * p.stride + position - p.first);
                         let w = _mm512_set1_ps(w);
@@ -366,6 +370,157 @@ unsafe fn weighted_values_avx512(
                 _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
                 _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: failing loudly is the point.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::kv_cache::KvCache;
+    use crate::model::{Activation, Architecture, ModelConfig, RopeStyle};
+    use crate::quant::f32_to_f16;
+
+    const HEAD_DIM: usize = 64;
+    const KV_HEADS: usize = 2;
+    const POSITIONS: usize = 45;
+
+    fn config() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            n_layers: 1,
+            d_model: 4 * HEAD_DIM,
+            n_heads: 4,
+            n_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+            value_dim: HEAD_DIM,
+            ffn_dim: 64,
+            vocab_size: 8,
+            rms_eps: 1e-6,
+            rope_base: 1e4,
+            rope_base_sliding: 1e4,
+            rope_dims: HEAD_DIM,
+            rope_style: RopeStyle::Neox,
+            sliding_window: None,
+            layer_sliding: vec![false],
+            embedding_scale: None,
+            attention_scale: 0.125,
+            activation: Activation::Silu,
+            context_length: 128,
+        }
+    }
+
+    /// Deterministic values in [-2, 2).
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 22) as f32 - 2.0
+            })
+            .collect()
+    }
+
+    fn half(x: f32) -> f64 {
+        f16_to_f32(f32_to_f16(x)) as f64
+    }
+
+    #[test]
+    fn attention_over_half_precision_keys_and_values_matches_a_plain_softmax() {
+        let c = config();
+        let width = KV_HEADS * HEAD_DIM;
+        let (keys, vals) = (values(1, POSITIONS * width), values(2, POSITIONS * width));
+        let mut pool = KvPool::new(&c, 1 << 20, false);
+        let mut cache = KvCache::new();
+        pool.grow(&mut cache, POSITIONS).unwrap();
+        let table = cache.table(0).to_vec();
+        pool.write(&table, 0, &keys, &vals);
+        // Two heads on KV head 1, seeing different ranges.
+        let spans = [
+            HeadSpan {
+                heads: 1,
+                start: 3,
+                end: 37,
+            },
+            HeadSpan {
+                heads: 1,
+                start: 0,
+                end: POSITIONS - 1,
+            },
+        ];
+        let queries = values(3, 2 * HEAD_DIM);
+        let call = SharedHeads {
+            pool: &pool,
+            table: &table,
+            kv_head: 1,
+            head_dim: HEAD_DIM,
+            value_dim: HEAD_DIM,
+            scale: c.attention_scale,
+        };
+        let mut out = vec![0f32; 2 * HEAD_DIM];
+        call.attend(&queries, &spans, &mut out);
+        for (h, span) in spans.iter().enumerate() {
+            let q = &queries[h * HEAD_DIM..(h + 1) * HEAD_DIM];
+            let at = |p: usize, d: usize| p * width + HEAD_DIM + d;
+            let scores: Vec<f64> = (span.start..=span.end)
+                .map(|p| {
+                    (0..HEAD_DIM)
+                        .map(|d| q[d] as f64 * half(keys[at(p, d)]))
+                        .sum::<f64>()
+                        * c.attention_scale as f64
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::MIN, f64::max);
+            let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for d in 0..HEAD_DIM {
+                let want: f64 = (span.start..=span.end)
+                    .zip(&scores)
+                    .map(|(p, s)| (s - max).exp() / total * half(vals[at(p, d)]))
+                    .sum();
+                let got = out[h * HEAD_DIM + d] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "head {h} dim {d}: {got} vs {want}"
+                );
+            }
+        }
+        // The vector kernels give the portable loops' numbers.
+        let stride = 3 * KV_BLOCK_POSITIONS;
+        let mut simd = vec![0f32; 2 * stride];
+        let mut portable = simd.clone();
+        for b in 0..3 {
+            let keys = &pool.key_block(&table, b)[HEAD_DIM * KV_BLOCK_POSITIONS..];
+            let block = ScoreBlock {
+                keys,
+                queries: &queries,
+                head_dim: HEAD_DIM,
+                heads: 2,
+                stride,
+                b,
+            };
+            block_scores(&block, &mut simd);
+            block_scores_portable(&block, &mut portable);
+        }
+        for (a, b) in simd.iter().zip(&portable) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        let probabilities = Probabilities {
+            scores: &portable,
+            stride,
+            first: 0,
+            start: 0,
+            end: POSITIONS - 1,
+        };
+        let (mut simd, mut portable) = (vec![0f32; 2 * HEAD_DIM], vec![0f32; 2 * HEAD_DIM]);
+        weighted_values(&call, &probabilities, 2, &mut simd);
+        weighted_values_portable(&call, &probabilities, 2, &mut portable);
+        for (a, b) in simd.iter().zip(&portable) {
+            assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
         }
     }
 }

@@ -10,6 +10,10 @@
 //! entries hold their blocks until memory runs short, and are then evicted
 //! least recently used first.
 //!
+//! Keys and values are stored as half-precision floats (as llama.cpp
+//! stores them by default): half the memory and half the bytes each
+//! attention pass reads.
+//!
 //! Invariants: a block is in the free list exactly when nothing refers to
 //! it; a block that some sequence may still write to (its last, partial
 //! block) is never shared; the index only holds full blocks.
@@ -20,9 +24,13 @@ use std::hash::{Hash, Hasher};
 
 use crate::error::EngineError;
 use crate::model::ModelConfig;
+use crate::quant::f32_row_to_f16;
 
 /// Positions per block.
 pub const KV_BLOCK_POSITIONS: usize = 16;
+
+/// Key values converted together before going to their transposed places.
+const KEYS_AT_ONCE: usize = 16;
 
 /// A slot of a block table whose block was given back (out of a sliding
 /// window).
@@ -204,11 +212,12 @@ impl PrefixIndex {
 pub struct KvPool {
     key_width: usize,
     value_width: usize,
-    /// Floats of one block: its keys, then its values.
-    block_floats: usize,
+    /// Values of one block: its keys, then its values.
+    block_len: usize,
     /// The window of each layer, `None` for global attention.
     windows: Vec<Option<usize>>,
-    storage: Vec<f32>,
+    /// Every block, as f16 bits.
+    storage: Vec<u16>,
     /// References to each block: sequences plus the index.
     refs: Vec<u32>,
     /// Whether the index holds each block.
@@ -231,7 +240,7 @@ impl KvPool {
     pub fn new(config: &ModelConfig, budget_bytes: usize, prefix_caching: bool) -> Self {
         let key_width = config.n_kv_heads * config.head_dim;
         let value_width = config.n_kv_heads * config.value_dim;
-        let block_floats = KV_BLOCK_POSITIONS * (key_width + value_width);
+        let block_len = KV_BLOCK_POSITIONS * (key_width + value_width);
         let block_bytes = block_bytes(config);
         let blocks = (budget_bytes / block_bytes.max(1))
             .max(config.n_layers)
@@ -248,9 +257,9 @@ impl KvPool {
         KvPool {
             key_width,
             value_width,
-            block_floats,
+            block_len,
             windows,
-            storage: vec![0.0; blocks * block_floats],
+            storage: vec![0; blocks * block_len],
             refs: vec![0; blocks],
             indexed: vec![false; blocks],
             only_indexed: 0,
@@ -279,7 +288,7 @@ impl KvPool {
 
     /// Bytes of one block.
     pub fn block_bytes(&self) -> usize {
-        self.block_floats * std::mem::size_of::<f32>()
+        self.block_len * std::mem::size_of::<u16>()
     }
 
     /// Blocks in the pool.
@@ -500,25 +509,25 @@ impl KvPool {
     /// The keys of block `block` of the sequence whose block table (of one
     /// layer) is `table`, transposed: for each key dimension (all KV heads
     /// in order), its values at the block's 16 positions.
-    pub(crate) fn key_block(&self, table: &[u32], block: usize) -> &[f32] {
-        let base = table[block] as usize * self.block_floats;
+    pub(crate) fn key_block(&self, table: &[u32], block: usize) -> &[u16] {
+        let base = table[block] as usize * self.block_len;
         &self.storage[base..][..KV_BLOCK_POSITIONS * self.key_width]
     }
 
     /// The values of block `block` of the sequence whose block table is
     /// `table`: its 16 positions in order, all KV heads each.
-    pub(crate) fn value_block(&self, table: &[u32], block: usize) -> &[f32] {
-        let base = table[block] as usize * self.block_floats + KV_BLOCK_POSITIONS * self.key_width;
+    pub(crate) fn value_block(&self, table: &[u32], block: usize) -> &[u16] {
+        let base = table[block] as usize * self.block_len + KV_BLOCK_POSITIONS * self.key_width;
         &self.storage[base..][..KV_BLOCK_POSITIONS * self.value_width]
     }
 
-    /// Floats of one position's values, all KV heads.
+    /// Values of one position, all KV heads.
     pub(crate) fn value_width(&self) -> usize {
         self.value_width
     }
 
     /// The values at `position`, all KV heads.
-    pub(crate) fn values(&self, table: &[u32], position: usize) -> &[f32] {
+    pub(crate) fn values(&self, table: &[u32], position: usize) -> &[u16] {
         let at = self.slot(table, position);
         let values = at.0 + KV_BLOCK_POSITIONS * self.key_width;
         &self.storage[values + at.1 * self.value_width..][..self.value_width]
@@ -535,18 +544,22 @@ impl KvPool {
         {
             let (base, offset) = self.slot(table, position + r);
             let keys = &mut self.storage[base..][..KV_BLOCK_POSITIONS * kw];
-            for (dimension, &key) in k.iter().enumerate() {
-                keys[dimension * KV_BLOCK_POSITIONS + offset] = key;
+            let mut halves = [0u16; KEYS_AT_ONCE];
+            for (c, chunk) in k.chunks(KEYS_AT_ONCE).enumerate() {
+                f32_row_to_f16(chunk, &mut halves);
+                for (i, &key) in halves[..chunk.len()].iter().enumerate() {
+                    keys[(c * KEYS_AT_ONCE + i) * KV_BLOCK_POSITIONS + offset] = key;
+                }
             }
             let values_at = base + KV_BLOCK_POSITIONS * kw + offset * vw;
-            self.storage[values_at..][..vw].copy_from_slice(v);
+            f32_row_to_f16(v, &mut self.storage[values_at..][..vw]);
         }
     }
 
-    /// Where `position` lives: the block's first float and the offset in it.
+    /// Where `position` lives: the block's first value and the offset in it.
     fn slot(&self, table: &[u32], position: usize) -> (usize, usize) {
         let block = table[position / KV_BLOCK_POSITIONS] as usize;
-        (block * self.block_floats, position % KV_BLOCK_POSITIONS)
+        (block * self.block_len, position % KV_BLOCK_POSITIONS)
     }
 
     /// A free block with one reference, evicting index entries when none
@@ -605,10 +618,10 @@ impl KvPool {
 }
 
 /// Bytes of one block of a model of `config`: the keys and values of
-/// [`KV_BLOCK_POSITIONS`] positions of one layer, as f32.
+/// [`KV_BLOCK_POSITIONS`] positions of one layer, as f16.
 fn block_bytes(config: &ModelConfig) -> usize {
-    let floats = KV_BLOCK_POSITIONS * config.n_kv_heads * (config.head_dim + config.value_dim);
-    floats * std::mem::size_of::<f32>()
+    let len = KV_BLOCK_POSITIONS * config.n_kv_heads * (config.head_dim + config.value_dim);
+    len * std::mem::size_of::<u16>()
 }
 
 /// The hash of a block's tokens chained to the hash of every block before.
