@@ -415,15 +415,7 @@ mod tests {
 
     /// Deterministic values in [-2, 2).
     fn values(seed: u64, n: usize) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 22) as f32 - 2.0
-            })
-            .collect()
+        neocloud_testkit::pseudo_random(seed, n, -2.0, 2.0)
     }
 
     fn half(x: f32) -> f64 {

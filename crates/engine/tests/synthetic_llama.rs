@@ -18,15 +18,7 @@ const KV_HEADS: u32 = 2;
 
 /// Deterministic pseudo-random weights in [-0.5, 0.5).
 fn weights(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
+    neocloud_testkit::pseudo_random(seed, n, -0.5, 0.5)
 }
 
 fn tiny_llama() -> Vec<u8> {

@@ -35,3 +35,17 @@ pub fn reference_lines(model: &str, file: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .collect()
 }
+
+/// `n` deterministic pseudo-random values in `[lo, hi)` from `seed`
+/// (xorshift), the same on every platform.
+pub fn pseudo_random(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * (hi - lo) + lo
+        })
+        .collect()
+}
