@@ -480,7 +480,6 @@ fn quantize_with_avx512<T: crate::panel_avx512::PanelValue>(
                 &mut row.scale,
                 &mut row.scaled_sum,
                 &mut row.sum,
-                T::MAX,
             )
         };
         return true;
@@ -629,6 +628,28 @@ mod tests {
         blocks(ty, &raw, count, scale)
     }
 
+    /// Rows in the vector product's check: a block of eight, one of four,
+    /// and one alone.
+    #[cfg(target_arch = "x86_64")]
+    const CHECKED_ROWS: usize = 13;
+
+    /// Panel `p`'s outputs from the AVX-512 product for [`CHECKED_ROWS`]
+    /// copies of `x` (row `i`'s at `16 i..16 i + 16`), when the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_outputs<T: crate::panel_avx512::PanelValue>(
+        packed: &PanelMatrix,
+        p: usize,
+        x: &PanelActivations<T>,
+    ) -> Option<[f32; CHECKED_ROWS * PANEL_ROWS]> {
+        crate::panel_avx512::available().then(|| {
+            let mut out = [0f32; CHECKED_ROWS * PANEL_ROWS];
+            let xs: Vec<PanelActivations<T>> = (0..CHECKED_ROWS).map(|_| x.clone()).collect();
+            // SAFETY: the features were just detected.
+            unsafe { crate::panel_avx512::panel_product(packed, p, &xs, &mut out) };
+            out
+        })
+    }
+
     /// Row `r` of `w` times `xq` in f64, and the sum of the products'
     /// magnitudes (plus a little, for a tolerance relative to it).
     fn float_product(w: &QMatrix<'_>, r: usize, xq: &[f32]) -> (f64, f64) {
@@ -659,21 +680,14 @@ mod tests {
             for p in 0..rows / PANEL_ROWS {
                 let got = panel_dot_portable(&packed, p, &x);
                 #[cfg(target_arch = "x86_64")]
-                let simd = crate::panel_avx512::available().then(|| {
-                    // 13 rows: a block of eight, one of four, and one alone.
-                    let mut out = [0f32; 13 * PANEL_ROWS];
-                    let xs: Vec<PanelActivations> = (0..13).map(|_| x.clone()).collect();
-                    // SAFETY: the features were just detected.
-                    unsafe { crate::panel_avx512::panel_product(&packed, p, &xs, &mut out) };
-                    out
-                });
+                let simd = avx512_outputs(&packed, p, &x);
                 for r in 0..PANEL_ROWS {
                     let (want, scale) = float_product(&w, p * PANEL_ROWS + r, &xq);
                     // The f16 scales round a and b by at most 2^-11.
                     prop_assert!((got[r] as f64 - want).abs() <= 2e-3 * scale, "{ty:?} row {r}: {} vs {want}", got[r]);
                     #[cfg(target_arch = "x86_64")]
                     if let Some(simd) = simd {
-                        for i in 0..13 {
+                        for i in 0..CHECKED_ROWS {
                             let v = simd[i * PANEL_ROWS + r] as f64;
                             prop_assert!((v - got[r] as f64).abs() <= 1e-4 * scale, "{ty:?} row {r}: AVX-512 {v} vs portable {}", got[r]);
                             prop_assert_eq!(simd[i * PANEL_ROWS + r].to_bits(), simd[r].to_bits());
@@ -708,19 +722,13 @@ mod tests {
             for p in 0..rows / PANEL_ROWS {
                 let got = byte_panel_dot_portable(&packed, p, &x);
                 #[cfg(target_arch = "x86_64")]
-                let simd = crate::panel_avx512::available().then(|| {
-                    let mut out = [0f32; 13 * PANEL_ROWS];
-                    let xs: Vec<ByteActivations> = (0..13).map(|_| x.clone()).collect();
-                    // SAFETY: the features were just detected.
-                    unsafe { crate::panel_avx512::panel_product(&packed, p, &xs, &mut out) };
-                    out
-                });
+                let simd = avx512_outputs(&packed, p, &x);
                 for r in 0..PANEL_ROWS {
                     let (want, scale) = float_product(&w, p * PANEL_ROWS + r, &xq);
                     prop_assert!((got[r] as f64 - want).abs() <= 2e-3 * scale, "{ty:?} row {r}: {} vs {want}", got[r]);
                     #[cfg(target_arch = "x86_64")]
                     if let Some(simd) = simd {
-                        for i in 0..13 {
+                        for i in 0..CHECKED_ROWS {
                             let v = simd[i * PANEL_ROWS + r];
                             prop_assert_eq!(v.to_bits(), got[r].to_bits(), "{:?} row {}: AVX-512 {} vs portable {}", ty, r, v, got[r]);
                         }

@@ -440,7 +440,6 @@ pub unsafe fn quantize_blocks<T: PanelValue>(
     scale: &mut [f32],
     scaled_sum: &mut [f32],
     sums: &mut [i32],
-    act_max: f32,
 ) {
     const BLOCK: usize = 2 * GROUP;
     let groups = x.len() / GROUP;
@@ -460,7 +459,7 @@ pub unsafe fn quantize_blocks<T: PanelValue>(
             // `f32::max` skips them.
             let amax = _mm512_max_ps(abs[1], _mm512_max_ps(abs[0], _mm512_setzero_ps()));
             let amax = _mm512_reduce_max_ps(amax);
-            let d = amax / act_max;
+            let d = amax / T::MAX;
             let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
             for (h, v) in v.into_iter().enumerate() {
                 let t = _mm512_mul_ps(v, inv);
