@@ -16,13 +16,17 @@
 
 use crate::kernels::{exp_below_in_place, max_f32};
 use crate::kv_cache::{KvPool, KV_BLOCK_POSITIONS};
-use crate::quant::f16_to_f32;
+use crate::quant::f16_row_to_f32;
 
 /// Query heads that share one pass over a KV head's keys and values.
 pub const MAX_SHARED_HEADS: usize = 8;
 
 /// Values per chunk of the weighted sum of values (two 16-float vectors).
 const VALUE_CHUNK: usize = 32;
+
+/// Keys or values the portable loops widen from f16 in one call (16
+/// dimensions of a key block).
+const WIDEN_AT_ONCE: usize = 16 * KV_BLOCK_POSITIONS;
 
 /// Query heads that see the same positions.
 #[derive(Debug, Clone, Copy)]
@@ -204,17 +208,25 @@ unsafe fn block_scores_avx2(block: &ScoreBlock<'_>, scores: &mut [f32]) {
 
 #[inline(always)]
 fn block_scores_portable(block: &ScoreBlock<'_>, scores: &mut [f32]) {
-    let (hd, stride, b) = (block.head_dim, block.stride, block.b);
-    for h in 0..block.heads {
-        let q = &block.queries[h * hd..(h + 1) * hd];
-        let mut acc = [0f32; KV_BLOCK_POSITIONS];
-        for (d, &qd) in q.iter().enumerate() {
-            let k = &block.keys[d * KV_BLOCK_POSITIONS..(d + 1) * KV_BLOCK_POSITIONS];
-            for (a, &kd) in acc.iter_mut().zip(k) {
-                *a += qd * f16_to_f32(kd);
+    let (hd, heads, stride, b) = (block.head_dim, block.heads, block.stride, block.b);
+    let mut acc = [[0f32; KV_BLOCK_POSITIONS]; MAX_SHARED_HEADS];
+    let mut widened = [0f32; WIDEN_AT_ONCE];
+    let keys = &block.keys[..hd * KV_BLOCK_POSITIONS];
+    for (c, chunk) in keys.chunks(WIDEN_AT_ONCE).enumerate() {
+        let widened = &mut widened[..chunk.len()];
+        f16_row_to_f32(chunk, widened);
+        for (i, k) in widened.chunks_exact(KV_BLOCK_POSITIONS).enumerate() {
+            let d = c * (WIDEN_AT_ONCE / KV_BLOCK_POSITIONS) + i;
+            for (h, acc) in acc.iter_mut().enumerate().take(heads) {
+                let qd = block.queries[h * hd + d];
+                for (a, &kd) in acc.iter_mut().zip(k) {
+                    *a += qd * kd;
+                }
             }
         }
-        scores[h * stride + b * KV_BLOCK_POSITIONS..][..KV_BLOCK_POSITIONS].copy_from_slice(&acc);
+    }
+    for (h, acc) in acc.iter().enumerate().take(heads) {
+        scores[h * stride + b * KV_BLOCK_POSITIONS..][..KV_BLOCK_POSITIONS].copy_from_slice(acc);
     }
 }
 
@@ -305,12 +317,17 @@ fn weighted_values_portable(
 ) {
     let vd = call.value_dim;
     out.iter_mut().for_each(|o| *o = 0.0);
+    let mut widened = [0f32; WIDEN_AT_ONCE];
     for position in p.start..=p.end {
-        let v = value_row(call, position);
-        for h in 0..heads {
-            let w = p.of(h, position);
-            for (o, &x) in out[h * vd..(h + 1) * vd].iter_mut().zip(v) {
-                *o += w * f16_to_f32(x);
+        for (c, chunk) in value_row(call, position).chunks(WIDEN_AT_ONCE).enumerate() {
+            let v = &mut widened[..chunk.len()];
+            f16_row_to_f32(chunk, v);
+            for h in 0..heads {
+                let w = p.of(h, position);
+                let o = &mut out[h * vd + c * WIDEN_AT_ONCE..][..v.len()];
+                for (o, &x) in o.iter_mut().zip(v.iter()) {
+                    *o += w * x;
+                }
             }
         }
     }
@@ -382,7 +399,7 @@ mod tests {
     use super::*;
     use crate::kv_cache::KvCache;
     use crate::model::{Activation, Architecture, ModelConfig, RopeStyle};
-    use crate::quant::f32_to_f16;
+    use crate::quant::{f16_to_f32, f32_to_f16};
 
     const HEAD_DIM: usize = 64;
     const KV_HEADS: usize = 2;
