@@ -12,12 +12,12 @@
 #
 #   bench/compare-llamacpp.sh [--model gemma-3-270m] [--threads 2]
 #                             [--requests 8] [--kv-cache-mb 512]
-#                             [--activation-bits 16]
+#                             [--activation-bits mixed]
 #                             [--out target/compare-llamacpp]
 #                             [--levels single-stream,long-prompt,...]
 #
-# --activation-bits 8 runs neocloud with int8 activations, llama.cpp's own
-# precision (16, the default, is what the reference tests hold).
+# --activation-bits picks neocloud's activation precision: mixed (the
+# default: int8, int16 in the feed-forward down projection), 16 or 8.
 # --levels runs only the named levels (single-stream, long-prompt,
 # shared-prefix, streams-8, streams-32) and prints the ratios they give;
 # the memory lines need streams-32.
@@ -38,7 +38,7 @@ model=gemma-3-270m
 threads=2
 requests=8
 kv_cache_mb=512
-activation_bits=16
+activation_bits=mixed
 out=target/compare-llamacpp
 levels=single-stream,long-prompt,shared-prefix,streams-8,streams-32
 while [[ $# -gt 0 ]]; do

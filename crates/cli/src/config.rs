@@ -7,6 +7,25 @@ use anyhow::Context;
 use neocloud_fleet::config::FleetConfig;
 use serde::Deserialize;
 
+/// A config file's `activation_bits`: a number of bits or a name.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ActivationBitsValue {
+    /// `16` or `8`.
+    Bits(i64),
+    /// `"mixed"`.
+    Name(String),
+}
+
+impl std::fmt::Display for ActivationBitsValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActivationBitsValue::Bits(bits) => write!(f, "{bits}"),
+            ActivationBitsValue::Name(name) => write!(f, "{name:?}"),
+        }
+    }
+}
+
 /// The file's contents; every key is optional.
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -29,8 +48,8 @@ pub struct ServeFile {
     pub shutdown_timeout_secs: Option<u64>,
     /// Worker threads for the compute kernels.
     pub threads: Option<usize>,
-    /// Bits per activation in the matrix products: 16 or 8.
-    pub activation_bits: Option<u8>,
+    /// Bits per activation in the matrix products: 16, 8 or `"mixed"`.
+    pub activation_bits: Option<ActivationBitsValue>,
     /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
     /// gateway.
     #[serde(skip)]
@@ -85,7 +104,12 @@ mod tests {
         assert_eq!(f.port, Some(9000));
         assert_eq!(f.models.as_ref().map(Vec::len), Some(2));
         assert_eq!(f.shutdown_timeout_secs, Some(5));
-        assert_eq!(f.activation_bits, Some(8));
+        assert_eq!(f.activation_bits, Some(ActivationBitsValue::Bits(8)));
+        let mixed = ServeFile::parse("activation_bits = \"mixed\"").unwrap();
+        assert_eq!(
+            mixed.activation_bits,
+            Some(ActivationBitsValue::Name("mixed".into()))
+        );
     }
 
     #[test]

@@ -86,9 +86,11 @@ pub struct ServeArgs {
     /// Seconds open requests may run on after SIGTERM [default: 30].
     #[arg(long, env = "NEOCLOUD_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout_secs: Option<u64>,
-    /// Bits per activation in the matrix products: 16, or 8 as llama.cpp
-    /// (faster with many sequences per step, each activation rounded 256
-    /// times more coarsely; needs AVX-512 VNNI, else 16) [default: 16].
+    /// Bits per activation in the matrix products: `mixed` (8, and 16 in
+    /// the feed-forward down projection), 16 everywhere (closest to exact
+    /// arithmetic), or 8 everywhere as llama.cpp (fastest with many
+    /// sequences per step); 8 needs AVX-512 VNNI, else every product takes
+    /// 16 [default: mixed].
     #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
     pub activation_bits: Option<ActivationBitsArg>,
 }
@@ -96,6 +98,9 @@ pub struct ServeArgs {
 /// The values of `--activation-bits`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ActivationBitsArg {
+    /// int8 activations, int16 in the feed-forward down projection.
+    #[value(name = "mixed")]
+    Mixed,
     /// int16 activations.
     #[value(name = "16")]
     Sixteen,
@@ -105,19 +110,25 @@ pub enum ActivationBitsArg {
 }
 
 impl ActivationBitsArg {
-    /// The engine's setting, from a number of bits.
-    fn from_bits(bits: u8) -> anyhow::Result<Self> {
-        match bits {
-            16 => Ok(ActivationBitsArg::Sixteen),
-            8 => Ok(ActivationBitsArg::Eight),
-            other => anyhow::bail!("activation_bits must be 16 or 8, not {other}"),
+    /// The setting a config file's `activation_bits` names.
+    fn from_config(value: &config::ActivationBitsValue) -> anyhow::Result<Self> {
+        match value {
+            config::ActivationBitsValue::Bits(16) => Ok(ActivationBitsArg::Sixteen),
+            config::ActivationBitsValue::Bits(8) => Ok(ActivationBitsArg::Eight),
+            config::ActivationBitsValue::Name(name) if name == "mixed" => {
+                Ok(ActivationBitsArg::Mixed)
+            }
+            other => {
+                anyhow::bail!("activation_bits must be 16, 8 or \"mixed\", not {other}")
+            }
         }
     }
 
-    fn engine(self) -> neocloud_server::ActivationBits {
+    fn engine(self) -> neocloud_server::ActivationPrecision {
         match self {
-            ActivationBitsArg::Sixteen => neocloud_server::ActivationBits::Sixteen,
-            ActivationBitsArg::Eight => neocloud_server::ActivationBits::Eight,
+            ActivationBitsArg::Mixed => neocloud_server::ActivationPrecision::Mixed,
+            ActivationBitsArg::Sixteen => neocloud_server::ActivationPrecision::Sixteen,
+            ActivationBitsArg::Eight => neocloud_server::ActivationPrecision::Eight,
         }
     }
 }
@@ -174,8 +185,8 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// Bits per activation in the matrix products: 16 or 8 (as `serve`)
-    /// [default: 16].
+    /// Bits per activation in the matrix products: mixed, 16 or 8 (as
+    /// `serve`) [default: mixed].
     #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
     pub activation_bits: Option<ActivationBitsArg>,
 }
@@ -243,10 +254,10 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             .filter(|m| !m.is_empty())
             .unwrap_or_else(|| vec![DEFAULT_MODEL.to_string()])
     };
-    let activation_bits = match (args.activation_bits, file.activation_bits) {
+    let activation_precision = match (args.activation_bits, &file.activation_bits) {
         (Some(bits), _) => bits,
-        (None, Some(bits)) => ActivationBitsArg::from_bits(bits)?,
-        (None, None) => ActivationBitsArg::Sixteen,
+        (None, Some(value)) => ActivationBitsArg::from_config(value)?,
+        (None, None) => ActivationBitsArg::Mixed,
     }
     .engine();
     let mut models = Vec::with_capacity(names.len());
@@ -258,7 +269,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         models.push(neocloud_server::ServedModel {
             name,
             path,
-            activation_bits,
+            activation_precision,
         });
     }
     let host = args
@@ -412,7 +423,7 @@ struct JsonGeneration<'a> {
 fn run_generate(store: &ModelStore, args: GenerateArgs) -> anyhow::Result<()> {
     let mut lm = open(store, &args.model)?;
     if let Some(bits) = args.activation_bits {
-        lm.model.set_activation_bits(bits.engine());
+        lm.model.set_activation_precision(bits.engine());
     }
     let prompt = lm.tokenizer.encode(&args.prompt, true, true);
     let req = GenerateRequest {

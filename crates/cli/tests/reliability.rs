@@ -429,7 +429,7 @@ fn a_config_file_with_an_unknown_key_is_refused_at_start() {
 }
 
 #[test]
-fn activation_bits_other_than_16_or_8_are_refused_at_start() {
+fn activation_bits_other_than_16_8_or_mixed_are_refused_at_start() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_neocloud"))
         .args([
             "serve",
@@ -449,7 +449,7 @@ fn activation_bits_other_than_16_or_8_are_refused_at_start() {
         "models = [\"gemma-3-270m\"]\nactivation_bits = 12\n",
     );
     assert!(
-        stderr.contains("activation_bits must be 16 or 8"),
+        stderr.contains("activation_bits must be 16, 8 or \"mixed\", not 12"),
         "{stderr}"
     );
 }

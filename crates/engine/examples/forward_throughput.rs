@@ -8,7 +8,7 @@ use std::time::Instant;
 use neocloud_engine::kernels::{matmul, QMatrix};
 use neocloud_engine::kv_cache::KvCache;
 use neocloud_engine::model::{BatchSequence, Model};
-use neocloud_engine::panel::{ActivationBits, PanelMatrix};
+use neocloud_engine::panel::{ActivationPrecision, PanelMatrix};
 use neocloud_engine::sampler::{Sampler, SamplingParams};
 
 fn main() -> Result<(), String> {
@@ -21,12 +21,14 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .ok_or("usage: forward_throughput MODEL.gguf")?;
     let (mut model, gguf) = Model::open(std::path::Path::new(&path))?;
-    // `NEOCLOUD_ACTIVATION_BITS=8` times the products with 8-bit activations.
-    let bits = match std::env::var("NEOCLOUD_ACTIVATION_BITS").as_deref() {
-        Ok("8") => ActivationBits::Eight,
-        _ => ActivationBits::Sixteen,
+    // `NEOCLOUD_ACTIVATION_BITS=8` or `16` times the products with 8- or
+    // 16-bit activations everywhere instead of the default mix.
+    let precision = match std::env::var("NEOCLOUD_ACTIVATION_BITS").as_deref() {
+        Ok("8") => ActivationPrecision::Eight,
+        Ok("16") => ActivationPrecision::Sixteen,
+        _ => ActivationPrecision::Mixed,
     };
-    model.set_activation_bits(bits);
+    model.set_activation_precision(precision);
     // `NEOCLOUD_MATRICES` (comma-separated tensor names) picks the matrices
     // measured alone.
     let matrices = std::env::var("NEOCLOUD_MATRICES")
@@ -39,6 +41,11 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
             cols: t.row_len(),
             bytes: gguf.tensor_bytes(t),
             panels: None,
+        };
+        let bits = if name.contains("ffn_down") {
+            precision.feed_forward_down()
+        } else {
+            precision.elsewhere()
         };
         let packed = PanelMatrix::pack(&w).map(|p| PanelMatrix {
             activations: bits,

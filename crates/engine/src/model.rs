@@ -17,7 +17,7 @@ use crate::error::EngineError;
 use crate::gguf::{GgufBytes, GgufFile, MetaValue, TensorInfo};
 use crate::kernels::{gelu_tanh_gated, matmul, silu_gated, QMatrix};
 use crate::kv_cache::{KvCache, KvPool};
-use crate::panel::{ActivationBits, PanelMatrix};
+use crate::panel::{ActivationBits, ActivationPrecision, PanelMatrix};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
 /// Model family, from `general.architecture`.
@@ -413,7 +413,8 @@ impl Model {
 
     /// Repacks every matrix the forward pass multiplies by into panels, when
     /// this CPU's product uses them (the embedding table stays as it is:
-    /// only single rows are read from it).
+    /// only single rows are read from it), at the default
+    /// [`ActivationPrecision`].
     fn pack_panels(&mut self) {
         if !crate::kernels::panels_in_use() {
             return;
@@ -442,24 +443,27 @@ impl Model {
             l.qkv = stack_panels(&mut [&mut l.wq, &mut l.wk, &mut l.wv]);
             l.gate_up = stack_panels(&mut [&mut l.w_gate, &mut l.w_up]);
         }
+        self.set_activation_precision(ActivationPrecision::default());
     }
 
-    /// Sets how every product in panels quantises its activations (see
-    /// [`ActivationBits`]); without AVX-512 VNNI nothing is in panels and
-    /// nothing changes.
-    pub fn set_activation_bits(&mut self, bits: ActivationBits) {
-        let set = |p: &mut Option<PanelMatrix>| {
+    /// Sets how each product in panels quantises its activations (see
+    /// [`ActivationPrecision`]); without AVX-512 VNNI nothing is in panels
+    /// and nothing changes.
+    pub fn set_activation_precision(&mut self, precision: ActivationPrecision) {
+        let set = |p: &mut Option<PanelMatrix>, bits: ActivationBits| {
             if let Some(p) = p {
                 p.activations = bits;
             }
         };
-        set(&mut self.output.panels);
+        let elsewhere = precision.elsewhere();
+        set(&mut self.output.panels, elsewhere);
         for l in &mut self.layers {
             for w in l.matrices_mut() {
-                set(&mut w.panels);
+                set(&mut w.panels, elsewhere);
             }
-            set(&mut l.qkv);
-            set(&mut l.gate_up);
+            set(&mut l.w_down.panels, precision.feed_forward_down());
+            set(&mut l.qkv, elsewhere);
+            set(&mut l.gate_up, elsewhere);
         }
     }
 

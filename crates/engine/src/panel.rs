@@ -138,12 +138,47 @@ impl PanelBits {
 /// How finely a panel product quantises its activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ActivationBits {
-    /// int16 per block of 32 values ([`PanelActivations`]): the default.
+    /// int16 per block of 32 values ([`PanelActivations`]): what a panel
+    /// takes until a model sets otherwise.
     #[default]
     Sixteen,
     /// int8 per block of 32 values ([`ByteActivations`]), as llama.cpp
     /// does: twice the products per instruction, 256 times the rounding.
     Eight,
+}
+
+/// Which [`ActivationBits`] each product of a model takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationPrecision {
+    /// int16 in every product: the closest to exact arithmetic.
+    Sixteen,
+    /// int8 in every product, as llama.cpp.
+    Eight,
+    /// int8, except the feed-forward down projection in int16: the
+    /// default. Its input (the gated product of two projections) rounds
+    /// worst in int8, and it is a tenth to a fifth of the work; this mix
+    /// agrees with llama.cpp as closely as 16 bits everywhere (see
+    /// `docs/performance.md`).
+    #[default]
+    Mixed,
+}
+
+impl ActivationPrecision {
+    /// The bits of the feed-forward down projection.
+    pub fn feed_forward_down(self) -> ActivationBits {
+        match self {
+            ActivationPrecision::Eight => ActivationBits::Eight,
+            ActivationPrecision::Sixteen | ActivationPrecision::Mixed => ActivationBits::Sixteen,
+        }
+    }
+
+    /// The bits of every other product (attention, gate and up, the head).
+    pub fn elsewhere(self) -> ActivationBits {
+        match self {
+            ActivationPrecision::Sixteen => ActivationBits::Sixteen,
+            ActivationPrecision::Eight | ActivationPrecision::Mixed => ActivationBits::Eight,
+        }
+    }
 }
 
 /// A weight matrix in panels (see the module documentation).

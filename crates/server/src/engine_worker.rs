@@ -31,7 +31,7 @@ use neocloud_engine::generation::{
 };
 use neocloud_engine::kv_cache::KvPool;
 use neocloud_engine::model::ForwardScratch;
-use neocloud_engine::panel::ActivationBits;
+use neocloud_engine::panel::ActivationPrecision;
 use neocloud_engine::sampler::Sampled;
 use neocloud_engine::EngineError;
 use tokio::sync::mpsc;
@@ -47,7 +47,7 @@ pub struct ServedModel {
     /// GGUF file.
     pub path: PathBuf,
     /// How its matrix products quantise activations.
-    pub activation_bits: ActivationBits,
+    pub activation_precision: ActivationPrecision,
 }
 
 /// What the engine thread reports about a job.
@@ -158,7 +158,7 @@ impl EngineHandle {
         for m in &served {
             match LoadedModel::open(&m.path) {
                 Ok(mut lm) => {
-                    lm.model.set_activation_bits(m.activation_bits);
+                    lm.model.set_activation_precision(m.activation_precision);
                     loaded.push(Arc::new(lm))
                 }
                 Err(e) => {
@@ -860,7 +860,7 @@ mod tests {
         let served = vec![ServedModel {
             name: "gemma-3-270m".into(),
             path: gemma_path(),
-            activation_bits: ActivationBits::Sixteen,
+            activation_precision: ActivationPrecision::default(),
         }];
         let engine = EngineHandle::start(served, queue, limits, Arc::clone(&metrics)).unwrap();
         (engine, metrics)
@@ -1176,7 +1176,7 @@ mod tests {
             .map(|name| ServedModel {
                 name: (*name).into(),
                 path: store.pull(name, &mut |p| eprintln!("{p}")).unwrap(),
-                activation_bits: ActivationBits::Sixteen,
+                activation_precision: ActivationPrecision::default(),
             })
             .collect();
         let metrics = Arc::new(Metrics::default());

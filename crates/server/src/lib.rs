@@ -29,7 +29,7 @@ pub use engine_worker::{BatchLimits, EngineHandle, ServedModel};
 pub use error::ServerError;
 pub use lifecycle::Lifecycle;
 pub use metrics::Metrics;
-pub use neocloud_engine::panel::ActivationBits;
+pub use neocloud_engine::panel::ActivationPrecision;
 
 /// How the server runs.
 #[derive(Debug, Clone)]
