@@ -8,6 +8,7 @@
 mod common;
 
 use neocloud_engine::kv_cache::KvCache;
+use neocloud_engine::model::Model;
 use neocloud_engine::panel::ActivationPrecision;
 use neocloud_engine::sampler::log_softmax;
 
@@ -29,6 +30,25 @@ fn check_model_with(name: &str, mode: Mode, precision: ActivationPrecision) {
     let (mut model, _tok) = common::load(name);
     model.set_activation_precision(precision);
     let lines = neocloud_testkit::reference_lines(name, "greedy.jsonl");
+    let failures = disagreements(
+        &model,
+        &lines,
+        mode,
+        &format!("{name} {mode:?} {precision:?}"),
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Where `model`, fed each line's prompt and tokens, breaks the rule of the
+/// reference folder's README against the line's steps: one message per
+/// top-1 change at a margin of 0.25 nats or more, and per prompt whose mean
+/// difference exceeds 0.25.
+fn disagreements(
+    model: &Model,
+    lines: &[serde_json::Value],
+    mode: Mode,
+    label: &str,
+) -> Vec<String> {
     let mut failures = Vec::new();
     for (li, line) in lines.iter().enumerate() {
         let ids = |v: &serde_json::Value| -> Vec<u32> {
@@ -100,23 +120,23 @@ fn check_model_with(name: &str, mode: Mode, precision: ActivationPrecision) {
                 .unwrap();
             if margin >= 0.25 && ours != ref_lp[0].0 {
                 failures.push(format!(
-                    "{name} {mode:?} {precision:?} prompt {li} step {i}: top-1 {ours} != {} (margin {margin:.3})",
+                    "{label} prompt {li} step {i}: top-1 {ours} != {} (margin {margin:.3})",
                     ref_lp[0].0
                 ));
             }
         }
         let mean = total_diff / count as f64;
         eprintln!(
-            "{name} {mode:?} {precision:?} prompt {li} ({} prompt tokens): mean |dlogprob| {mean:.4}, max {max_diff:.4}",
+            "{label} prompt {li} ({} prompt tokens): mean |dlogprob| {mean:.4}, max {max_diff:.4}",
             prompt.len()
         );
         if mean > 0.25 {
             failures.push(format!(
-                "{name} prompt {li}: mean difference {mean:.4} > 0.25"
+                "{label} prompt {li}: mean difference {mean:.4} > 0.25"
             ));
         }
     }
-    assert!(failures.is_empty(), "{failures:#?}");
+    failures
 }
 
 #[test]
@@ -164,4 +184,47 @@ fn qwen2_5_coder_0_5b_with_8_bit_activations_agrees_with_llama_cpp() {
         Mode::Incremental,
         ActivationPrecision::Eight,
     );
+}
+
+/// Agreement beyond the reference folder's prompts: a file in its format
+/// that `bench/held-out-reference.sh` writes with the llama-server of this
+/// machine, for the model it names. The default precision must break the
+/// rule at no more steps and prompts than 16 bits everywhere does (llama.cpp
+/// builds differ among themselves, so neither is expected to agree
+/// everywhere); 8 bits everywhere is reported alongside.
+#[test]
+#[ignore = "needs NEOCLOUD_HELD_OUT_REFERENCE and NEOCLOUD_HELD_OUT_MODEL (bench/held-out-reference.sh)"]
+fn on_held_out_prompts_the_default_precision_agrees_as_well_as_16_bits() {
+    let path = std::env::var("NEOCLOUD_HELD_OUT_REFERENCE").unwrap();
+    let name = std::env::var("NEOCLOUD_HELD_OUT_MODEL").unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (mut model, _tok) = common::load(&name);
+    let mut counts = Vec::new();
+    for precision in [
+        ActivationPrecision::Sixteen,
+        ActivationPrecision::default(),
+        ActivationPrecision::Eight,
+    ] {
+        model.set_activation_precision(precision);
+        let failures = disagreements(
+            &model,
+            &lines,
+            Mode::Batched,
+            &format!("{name} {precision:?}"),
+        );
+        for f in &failures {
+            eprintln!("{f}");
+        }
+        counts.push((precision, failures.len()));
+    }
+    eprintln!(
+        "{name}, {} held-out prompts: rule broken {counts:?}",
+        lines.len()
+    );
+    assert!(counts[1].1 <= counts[0].1, "{counts:?}");
 }
