@@ -89,8 +89,8 @@ pub struct ServeArgs {
     /// Bits per activation in the matrix products: `mixed` (8, and 16 in
     /// the feed-forward down projection), 16 everywhere (closest to exact
     /// arithmetic), or 8 everywhere as llama.cpp (fastest with many
-    /// sequences per step); 8 needs AVX-512 VNNI, else every product takes
-    /// 16 [default: mixed].
+    /// sequences per step); without AVX-512 VNNI every product takes 16
+    /// whatever the setting [default: mixed].
     #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
     pub activation_bits: Option<ActivationBitsArg>,
 }
