@@ -197,12 +197,7 @@ fn qwen2_5_coder_0_5b_with_8_bit_activations_agrees_with_llama_cpp() {
 fn on_held_out_prompts_the_default_precision_agrees_as_well_as_16_bits() {
     let path = std::env::var("NEOCLOUD_HELD_OUT_REFERENCE").unwrap();
     let name = std::env::var("NEOCLOUD_HELD_OUT_MODEL").unwrap();
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = neocloud_testkit::json_lines(std::path::Path::new(&path));
     let (mut model, _tok) = common::load(&name);
     let mut counts = Vec::new();
     for precision in [

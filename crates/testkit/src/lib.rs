@@ -27,9 +27,14 @@ pub fn shared_dir() -> PathBuf {
 
 /// Reads `reference/<model>/<file>` as one JSON value per line.
 pub fn reference_lines(model: &str, file: &str) -> Vec<serde_json::Value> {
-    let path = shared_dir().join("reference").join(model).join(file);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    json_lines(&shared_dir().join("reference").join(model).join(file))
+}
+
+/// Reads the file at `path` as one JSON value per line (blank lines
+/// skipped).
+pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
