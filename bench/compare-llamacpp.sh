@@ -59,15 +59,6 @@ source bench/llamacpp-env.sh
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() { # URL
-  for _ in $(seq 1 1200); do
-    curl -fs "$1/health" > /dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "nothing ready at $1" >&2; exit 1
-}
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 peak_rss_mb() { # PID: the process's peak resident memory so far, in MB
   awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "?"
 }

@@ -30,19 +30,15 @@ gguf=$(target/release/neocloud pull "$model" | tail -1)
 # shellcheck source=bench/llamacpp-env.sh
 source bench/llamacpp-env.sh
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 "$bindir/llama-server" -m "$gguf" -t "$threads" -np 1 -c 4096 \
   --host 127.0.0.1 --port "$port" > "$out/llama-server.log" 2>&1 &
 llama_pid=$!
 trap 'kill "$llama_pid" 2> /dev/null || true' EXIT
-for _ in $(seq 1 1200); do
-  curl -fs "http://127.0.0.1:$port/health" > /dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_ready "http://127.0.0.1:$port"
 python3 bench/held_out_reference.py "http://127.0.0.1:$port" "$out/$model.jsonl" \
   ../shared/DESIGN.md ../shared/RELIABILITY.md
-kill "$llama_pid" 2> /dev/null || true
-wait "$llama_pid" 2> /dev/null || true
+stop "$llama_pid"
 
 NEOCLOUD_HELD_OUT_REFERENCE="$out/$model.jsonl" NEOCLOUD_HELD_OUT_MODEL="$model" \
   cargo test --release -q -p neocloud-engine --test reference_logprobs -- \
