@@ -33,6 +33,16 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     // measured alone.
     let matrices = std::env::var("NEOCLOUD_MATRICES")
         .unwrap_or_else(|_| "token_embd.weight,blk.0.ffn_up.weight,blk.0.ffn_down.weight".into());
+    // `NEOCLOUD_PRODUCT_ROWS` (comma-separated) picks the batch heights
+    // those products are timed at, and `NEOCLOUD_PRODUCT_REPS` how often.
+    let heights: Vec<usize> = std::env::var("NEOCLOUD_PRODUCT_ROWS")
+        .unwrap_or_else(|_| "1,4,8,32,512".into())
+        .split(',')
+        .filter_map(|m| m.parse().ok())
+        .collect();
+    let product_reps: Option<usize> = std::env::var("NEOCLOUD_PRODUCT_REPS")
+        .ok()
+        .and_then(|r| r.parse().ok());
     for name in matrices.split(',').filter(|n| !n.is_empty()) {
         let Some(t) = gguf.tensor(name) else { continue };
         let w = QMatrix {
@@ -55,13 +65,13 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
             panels: packed.as_ref(),
             ..w
         };
-        for m in [1usize, 4, 8, 32, 512] {
+        for &m in &heights {
             let x: Vec<f32> = (0..m * w.cols)
                 .map(|i| ((i % 97) as f32 - 48.0) / 50.0)
                 .collect();
             let mut out = vec![0f32; m * w.rows];
             matmul(&w, &x, m, &mut out);
-            let reps = if m >= 32 { 3 } else { 10 };
+            let reps = product_reps.unwrap_or(if m >= 32 { 3 } else { 10 });
             let start = Instant::now();
             for _ in 0..reps {
                 matmul(&w, &x, m, &mut out);
@@ -77,6 +87,10 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
                 (m * w.rows * w.cols) as f64 / secs / 1e9
             );
         }
+    }
+    // `NEOCLOUD_PRODUCTS_ONLY` stops after the products (for profiling them).
+    if std::env::var_os("NEOCLOUD_PRODUCTS_ONLY").is_some() {
+        return Ok(());
     }
     let vocab = model.config.vocab_size as u32;
     // `NEOCLOUD_PREFILL_TOKENS` sets the prompt length of the prefill line.
@@ -144,7 +158,11 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
                 model.forward(&mut pool, &p, &mut c, context - 1).map(|_| c)
             })
             .collect::<Result<_, _>>()?;
-        let steps = if streams == 1 { 64 } else { 16 };
+        // `NEOCLOUD_DECODE_STEPS` sets how many steps are timed.
+        let steps = std::env::var("NEOCLOUD_DECODE_STEPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if streams == 1 { 64 } else { 16 });
         let mut tokens: Vec<u32> = (0..streams as u32).collect();
         let start = Instant::now();
         for _ in 0..steps {

@@ -12,7 +12,10 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::integer_dot::{self, QuantizedRow};
-use crate::panel::{ActivationBits, ByteActivations, PanelActivations, PanelMatrix, PANEL_ROWS};
+use crate::panel::{
+    ActivationBits, ByteActivations, PanelActivations, PanelMatrix, SpanTerms, PANEL_ROWS,
+    ROW_BLOCK,
+};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
 /// The instruction set the kernels use on this CPU.
@@ -465,13 +468,17 @@ impl<'a> ColumnSplit<'a> {
     }
 }
 
-/// Activation rows that go past a panel together (the most the AVX-512
-/// kernel keeps in registers).
-const PANEL_ROW_BLOCK: usize = 8;
+/// How far ahead of the panel in use a product asks for weight bytes (in
+/// whole panels), when it has [`MIN_PREFETCH_ROWS`] activation rows or more.
+const PREFETCH_AHEAD: usize = 32 << 10;
+/// Fewer activation rows than this spend too little time on each weight
+/// byte for asking ahead to pay: the hardware's prefetching keeps up.
+const MIN_PREFETCH_ROWS: usize = 4;
 
 thread_local! {
     static PANEL_ROWS_IN: RefCell<Vec<PanelActivations>> = const { RefCell::new(Vec::new()) };
     static BYTE_ROWS_IN: RefCell<Vec<ByteActivations>> = const { RefCell::new(Vec::new()) };
+    static SPAN_TERMS: RefCell<Vec<SpanTerms>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The product with weights in panels (AVX-512 VNNI), for any number of
@@ -500,25 +507,53 @@ fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
     // steals other work while waiting in this product's parallel regions
     // may run another product on this thread, which then gets a fresh one.
     let mut buffer = cell.take();
+    let mut terms = SPAN_TERMS.with(|cell| cell.take());
     {
         let rows = &*quantize_rows(&mut buffer, x, k, m);
+        SpanTerms::fill(&mut terms, w, rows);
+        let block_terms = k / w.span * ROW_BLOCK;
+        let terms = &terms;
         let panels = n / PANEL_ROWS;
         let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
         let split = ColumnSplit::new(out, n, panels_per_task * PANEL_ROWS);
+        // Each block of rows asks for its share of the panel that far ahead.
+        let panel_bytes = w.panel_bytes(0).len();
+        let ahead = PREFETCH_AHEAD.div_ceil(panel_bytes);
+        let blocks = rows.len().div_ceil(ROW_BLOCK);
+        let share = if m >= MIN_PREFETCH_ROWS {
+            panel_bytes.div_ceil(64).div_ceil(blocks)
+        } else {
+            0
+        };
         (0..split.tasks()).into_par_iter().for_each(|t| {
             let (first, cols) = split.columns(t);
             let p0 = first / PANEL_ROWS;
-            let mut results = [0f32; PANEL_ROW_BLOCK * PANEL_ROWS];
+            let mut results = [0f32; ROW_BLOCK * PANEL_ROWS];
             for local in 0..cols / PANEL_ROWS {
-                for (b, block) in rows.chunks(PANEL_ROW_BLOCK).enumerate() {
+                let next = (w.bytes.as_ptr()).wrapping_add((p0 + local + ahead) * panel_bytes);
+                for (b, block) in rows.chunks(ROW_BLOCK).enumerate() {
                     let results = &mut results[..block.len() * PANEL_ROWS];
+                    let block_terms = &terms[b * block_terms..(b + 1) * block_terms];
+                    let prefetch = crate::panel_avx512::Prefetch {
+                        from: next.wrapping_add(b * share * 64),
+                        lines: share,
+                    };
                     // SAFETY: `available()` checked every feature it needs.
-                    unsafe { crate::panel_avx512::panel_product(w, p0 + local, block, results) };
+                    unsafe {
+                        crate::panel_avx512::panel_product(
+                            w,
+                            p0 + local,
+                            block,
+                            block_terms,
+                            prefetch,
+                            results,
+                        )
+                    };
                     let at = local * PANEL_ROWS;
                     for (i, r) in results.chunks_exact(PANEL_ROWS).enumerate() {
                         // SAFETY: task `t` alone writes its columns, one
                         // row at a time.
-                        let part = unsafe { split.part(t, b * PANEL_ROW_BLOCK + i) };
+                        let part = unsafe { split.part(t, b * ROW_BLOCK + i) };
                         part[at..at + PANEL_ROWS].copy_from_slice(r);
                     }
                 }
@@ -526,6 +561,7 @@ fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
         });
     }
     cell.replace(buffer);
+    SPAN_TERMS.with(|cell| cell.replace(terms));
 }
 
 /// Batches up to this many rows multiply with integer activations: reading

@@ -591,6 +591,78 @@ pub fn panel_dot_portable(w: &PanelMatrix, p: usize, x: &PanelActivations) -> [f
     out
 }
 
+/// Activation rows that go past a panel together (the most the AVX-512
+/// kernel keeps in registers), and whose [`SpanTerms`] lie together.
+pub const ROW_BLOCK: usize = 8;
+
+/// What a product needs of one activation row per scale span of its
+/// matrix besides the integers: worked out once per product, not once per
+/// panel, and laid out (see [`SpanTerms::fill`]) so that one address
+/// register reaches every row of a block.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct SpanTerms {
+    /// The scale of the activation block the span lies in.
+    pub scale: f32,
+    /// What the span's integer sum starts from: minus the matrix's zero
+    /// times the sum of the span's values, so that the sum comes out as
+    /// `sum (u - zero) x` (0 when the matrix has no zero).
+    pub start: i32,
+    /// The sum of the span's scaled group sums, which the stored offsets
+    /// multiply (0 when the matrix has a zero).
+    pub offset: f32,
+}
+
+impl SpanTerms {
+    /// Span `span`'s terms of row `x` for `w`.
+    pub fn of<T: QuantizedValue>(w: &PanelMatrix, x: &PanelActivations<T>, span: usize) -> Self {
+        let span_groups = w.span / GROUP;
+        let g0 = span * span_groups;
+        let groups = g0..g0 + span_groups;
+        match w.zero {
+            Some(zero) => {
+                let total: i32 = x.sum[groups].iter().sum();
+                SpanTerms {
+                    scale: x.scale[g0],
+                    start: -(zero as i32 * total),
+                    offset: 0.0,
+                }
+            }
+            None => SpanTerms {
+                scale: x.scale[g0],
+                start: 0,
+                offset: x.scaled_sum[g0 + 1..g0 + span_groups]
+                    .iter()
+                    .fold(x.scaled_sum[g0], |o, s| o + s),
+            },
+        }
+    }
+
+    /// Writes the terms of `rows` for `w` into `table`, per block of
+    /// [`ROW_BLOCK`] rows, per span, per row of the block: row `i`'s terms
+    /// of span `s` at `(i / ROW_BLOCK * spans + s) * ROW_BLOCK + i % ROW_BLOCK`.
+    pub fn fill<T: QuantizedValue>(
+        table: &mut Vec<SpanTerms>,
+        w: &PanelMatrix,
+        rows: &[PanelActivations<T>],
+    ) {
+        let spans = w.cols / w.span;
+        table.clear();
+        table.resize(
+            rows.len().div_ceil(ROW_BLOCK) * spans * ROW_BLOCK,
+            SpanTerms::default(),
+        );
+        for (b, block) in rows.chunks(ROW_BLOCK).enumerate() {
+            let terms = &mut table[b * spans * ROW_BLOCK..(b + 1) * spans * ROW_BLOCK];
+            for (slot, x) in block.iter().enumerate() {
+                for span in 0..spans {
+                    terms[span * ROW_BLOCK + slot] = SpanTerms::of(w, x, span);
+                }
+            }
+        }
+    }
+}
+
 /// The portable byte product of panel `p` with one row: the reference for
 /// the vector code, the same operations in the same order (integer sums
 /// over a scale span, then the span's scales). Returns the panel's 16
@@ -600,7 +672,6 @@ pub fn byte_panel_dot_portable(
     p: usize,
     x: &ByteActivations,
 ) -> [f32; PANEL_ROWS] {
-    let zero = w.zero.map(|z| z as i32);
     let bytes = w.panel_bytes(p);
     let scales = w.panel_scales(p);
     let per_span = scales_per_group(w.zero);
@@ -614,10 +685,9 @@ pub fn byte_panel_dot_portable(
     for (span, groups) in groups.chunks_exact(span_groups).enumerate() {
         let g0 = span * span_groups;
         let s = &scales[span * per_span..][..per_span];
-        let total: i32 = x.sum[g0..g0 + span_groups].iter().sum();
-        let offset: f32 = x.scaled_sum[g0..g0 + span_groups].iter().sum();
+        let terms = SpanTerms::of(w, x, span);
         for r in 0..PANEL_ROWS {
-            let mut sum = 0i32;
+            let mut sum = terms.start;
             for (k, group) in groups.iter().enumerate() {
                 for q in 0..GROUP / LANE {
                     for t in 0..LANE {
@@ -626,13 +696,10 @@ pub fn byte_panel_dot_portable(
                     }
                 }
             }
-            if let Some(zero) = zero {
-                sum -= zero * total;
-            }
-            let scale = f16_to_f32(s[r]) * x.scale[g0];
+            let scale = f16_to_f32(s[r]) * terms.scale;
             acc[r] = scale.mul_add(sum as f32, acc[r]);
-            if zero.is_none() {
-                corr[r] = f16_to_f32(s[PANEL_ROWS + r]).mul_add(offset, corr[r]);
+            if w.zero.is_none() {
+                corr[r] = f16_to_f32(s[PANEL_ROWS + r]).mul_add(terms.offset, corr[r]);
             }
         }
     }
@@ -679,8 +746,19 @@ mod tests {
         crate::panel_avx512::available().then(|| {
             let mut out = [0f32; CHECKED_ROWS * PANEL_ROWS];
             let xs: Vec<PanelActivations<T>> = (0..CHECKED_ROWS).map(|_| x.clone()).collect();
+            let mut terms = Vec::new();
+            SpanTerms::fill(&mut terms, packed, &xs);
             // SAFETY: the features were just detected.
-            unsafe { crate::panel_avx512::panel_product(packed, p, &xs, &mut out) };
+            unsafe {
+                crate::panel_avx512::panel_product(
+                    packed,
+                    p,
+                    &xs,
+                    &terms,
+                    crate::panel_avx512::Prefetch::NONE,
+                    &mut out,
+                )
+            };
             out
         })
     }
@@ -888,10 +966,28 @@ mod tests {
             if crate::panel_avx512::available() {
                 let (mut a, mut w) = ([0f32; PANEL_ROWS], [0f32; PANEL_ROWS]);
                 let rows = [act.clone()];
+                let (mut alone_terms, mut stacked_terms) = (Vec::new(), Vec::new());
+                SpanTerms::fill(&mut alone_terms, &parts[i], &rows);
+                SpanTerms::fill(&mut stacked_terms, &centered, &rows);
                 // SAFETY: the features were just detected.
                 unsafe {
-                    crate::panel_avx512::panel_product(&parts[i], 0, &rows, &mut a);
-                    crate::panel_avx512::panel_product(&centered, p, &rows, &mut w);
+                    let none = crate::panel_avx512::Prefetch::NONE;
+                    crate::panel_avx512::panel_product(
+                        &parts[i],
+                        0,
+                        &rows,
+                        &alone_terms,
+                        none,
+                        &mut a,
+                    );
+                    crate::panel_avx512::panel_product(
+                        &centered,
+                        p,
+                        &rows,
+                        &stacked_terms,
+                        none,
+                        &mut w,
+                    );
                 }
                 assert_eq!(a.map(f32::to_bits), w.map(f32::to_bits), "part {i}");
             }

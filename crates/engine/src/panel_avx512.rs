@@ -6,7 +6,8 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use crate::panel::{
-    scales_per_group, PanelActivations, PanelBits, PanelMatrix, QuantizedValue, GROUP, PANEL_ROWS,
+    scales_per_group, PanelActivations, PanelBits, PanelMatrix, QuantizedValue, SpanTerms, GROUP,
+    PANEL_ROWS, ROW_BLOCK,
 };
 
 /// Whether this CPU has the instructions (and the portable kernels were not
@@ -56,11 +57,6 @@ fn pair_pattern(first: i8) -> __m512i {
 /// The integers of an activation row as the panel product takes them:
 /// int16, two per `vpdpwssd` lane, or int8, four per `vpdpbusd` lane.
 pub trait PanelValue: QuantizedValue {
-    /// Whether the product asks for every cache line of a group ahead, not
-    /// just the first: the int8 product spends half as long on each byte,
-    /// so the hardware's prefetching falls further behind.
-    const PREFETCH_EVERY_LINE: bool;
-
     /// Adds the products of group `g` to each row's integer sums:
     /// `registers` hold the group's weight bytes (lane `r` of register `q`
     /// has values `4q..4q + 4` of weight row `r`), `rows` point at each
@@ -85,8 +81,6 @@ pub trait PanelValue: QuantizedValue {
 }
 
 impl PanelValue for i16 {
-    const PREFETCH_EVERY_LINE: bool = false;
-
     /// Each register widens to two of int16 pairs (a byte shuffle each),
     /// then eight `vpdpwssd` per row, weight-major so that consecutive
     /// instructions feed different sums and none waits on the one before.
@@ -126,8 +120,6 @@ impl PanelValue for i16 {
 }
 
 impl PanelValue for i8 {
-    const PREFETCH_EVERY_LINE: bool = true;
-
     /// Four `vpdpbusd` per row, on the stored bytes as they are (unsigned
     /// weights times signed activations), register-major.
     #[inline]
@@ -161,8 +153,10 @@ impl PanelValue for i8 {
 
 /// The 16 outputs of panel `p` for each of `xs`, into `out` (row `i`'s at
 /// `16 i..16 i + 16`): the numbers of [`crate::panel::panel_dot_portable`]
-/// or [`crate::panel::byte_panel_dot_portable`]. Rows go eight, four or one
-/// at a time; a row's outputs are the same in any group.
+/// or [`crate::panel::byte_panel_dot_portable`]. `terms` are the rows'
+/// [`SpanTerms`] for `w`, as [`SpanTerms::fill`] lays them out. Rows go
+/// eight, four or one at a time, never across a block of the terms; a
+/// row's outputs are the same in any group.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
@@ -171,9 +165,21 @@ pub unsafe fn panel_product<T: PanelValue>(
     w: &PanelMatrix,
     p: usize,
     xs: &[PanelActivations<T>],
+    terms: &[SpanTerms],
+    prefetch: Prefetch,
     out: &mut [f32],
 ) {
     assert!(out.len() >= xs.len() * PANEL_ROWS);
+    let block_terms = w.cols / w.span * ROW_BLOCK;
+    assert!(terms.len() >= xs.len().div_ceil(ROW_BLOCK) * block_terms);
+    // Rows `i..i + R` with their terms: R divides the block and `i` is a
+    // multiple of R, so they lie in one block.
+    // The first rows go past with the prefetches.
+    let rows = |i: usize, r: usize| {
+        let block = &terms[i / ROW_BLOCK * block_terms..][..block_terms];
+        let prefetch = if i == 0 { prefetch } else { Prefetch::NONE };
+        (&xs[i..i + r], (block, i % ROW_BLOCK, prefetch))
+    };
     let store = |out: &mut [f32], first: usize, sums: &[__m512]| {
         for (j, s) in sums.iter().enumerate() {
             let o = &mut out[(first + j) * PANEL_ROWS..(first + j + 1) * PANEL_ROWS];
@@ -186,17 +192,20 @@ pub unsafe fn panel_product<T: PanelValue>(
     // sums: their unpacking is shared by more rows, and without correction
     // accumulators the registers suffice.
     while w.zero.is_some() && i + 8 <= xs.len() {
-        let sums = rows_of(w, p, std::array::from_fn::<_, 8, _>(|j| &xs[i + j]));
+        let (x, with) = rows(i, 8);
+        let sums = rows_of(w, p, std::array::from_fn::<_, 8, _>(|j| &x[j]), with);
         store(out, i, &sums);
         i += 8;
     }
     while i + 4 <= xs.len() {
-        let sums = rows_of(w, p, [&xs[i], &xs[i + 1], &xs[i + 2], &xs[i + 3]]);
+        let (x, with) = rows(i, 4);
+        let sums = rows_of(w, p, [&x[0], &x[1], &x[2], &x[3]], with);
         store(out, i, &sums);
         i += 4;
     }
     while i < xs.len() {
-        let sums = rows_of(w, p, [&xs[i]]);
+        let (x, with) = rows(i, 1);
+        let sums = rows_of(w, p, [&x[0]], with);
         store(out, i, &sums);
         i += 1;
     }
@@ -209,7 +218,9 @@ fn rows_of<T: PanelValue, const R: usize>(
     w: &PanelMatrix,
     p: usize,
     xs: [&PanelActivations<T>; R],
+    (terms, slot, prefetch): (&[SpanTerms], usize, Prefetch),
 ) -> [__m512; R] {
+    let xs = (xs, terms, slot, prefetch);
     match (w.bits, w.span == 2 * GROUP, w.zero.is_some()) {
         (PanelBits::Eight, false, false) => panel_rows::<T, R, 8, 1, false>(w, p, xs),
         (PanelBits::Eight, false, true) => panel_rows::<T, R, 8, 1, true>(w, p, xs),
@@ -306,12 +317,26 @@ unsafe fn dot_pairs(acc: __m512i, w: __m512i, pair: *const i32) -> __m512i {
     acc
 }
 
-/// How far ahead of the group in use the kernel asks for weight bytes, when
-/// four rows or more share them. A decode step of a few sequences computes
-/// long enough per byte that the hardware's own prefetching falls behind
-/// the stream from memory; asking this far ahead (the next panels lie next
-/// in memory) took Gemma's 8-sequence step from about 27 to 23 ms.
-const PREFETCH_AHEAD: usize = 16 << 10;
+/// Weight bytes that a product asks the caches for while it works, spread
+/// evenly over its groups, so that the stream from memory runs all the
+/// time rather than only while the first block of rows goes past a panel.
+/// A decode step of a few sequences computes long enough per byte that the
+/// hardware's own prefetching falls behind the stream from memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefetch {
+    /// The first byte asked for; any address (asking never faults).
+    pub from: *const u8,
+    /// Cache lines of 64 bytes asked for, from `from` on.
+    pub lines: usize,
+}
+
+impl Prefetch {
+    /// Nothing asked for.
+    pub const NONE: Prefetch = Prefetch {
+        from: std::ptr::null(),
+        lines: 0,
+    };
+}
 
 /// `acc + u · quad`: `_mm512_dpbusd_epi32` (unsigned weight bytes times
 /// signed activation bytes, four per lane) with the activation quad at
@@ -341,7 +366,10 @@ unsafe fn dot_quads(acc: __m512i, u: __m512i, quad: *const i32) -> __m512i {
 /// as `BITS` with `SPAN_GROUPS` groups per scale span: integer sums run over
 /// a whole span, and its scales apply once. With `ZERO` (offsets a fixed
 /// integer multiple of the multipliers), the offset is taken off the
-/// integer sum, exactly: `sum (u - zero) x = sum u x - zero sum x`.
+/// integer sum, exactly: `sum (u - zero) x = sum u x - zero sum x`, the
+/// sums starting from the second term. The rows' [`SpanTerms`] are those of
+/// slots `slot..slot + R` of one block of `terms`; `prefetch`'s lines are
+/// asked for a few per group.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn panel_rows<
@@ -353,12 +381,13 @@ fn panel_rows<
 >(
     w: &PanelMatrix,
     p: usize,
-    xs: [&PanelActivations<T>; R],
+    (xs, terms, slot, prefetch): ([&PanelActivations<T>; R], &[SpanTerms], usize, Prefetch),
 ) -> [__m512; R] {
     let groups = w.cols / GROUP;
-    // The zeros are small powers of two (see `zero_of`), exact as integers.
-    let zero = w.zero.unwrap_or(0.0) as i32;
     assert!(ZERO == w.zero.is_some());
+    assert!(slot + R <= ROW_BLOCK && terms.len() >= groups / SPAN_GROUPS * ROW_BLOCK);
+    let terms = terms[slot..].as_ptr();
+    let lines_per_group = prefetch.lines.div_ceil(groups);
     let bytes = w.panel_bytes(p);
     let scales = w.panel_scales(p);
     let per_span = scales_per_group(w.zero);
@@ -366,57 +395,44 @@ fn panel_rows<
     assert!(w.span == SPAN_GROUPS * GROUP && groups.is_multiple_of(SPAN_GROUPS));
     assert!(bytes.len() == groups * group_bytes && scales.len() == groups / SPAN_GROUPS * per_span);
     for x in xs {
-        assert!(x.q.len() >= w.cols && x.scale.len() >= groups);
-        assert!(x.scaled_sum.len() >= groups && x.sum.len() >= groups);
+        assert!(x.q.len() >= w.cols);
     }
     let rows: [*const T; R] = std::array::from_fn(|r| xs[r].q.as_ptr());
     let mut acc = [_mm512_setzero_ps(); R];
     let mut corr = [_mm512_setzero_ps(); R];
     for span in 0..groups / SPAN_GROUPS {
         // SAFETY: the assertions above bound every load below: a span's
-        // groups of bytes and its 16 or 32 scales, a group's values and
-        // one scale and sum per group of each activation row.
+        // groups of bytes and its 16 or 32 scales, a group's values of each
+        // activation row, and each row's terms of the span.
         unsafe {
-            let mut sums = [_mm512_setzero_si512(); R];
+            let span_terms = terms.add(span * ROW_BLOCK);
+            let mut sums: [__m512i; R] = std::array::from_fn(|r| {
+                if ZERO {
+                    _mm512_set1_epi32((*span_terms.add(r)).start)
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
             for k in 0..SPAN_GROUPS {
                 let g = span * SPAN_GROUPS + k;
                 let group = bytes.as_ptr().add(g * group_bytes);
-                if R >= 4 {
+                let first_line = g * lines_per_group;
+                for line in first_line..prefetch.lines.min(first_line + lines_per_group) {
                     // Never faults, wherever it points.
-                    let ahead = group.wrapping_add(PREFETCH_AHEAD);
-                    let lines = if T::PREFETCH_EVERY_LINE {
-                        group_bytes
-                    } else {
-                        1
-                    };
-                    for line in (0..lines).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                    }
+                    let at = prefetch.from.wrapping_add(line * 64);
+                    _mm_prefetch::<_MM_HINT_T1>(at.cast());
                 }
                 T::add_group(&mut sums, group_registers::<BITS>(group), &rows, g);
             }
             let sp = scales.as_ptr().add(span * per_span);
             let a = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let g0 = span * SPAN_GROUPS;
             for r in 0..R {
-                let x = xs[r];
-                // A span lies within one activation block: one scale.
-                let scale = _mm512_mul_ps(a, _mm512_set1_ps(*x.scale.get_unchecked(g0)));
-                if ZERO {
-                    let mut total = *x.sum.get_unchecked(g0);
-                    for k in 1..SPAN_GROUPS {
-                        total += *x.sum.get_unchecked(g0 + k);
-                    }
-                    sums[r] = _mm512_sub_epi32(sums[r], _mm512_set1_epi32(zero * total));
-                }
+                let t = &*span_terms.add(r);
+                let scale = _mm512_mul_ps(a, _mm512_set1_ps(t.scale));
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums[r]), acc[r]);
                 if !ZERO {
                     let b = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL_ROWS).cast()));
-                    let mut offset = *x.scaled_sum.get_unchecked(g0);
-                    for k in 1..SPAN_GROUPS {
-                        offset += *x.scaled_sum.get_unchecked(g0 + k);
-                    }
-                    corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(offset), corr[r]);
+                    corr[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(t.offset), corr[r]);
                 }
             }
         }
