@@ -469,11 +469,9 @@ impl<'a> ColumnSplit<'a> {
 }
 
 /// How far ahead of the panel in use a product asks for weight bytes (in
-/// whole panels), when it has [`MIN_PREFETCH_ROWS`] activation rows or more.
+/// whole panels). Even one row gains: one core's own stream from memory
+/// is bound by the requests it has in flight, and these add to them.
 const PREFETCH_AHEAD: usize = 32 << 10;
-/// Fewer activation rows than this spend too little time on each weight
-/// byte for asking ahead to pay: the hardware's prefetching keeps up.
-const MIN_PREFETCH_ROWS: usize = 4;
 
 thread_local! {
     static PANEL_ROWS_IN: RefCell<Vec<PanelActivations>> = const { RefCell::new(Vec::new()) };
@@ -520,11 +518,7 @@ fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
         let panel_bytes = w.panel_bytes(0).len();
         let ahead = PREFETCH_AHEAD.div_ceil(panel_bytes);
         let blocks = rows.len().div_ceil(ROW_BLOCK);
-        let share = if m >= MIN_PREFETCH_ROWS {
-            panel_bytes.div_ceil(64).div_ceil(blocks)
-        } else {
-            0
-        };
+        let share = panel_bytes.div_ceil(64).div_ceil(blocks);
         (0..split.tasks()).into_par_iter().for_each(|t| {
             let (first, cols) = split.columns(t);
             let p0 = first / PANEL_ROWS;

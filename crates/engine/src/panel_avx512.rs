@@ -320,8 +320,9 @@ unsafe fn dot_pairs(acc: __m512i, w: __m512i, pair: *const i32) -> __m512i {
 /// Weight bytes that a product asks the caches for while it works, spread
 /// evenly over its groups, so that the stream from memory runs all the
 /// time rather than only while the first block of rows goes past a panel.
-/// A decode step of a few sequences computes long enough per byte that the
-/// hardware's own prefetching falls behind the stream from memory.
+/// The hardware's own prefetching falls behind the stream from memory: with
+/// one row, because one core keeps too few requests in flight; with a few,
+/// because each byte takes longer to use.
 #[derive(Debug, Clone, Copy)]
 pub struct Prefetch {
     /// The first byte asked for; any address (asking never faults).
