@@ -121,11 +121,19 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     let mut pool = model.kv_pool(1 << 30);
     let mut cache = KvCache::new();
     model.forward(&mut pool, &prompt[..64], &mut cache, 63)?;
+    // `NEOCLOUD_PREFILL_REPS` repeats the prefill (for profiling it).
+    let prefill_reps: u32 = std::env::var("NEOCLOUD_PREFILL_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let start = Instant::now();
-    pool.release(&mut cache);
-    let mut cache = KvCache::new();
-    model.forward(&mut pool, &prompt, &mut cache, prompt.len() - 1)?;
-    let secs = start.elapsed().as_secs_f64();
+    for _ in 0..prefill_reps {
+        pool.release(&mut cache);
+        cache = KvCache::new();
+        model.forward(&mut pool, &prompt, &mut cache, prompt.len() - 1)?;
+    }
+    let secs = start.elapsed().as_secs_f64() / f64::from(prefill_reps);
     println!(
         "prefill {prefill} tokens: {:.3} s, {:.0} tokens/s",
         secs,

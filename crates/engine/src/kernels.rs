@@ -477,7 +477,13 @@ thread_local! {
     static PANEL_ROWS_IN: RefCell<Vec<PanelActivations>> = const { RefCell::new(Vec::new()) };
     static BYTE_ROWS_IN: RefCell<Vec<ByteActivations>> = const { RefCell::new(Vec::new()) };
     static SPAN_TERMS: RefCell<Vec<SpanTerms>> = const { RefCell::new(Vec::new()) };
+    static TILE_ROWS_IN: RefCell<Vec<i8>> = const { RefCell::new(Vec::new()) };
+    static WIDE_PANEL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Products with at least this many rows and int8 activations go on AMX
+/// tiles where the CPU has them.
+const MIN_TILE_ROWS: usize = 32;
 
 /// The product with weights in panels (AVX-512 VNNI), for any number of
 /// rows, with activations quantised as the matrix says.
@@ -485,8 +491,128 @@ thread_local! {
 fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     match w.activations {
         ActivationBits::Sixteen => PANEL_ROWS_IN.with(|cell| panel_product_in(cell, w, x, m, out)),
+        ActivationBits::Eight
+            if m >= MIN_TILE_ROWS
+                && (w.cols / w.span).is_multiple_of(crate::panel_amx::SPANS_AT_ONCE)
+                && crate::panel_amx::available() =>
+        {
+            BYTE_ROWS_IN.with(|cell| amx_panel_product(cell, w, x, m, out))
+        }
         ActivationBits::Eight => BYTE_ROWS_IN.with(|cell| panel_product_in(cell, w, x, m, out)),
     }
+}
+
+/// [`panel_product`] on AMX tiles, with int8 activation rows in the
+/// buffers of `cell`: each task owns a run of panels, widens each panel's
+/// bytes once, and takes the rows 16 at a time. The same numbers as the
+/// AVX-512 product, bit for bit.
+#[cfg(target_arch = "x86_64")]
+fn amx_panel_product(
+    cell: &RefCell<Vec<ByteActivations>>,
+    w: &PanelMatrix,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
+    use crate::panel_amx::TILE_ROWS;
+    let (k, n) = (w.cols, w.rows);
+    // Taken out of their cells for the product, as in `panel_product_in`.
+    let mut buffer = cell.take();
+    let mut terms = SPAN_TERMS.with(|cell| cell.take());
+    let mut tile_rows = TILE_ROWS_IN.with(|cell| cell.take());
+    {
+        let rows = &*quantize_rows(&mut buffer, x, k, m);
+        SpanTerms::fill(&mut terms, w, rows);
+        let terms = &terms;
+        // Each block of 16 rows in the tiles' order, zero rows making up
+        // the last.
+        let padded = m.next_multiple_of(TILE_ROWS);
+        tile_rows.resize(padded * k, 0);
+        for (block, rows) in tile_rows
+            .chunks_exact_mut(TILE_ROWS * k)
+            .zip(rows.chunks(TILE_ROWS))
+        {
+            let mut values = [&[][..]; TILE_ROWS];
+            for (v, x) in values.iter_mut().zip(rows) {
+                *v = &x.q[..k];
+            }
+            crate::panel_amx::tile_order(&values[..rows.len()], w.span, block);
+        }
+        let tile_rows = &tile_rows;
+        let panels = n / PANEL_ROWS;
+        let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
+        let split = ColumnSplit::new(out, n, panels_per_task * PANEL_ROWS);
+        let panel_bytes = w.panel_bytes(0).len();
+        let ahead = PREFETCH_AHEAD.div_ceil(panel_bytes);
+        let blocks = padded / TILE_ROWS;
+        let share = panel_bytes.div_ceil(64).div_ceil(blocks);
+        (0..split.tasks()).into_par_iter().for_each(|t| {
+            let (first, cols) = split.columns(t);
+            let p0 = first / PANEL_ROWS;
+            let mut results = [0f32; TILE_ROWS * PANEL_ROWS];
+            let mut sums = crate::panel_amx::SpanSums::default();
+            let mut scratch = WIDE_PANEL.with(|cell| cell.take());
+            // SAFETY: `available()` checked every feature both need.
+            let tiles = unsafe { crate::panel_amx::Tiles::configure(w) };
+            for local in 0..cols / PANEL_ROWS {
+                let p = p0 + local;
+                let next = (w.bytes.as_ptr()).wrapping_add((p + ahead) * panel_bytes);
+                // SAFETY: as above.
+                let wide = unsafe { crate::panel_amx::wide_panel(w, p, &mut scratch) };
+                for b in 0..blocks {
+                    let first_row = b * TILE_ROWS;
+                    let count = TILE_ROWS.min(m - first_row);
+                    let prefetch = crate::panel_avx512::Prefetch {
+                        from: next.wrapping_add(b * share * 64),
+                        lines: share,
+                    };
+                    let activations = &tile_rows[first_row * k..(first_row + TILE_ROWS) * k];
+                    // SAFETY: as above; the tiles are this thread's.
+                    unsafe {
+                        if count > ROW_BLOCK {
+                            crate::panel_amx::panel_rows::<TILE_ROWS>(
+                                &tiles,
+                                w,
+                                p,
+                                wide,
+                                activations,
+                                terms,
+                                first_row,
+                                prefetch,
+                                &mut sums,
+                                &mut results,
+                            )
+                        } else {
+                            crate::panel_amx::panel_rows::<ROW_BLOCK>(
+                                &tiles,
+                                w,
+                                p,
+                                wide,
+                                activations,
+                                terms,
+                                first_row,
+                                prefetch,
+                                &mut sums,
+                                &mut results,
+                            )
+                        }
+                    };
+                    let at = local * PANEL_ROWS;
+                    for (i, r) in results.chunks_exact(PANEL_ROWS).take(count).enumerate() {
+                        // SAFETY: task `t` alone writes its columns, one
+                        // row at a time.
+                        let part = unsafe { split.part(t, first_row + i) };
+                        part[at..at + PANEL_ROWS].copy_from_slice(r);
+                    }
+                }
+            }
+            drop(tiles);
+            WIDE_PANEL.with(|cell| cell.replace(scratch));
+        });
+    }
+    cell.replace(buffer);
+    SPAN_TERMS.with(|cell| cell.replace(terms));
+    TILE_ROWS_IN.with(|cell| cell.replace(tile_rows));
 }
 
 /// [`panel_product`] with activation rows of form `T`, in the buffers of
@@ -857,6 +983,58 @@ mod avx2 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// On CPUs with AMX, the tile product gives the AVX-512 product's
+    /// numbers bit for bit, for every weight type, for stacks of types, and
+    /// for row counts that leave a part tile.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tile_products_give_the_vector_products_numbers() {
+        use crate::quant::test_blocks::{blocks, INTEGER_TYPES};
+        if !crate::panel_amx::available() {
+            eprintln!("no AMX here: the tile product is not checked");
+            return;
+        }
+        let (rows, cols) = (32, 512);
+        let mut packed = Vec::new();
+        for (i, ty) in INTEGER_TYPES.into_iter().enumerate() {
+            let count = rows * cols / ty.block_len();
+            let raw: Vec<u8> = (0..count * ty.block_bytes())
+                .map(|b| (b * 131 + i * 17 + b / 7) as u8)
+                .collect();
+            let bytes = blocks(ty, &raw, count, 0.03);
+            let w = QMatrix {
+                ty,
+                rows,
+                cols,
+                bytes: &bytes,
+                panels: None,
+            };
+            packed.push(PanelMatrix::pack(&w).unwrap());
+        }
+        // Q5_0 with Q8_0 (one zero), and Q8_0 with Q4_K (no zero).
+        let stacks = [
+            PanelMatrix::stack(&[&packed[1], &packed[2]]).unwrap(),
+            PanelMatrix::stack(&[&packed[2], &packed[3]]).unwrap(),
+        ];
+        for w in packed.iter().chain(&stacks) {
+            let w = PanelMatrix {
+                activations: ActivationBits::Eight,
+                ..w.clone()
+            };
+            for m in [32, 45, 64] {
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+                    .collect();
+                let mut vector = vec![0f32; m * w.rows];
+                let mut tiles = vec![0f32; m * w.rows];
+                BYTE_ROWS_IN.with(|cell| panel_product_in(cell, &w, &x, m, &mut vector));
+                BYTE_ROWS_IN.with(|cell| amx_panel_product(cell, &w, &x, m, &mut tiles));
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&vector), bits(&tiles), "{:?} m={m}", w.bits);
+            }
+        }
+    }
 
     #[test]
     fn fast_exp_is_close_to_exp() {

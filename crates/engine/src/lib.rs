@@ -23,6 +23,8 @@ pub mod model;
 pub mod model_source;
 pub mod panel;
 #[cfg(target_arch = "x86_64")]
+mod panel_amx;
+#[cfg(target_arch = "x86_64")]
 mod panel_avx512;
 pub mod quant;
 pub mod sampler;

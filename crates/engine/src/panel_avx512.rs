@@ -248,7 +248,7 @@ fn rows_of<T: PanelValue, const R: usize>(
 /// `group` must point at one whole group stored as `BITS` says.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_registers<const BITS: u32>(group: *const u8) -> [__m512i; 4] {
+pub(crate) unsafe fn group_registers<const BITS: u32>(group: *const u8) -> [__m512i; 4] {
     // SAFETY: the caller's contract bounds every load: 256 bytes for eight
     // bits, 128 for four, 160 for five, 192 for six.
     unsafe {
