@@ -33,11 +33,25 @@ pub fn available() -> bool {
     })
 }
 
-/// CPUID leaf 7: AMX-TILE (EDX bit 24) and AMX-INT8 (bit 25).
+/// CPUID leaf 7: AMX-TILE (EDX bit 24) and AMX-INT8 (bit 25); and the
+/// operating system has the tile state on in XCR0 (bits 17 and 18): a
+/// hypervisor may list the instructions without enabling them.
 fn cpu_has_amx_int8() -> bool {
+    const TILE_STATE: u64 = 0b11 << 17;
     // Leaf 7 reads as zeros where it is not implemented.
     let leaf = __cpuid_count(7, 0);
-    __cpuid(0).eax >= 7 && leaf.edx & (1 << 24) != 0 && leaf.edx & (1 << 25) != 0
+    let listed = __cpuid(0).eax >= 7 && leaf.edx & (1 << 24) != 0 && leaf.edx & (1 << 25) != 0;
+    // XGETBV needs OSXSAVE (CPUID leaf 1, ECX bit 27).
+    let os_saves = __cpuid(1).ecx & (1 << 27) != 0;
+    listed && os_saves && {
+        let (low, high): (u32, u32);
+        // SAFETY: XGETBV with ECX = 0 reads XCR0, present when OSXSAVE is.
+        unsafe {
+            asm!("xgetbv", in("ecx") 0u32, out("eax") low, out("edx") high,
+                options(nomem, nostack, preserves_flags));
+        }
+        (u64::from(high) << 32 | u64::from(low)) & TILE_STATE == TILE_STATE
+    }
 }
 
 /// Linux hands out the tiles' state only to processes that ask for it.
