@@ -107,6 +107,12 @@ impl SharedHeads<'_> {
         scores.clear();
         scores.resize(heads * stride, 0.0);
         for b in 0..blocks {
+            // The next block, asked for while this one's scores are summed:
+            // its keys for the next pass, its values for the weighted sum.
+            let next = match b + 1 < blocks {
+                true => self.pool.block(self.table, first_block + b + 1),
+                false => &[],
+            };
             let keys = self.pool.key_block(self.table, first_block + b);
             let keys = &keys[self.kv_head * self.head_dim * KV_BLOCK_POSITIONS..]
                 [..self.head_dim * KV_BLOCK_POSITIONS];
@@ -117,6 +123,7 @@ impl SharedHeads<'_> {
                 heads,
                 stride,
                 b,
+                next,
             };
             block_scores(&block, &mut scores);
         }
@@ -176,6 +183,8 @@ struct ScoreBlock<'a> {
     heads: usize,
     stride: usize,
     b: usize,
+    /// Memory to ask the caches for meanwhile (no more than the block).
+    next: &'a [u16],
 }
 
 /// The scores of `block` into `scores`.
@@ -245,7 +254,15 @@ unsafe fn block_scores_avx512(block: &ScoreBlock<'_>, scores: &mut [f32]) {
     assert!(keys.len() >= head_dim * KV_BLOCK_POSITIONS && queries.len() >= heads * head_dim);
     assert!(scores.len() >= (heads.max(1) - 1) * stride + (b + 1) * KV_BLOCK_POSITIONS);
     let mut acc = [_mm512_setzero_ps(); MAX_SHARED_HEADS];
+    // Cache lines (32 halves) of the next block asked for per dimension.
+    const LINE: usize = 32;
+    let lines = block.next.len().div_ceil(LINE);
+    let lines_per_dim = lines.div_ceil(head_dim);
     for d in 0..head_dim {
+        for line in d * lines_per_dim..lines.min((d + 1) * lines_per_dim) {
+            // Never faults, wherever it points.
+            _mm_prefetch::<_MM_HINT_T1>(block.next.as_ptr().wrapping_add(line * LINE).cast());
+        }
         // SAFETY: the assertions bound both loads.
         unsafe {
             let k = _mm512_cvtph_ps(_mm256_loadu_si256(
@@ -511,6 +528,7 @@ mod tests {
                 heads: 2,
                 stride,
                 b,
+                next: pool.block(&table, (b + 1) % 3),
             };
             block_scores(&block, &mut simd);
             block_scores_portable(&block, &mut portable);

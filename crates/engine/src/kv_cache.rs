@@ -521,6 +521,13 @@ impl KvPool {
         &self.storage[base..][..KV_BLOCK_POSITIONS * self.value_width]
     }
 
+    /// The whole of block `block` (keys, then values) of the sequence whose
+    /// block table is `table`.
+    pub(crate) fn block(&self, table: &[u32], block: usize) -> &[u16] {
+        let base = table[block] as usize * self.block_len;
+        &self.storage[base..][..self.block_len]
+    }
+
     /// Values of one position, all KV heads.
     pub(crate) fn value_width(&self) -> usize {
         self.value_width
