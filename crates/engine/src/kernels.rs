@@ -502,6 +502,72 @@ fn panel_product(w: &PanelMatrix, x: &[f32], m: usize, out: &mut [f32]) {
     }
 }
 
+/// How a panel product's tasks share out the panels (each task a run of
+/// them, writing its own columns of every row) and what each block of
+/// rows asks for ahead while it goes past one.
+#[cfg(target_arch = "x86_64")]
+struct PanelPlan<'a> {
+    split: ColumnSplit<'a>,
+    w: &'a PanelMatrix,
+    panel_bytes: usize,
+    /// Panels between the one in use and the one asked for.
+    ahead: usize,
+    /// Cache lines of that panel each block of rows asks for.
+    share: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> PanelPlan<'a> {
+    /// The plan for `w`'s product into `out`, its rows going past each
+    /// panel in `blocks` blocks.
+    fn new(w: &'a PanelMatrix, out: &'a mut [f32], blocks: usize) -> Self {
+        let panels = w.rows / PANEL_ROWS;
+        let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
+        let panel_bytes = w.panel_bytes(0).len();
+        PanelPlan {
+            split: ColumnSplit::new(out, w.rows, panels_per_task * PANEL_ROWS),
+            w,
+            panel_bytes,
+            ahead: PREFETCH_AHEAD.div_ceil(panel_bytes),
+            share: panel_bytes.div_ceil(64).div_ceil(blocks.max(1)),
+        }
+    }
+
+    /// Task `t`'s panels.
+    fn panels(&self, t: usize) -> std::ops::Range<usize> {
+        let (first, cols) = self.split.columns(t);
+        first / PANEL_ROWS..(first + cols) / PANEL_ROWS
+    }
+
+    /// What block `b` of rows asks for while it goes past panel `p`.
+    fn prefetch(&self, p: usize, b: usize) -> crate::panel_avx512::Prefetch {
+        let next = self
+            .w
+            .bytes
+            .as_ptr()
+            .wrapping_add((p + self.ahead) * self.panel_bytes);
+        crate::panel_avx512::Prefetch {
+            from: next.wrapping_add(b * self.share * 64),
+            lines: self.share,
+        }
+    }
+
+    /// Writes `results` (16 outputs per row) as panel `p`'s outputs of
+    /// rows `first_row..`.
+    ///
+    /// # Safety
+    /// Only task `t`, the owner of `p`, may call this, one call at a time.
+    unsafe fn store(&self, t: usize, p: usize, first_row: usize, results: &[f32]) {
+        let at = p * PANEL_ROWS - self.split.columns(t).0;
+        for (i, r) in results.chunks_exact(PANEL_ROWS).enumerate() {
+            // SAFETY: the caller's contract: task `t` alone writes its
+            // columns, one row at a time.
+            let part = unsafe { self.split.part(t, first_row + i) };
+            part[at..at + PANEL_ROWS].copy_from_slice(r);
+        }
+    }
+}
+
 /// [`panel_product`] on AMX tiles, with int8 activation rows in the
 /// buffers of `cell`: each task owns a run of panels, widens each panel's
 /// bytes once, and takes the rows 16 at a time. The same numbers as the
@@ -515,7 +581,7 @@ fn amx_panel_product(
     out: &mut [f32],
 ) {
     use crate::panel_amx::TILE_ROWS;
-    let (k, n) = (w.cols, w.rows);
+    let k = w.cols;
     // Taken out of their cells for the product, as in `panel_product_in`.
     let mut buffer = cell.take();
     let mut terms = SPAN_TERMS.with(|cell| cell.take());
@@ -539,33 +605,21 @@ fn amx_panel_product(
             crate::panel_amx::tile_order(&values[..rows.len()], w.span, block);
         }
         let tile_rows = &tile_rows;
-        let panels = n / PANEL_ROWS;
-        let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
-        let split = ColumnSplit::new(out, n, panels_per_task * PANEL_ROWS);
-        let panel_bytes = w.panel_bytes(0).len();
-        let ahead = PREFETCH_AHEAD.div_ceil(panel_bytes);
         let blocks = padded / TILE_ROWS;
-        let share = panel_bytes.div_ceil(64).div_ceil(blocks);
-        (0..split.tasks()).into_par_iter().for_each(|t| {
-            let (first, cols) = split.columns(t);
-            let p0 = first / PANEL_ROWS;
+        let plan = PanelPlan::new(w, out, blocks);
+        (0..plan.split.tasks()).into_par_iter().for_each(|t| {
             let mut results = [0f32; TILE_ROWS * PANEL_ROWS];
             let mut sums = crate::panel_amx::SpanSums::default();
             let mut scratch = WIDE_PANEL.with(|cell| cell.take());
             // SAFETY: `available()` checked every feature both need.
             let tiles = unsafe { crate::panel_amx::Tiles::configure(w) };
-            for local in 0..cols / PANEL_ROWS {
-                let p = p0 + local;
-                let next = (w.bytes.as_ptr()).wrapping_add((p + ahead) * panel_bytes);
+            for p in plan.panels(t) {
                 // SAFETY: as above.
                 let wide = unsafe { crate::panel_amx::wide_panel(w, p, &mut scratch) };
                 for b in 0..blocks {
                     let first_row = b * TILE_ROWS;
                     let count = TILE_ROWS.min(m - first_row);
-                    let prefetch = crate::panel_avx512::Prefetch {
-                        from: next.wrapping_add(b * share * 64),
-                        lines: share,
-                    };
+                    let prefetch = plan.prefetch(p, b);
                     let activations = &tile_rows[first_row * k..(first_row + TILE_ROWS) * k];
                     // SAFETY: as above; the tiles are this thread's.
                     unsafe {
@@ -597,13 +651,8 @@ fn amx_panel_product(
                             )
                         }
                     };
-                    let at = local * PANEL_ROWS;
-                    for (i, r) in results.chunks_exact(PANEL_ROWS).take(count).enumerate() {
-                        // SAFETY: task `t` alone writes its columns, one
-                        // row at a time.
-                        let part = unsafe { split.part(t, first_row + i) };
-                        part[at..at + PANEL_ROWS].copy_from_slice(r);
-                    }
+                    // SAFETY: this is task `t`, which owns panel `p`.
+                    unsafe { plan.store(t, p, first_row, &results[..count * PANEL_ROWS]) };
                 }
             }
             drop(tiles);
@@ -626,7 +675,7 @@ fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
     m: usize,
     out: &mut [f32],
 ) {
-    let (k, n) = (w.cols, w.rows);
+    let k = w.cols;
     // The buffer is taken out of its cell for the product: a worker that
     // steals other work while waiting in this product's parallel regions
     // may run another product on this thread, which then gets a fresh one.
@@ -637,45 +686,27 @@ fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
         SpanTerms::fill(&mut terms, w, rows);
         let block_terms = k / w.span * ROW_BLOCK;
         let terms = &terms;
-        let panels = n / PANEL_ROWS;
-        let panels_per_task = (panels / (rayon::current_num_threads() * 4)).max(1);
-        let split = ColumnSplit::new(out, n, panels_per_task * PANEL_ROWS);
-        // Each block of rows asks for its share of the panel that far ahead.
-        let panel_bytes = w.panel_bytes(0).len();
-        let ahead = PREFETCH_AHEAD.div_ceil(panel_bytes);
-        let blocks = rows.len().div_ceil(ROW_BLOCK);
-        let share = panel_bytes.div_ceil(64).div_ceil(blocks);
-        (0..split.tasks()).into_par_iter().for_each(|t| {
-            let (first, cols) = split.columns(t);
-            let p0 = first / PANEL_ROWS;
+        let plan = PanelPlan::new(w, out, rows.len().div_ceil(ROW_BLOCK));
+        (0..plan.split.tasks()).into_par_iter().for_each(|t| {
             let mut results = [0f32; ROW_BLOCK * PANEL_ROWS];
-            for local in 0..cols / PANEL_ROWS {
-                let next = (w.bytes.as_ptr()).wrapping_add((p0 + local + ahead) * panel_bytes);
+            for p in plan.panels(t) {
                 for (b, block) in rows.chunks(ROW_BLOCK).enumerate() {
                     let results = &mut results[..block.len() * PANEL_ROWS];
                     let block_terms = &terms[b * block_terms..(b + 1) * block_terms];
-                    let prefetch = crate::panel_avx512::Prefetch {
-                        from: next.wrapping_add(b * share * 64),
-                        lines: share,
-                    };
+                    let prefetch = plan.prefetch(p, b);
                     // SAFETY: `available()` checked every feature it needs.
                     unsafe {
                         crate::panel_avx512::panel_product(
                             w,
-                            p0 + local,
+                            p,
                             block,
                             block_terms,
                             prefetch,
                             results,
                         )
                     };
-                    let at = local * PANEL_ROWS;
-                    for (i, r) in results.chunks_exact(PANEL_ROWS).enumerate() {
-                        // SAFETY: task `t` alone writes its columns, one
-                        // row at a time.
-                        let part = unsafe { split.part(t, b * ROW_BLOCK + i) };
-                        part[at..at + PANEL_ROWS].copy_from_slice(r);
-                    }
+                    // SAFETY: this is task `t`, which owns panel `p`.
+                    unsafe { plan.store(t, p, b * ROW_BLOCK, results) };
                 }
             }
         });
