@@ -16,6 +16,11 @@ fn main() -> Result<(), String> {
     neocloud_engine::kernels::on_kernel_pool(|| measure().map_err(|e| e.to_string()))
 }
 
+/// The number an environment variable holds, if it holds one.
+fn setting<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
 fn measure() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
         .nth(1)
@@ -40,9 +45,7 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
         .split(',')
         .filter_map(|m| m.parse().ok())
         .collect();
-    let product_reps: Option<usize> = std::env::var("NEOCLOUD_PRODUCT_REPS")
-        .ok()
-        .and_then(|r| r.parse().ok());
+    let product_reps: Option<usize> = setting("NEOCLOUD_PRODUCT_REPS");
     for name in matrices.split(',').filter(|n| !n.is_empty()) {
         let Some(t) = gguf.tensor(name) else { continue };
         let w = QMatrix {
@@ -94,11 +97,7 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     }
     let vocab = model.config.vocab_size as u32;
     // `NEOCLOUD_PREFILL_TOKENS` sets the prompt length of the prefill line.
-    let prefill: u32 = std::env::var("NEOCLOUD_PREFILL_TOKENS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(512)
-        .max(64);
+    let prefill: u32 = setting("NEOCLOUD_PREFILL_TOKENS").unwrap_or(512).max(64);
     let prompt: Vec<u32> = (0..prefill).map(|i| (i * 7919 + 13) % vocab).collect();
 
     // Greedy sampling of one token over the whole vocabulary, as each
@@ -122,11 +121,7 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     let mut cache = KvCache::new();
     model.forward(&mut pool, &prompt[..64], &mut cache, 63)?;
     // `NEOCLOUD_PREFILL_REPS` repeats the prefill (for profiling it).
-    let prefill_reps: u32 = std::env::var("NEOCLOUD_PREFILL_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1);
+    let prefill_reps: u32 = setting("NEOCLOUD_PREFILL_REPS").unwrap_or(1).max(1);
     let start = Instant::now();
     for _ in 0..prefill_reps {
         pool.release(&mut cache);
@@ -152,9 +147,7 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
     };
     // `NEOCLOUD_DECODE_CONTEXT` sets the positions each decoding sequence
     // already holds (32 unless set).
-    let context: usize = std::env::var("NEOCLOUD_DECODE_CONTEXT")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    let context: usize = setting("NEOCLOUD_DECODE_CONTEXT")
         .unwrap_or(32)
         .clamp(1, prompt.len() - 32);
     for streams in widths {
@@ -167,10 +160,7 @@ fn measure() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect::<Result<_, _>>()?;
         // `NEOCLOUD_DECODE_STEPS` sets how many steps are timed.
-        let steps = std::env::var("NEOCLOUD_DECODE_STEPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(if streams == 1 { 64 } else { 16 });
+        let steps = setting("NEOCLOUD_DECODE_STEPS").unwrap_or(if streams == 1 { 64 } else { 16 });
         let mut tokens: Vec<u32> = (0..streams as u32).collect();
         let start = Instant::now();
         for _ in 0..steps {

@@ -582,14 +582,9 @@ fn amx_panel_product(
 ) {
     use crate::panel_amx::TILE_ROWS;
     let k = w.cols;
-    // Taken out of their cells for the product, as in `panel_product_in`.
-    let mut buffer = cell.take();
-    let mut terms = SPAN_TERMS.with(|cell| cell.take());
+    // Taken out of its cell, as the rows' buffers are.
     let mut tile_rows = TILE_ROWS_IN.with(|cell| cell.take());
-    {
-        let rows = &*quantize_rows(&mut buffer, x, k, m);
-        SpanTerms::fill(&mut terms, w, rows);
-        let terms = &terms;
+    with_quantized_rows(cell, w, x, m, |rows, terms| {
         // Each block of 16 rows in the tiles' order, zero rows making up
         // the last.
         let padded = m.next_multiple_of(TILE_ROWS);
@@ -621,35 +616,25 @@ fn amx_panel_product(
                     let count = TILE_ROWS.min(m - first_row);
                     let prefetch = plan.prefetch(p, b);
                     let activations = &tile_rows[first_row * k..(first_row + TILE_ROWS) * k];
+                    // A part tile of up to eight rows takes the half epilogue.
+                    let rows_of = match count > ROW_BLOCK {
+                        true => crate::panel_amx::panel_rows::<TILE_ROWS>,
+                        false => crate::panel_amx::panel_rows::<ROW_BLOCK>,
+                    };
                     // SAFETY: as above; the tiles are this thread's.
                     unsafe {
-                        if count > ROW_BLOCK {
-                            crate::panel_amx::panel_rows::<TILE_ROWS>(
-                                &tiles,
-                                w,
-                                p,
-                                wide,
-                                activations,
-                                terms,
-                                first_row,
-                                prefetch,
-                                &mut sums,
-                                &mut results,
-                            )
-                        } else {
-                            crate::panel_amx::panel_rows::<ROW_BLOCK>(
-                                &tiles,
-                                w,
-                                p,
-                                wide,
-                                activations,
-                                terms,
-                                first_row,
-                                prefetch,
-                                &mut sums,
-                                &mut results,
-                            )
-                        }
+                        rows_of(
+                            &tiles,
+                            w,
+                            p,
+                            wide,
+                            activations,
+                            terms,
+                            first_row,
+                            prefetch,
+                            &mut sums,
+                            &mut results,
+                        )
                     };
                     // SAFETY: this is task `t`, which owns panel `p`.
                     unsafe { plan.store(t, p, first_row, &results[..count * PANEL_ROWS]) };
@@ -658,9 +643,7 @@ fn amx_panel_product(
             drop(tiles);
             WIDE_PANEL.with(|cell| cell.replace(scratch));
         });
-    }
-    cell.replace(buffer);
-    SPAN_TERMS.with(|cell| cell.replace(terms));
+    });
     TILE_ROWS_IN.with(|cell| cell.replace(tile_rows));
 }
 
@@ -675,24 +658,14 @@ fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
     m: usize,
     out: &mut [f32],
 ) {
-    let k = w.cols;
-    // The buffer is taken out of its cell for the product: a worker that
-    // steals other work while waiting in this product's parallel regions
-    // may run another product on this thread, which then gets a fresh one.
-    let mut buffer = cell.take();
-    let mut terms = SPAN_TERMS.with(|cell| cell.take());
-    {
-        let rows = &*quantize_rows(&mut buffer, x, k, m);
-        SpanTerms::fill(&mut terms, w, rows);
-        let block_terms = k / w.span * ROW_BLOCK;
-        let terms = &terms;
+    with_quantized_rows(cell, w, x, m, |rows, terms| {
         let plan = PanelPlan::new(w, out, rows.len().div_ceil(ROW_BLOCK));
         (0..plan.split.tasks()).into_par_iter().for_each(|t| {
             let mut results = [0f32; ROW_BLOCK * PANEL_ROWS];
             for p in plan.panels(t) {
                 for (b, block) in rows.chunks(ROW_BLOCK).enumerate() {
                     let results = &mut results[..block.len() * PANEL_ROWS];
-                    let block_terms = &terms[b * block_terms..(b + 1) * block_terms];
+                    let block_terms = SpanTerms::block(terms, w, b);
                     let prefetch = plan.prefetch(p, b);
                     // SAFETY: `available()` checked every feature it needs.
                     unsafe {
@@ -710,7 +683,27 @@ fn panel_product_in<T: crate::panel_avx512::PanelValue + Send + Sync>(
                 }
             }
         });
-    }
+    });
+}
+
+/// Runs `product` on the `m` rows of `x` (each `w.cols` long) quantised
+/// into `cell`'s buffers, with their [`SpanTerms`] for `w`. The buffers
+/// are taken out of their cells meanwhile: a worker that steals other
+/// work while waiting in the product's parallel regions may run another
+/// product on this thread, which then gets fresh ones.
+#[cfg(target_arch = "x86_64")]
+fn with_quantized_rows<T: crate::panel::QuantizedValue + Send + Sync>(
+    cell: &RefCell<Vec<PanelActivations<T>>>,
+    w: &PanelMatrix,
+    x: &[f32],
+    m: usize,
+    product: impl FnOnce(&[PanelActivations<T>], &[SpanTerms]),
+) {
+    let mut buffer = cell.take();
+    let mut terms = SPAN_TERMS.with(|cell| cell.take());
+    let rows = &*quantize_rows(&mut buffer, x, w.cols, m);
+    SpanTerms::fill(&mut terms, w, rows);
+    product(rows, &terms);
     cell.replace(buffer);
     SPAN_TERMS.with(|cell| cell.replace(terms));
 }

@@ -638,6 +638,14 @@ impl SpanTerms {
         }
     }
 
+    /// The terms of block `b` of rows (rows `8 b..8 b + 8`) in a table that
+    /// [`SpanTerms::fill`] wrote for `w`: row `8 b + j`'s terms of span `s`
+    /// at `s * ROW_BLOCK + j`.
+    pub fn block<'t>(table: &'t [SpanTerms], w: &PanelMatrix, b: usize) -> &'t [SpanTerms] {
+        let len = w.cols / w.span * ROW_BLOCK;
+        &table[b * len..(b + 1) * len]
+    }
+
     /// Writes the terms of `rows` for `w` into `table`, per block of
     /// [`ROW_BLOCK`] rows, per span, per row of the block: row `i`'s terms
     /// of span `s` at `(i / ROW_BLOCK * spans + s) * ROW_BLOCK + i % ROW_BLOCK`.

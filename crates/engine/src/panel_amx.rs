@@ -221,18 +221,18 @@ pub unsafe fn panel_rows<const ROWS: usize>(
     assert!(tiles.span == span && span.is_multiple_of(GROUP) && w.cols.is_multiple_of(span));
     assert!(wide.len() >= w.cols * PANEL_ROWS && out.len() >= ROWS * PANEL_ROWS);
     assert!(activations.len() >= TILE_ROWS * w.cols);
-    assert!(
-        first.is_multiple_of(ROW_BLOCK)
-            && terms.len() >= (first + ROWS) / ROW_BLOCK * spans * ROW_BLOCK
-    );
+    assert!(first.is_multiple_of(ROW_BLOCK));
     let scales = w.panel_scales(p);
     let per_span = scales_per_group(w.zero);
     assert!(scales.len() == spans * per_span);
-    // Row `r`'s terms of span `s`: `(r / 8 * spans + s) * 8 + r % 8` from
-    // the first row's block.
-    let terms = terms[first / ROW_BLOCK * spans * ROW_BLOCK..].as_ptr();
-    // The terms of span `s` for rows `8 h..8 h + 8`.
-    let span_terms = |h: usize, s: usize| terms.wrapping_add((h * spans + s) * ROW_BLOCK);
+    // The terms of the rows' one or two blocks, and of span `s` for rows
+    // `8 h..8 h + 8`.
+    let blocks: [*const SpanTerms; TILE_ROWS / ROW_BLOCK] =
+        std::array::from_fn(|h| match h < ROWS / ROW_BLOCK {
+            true => SpanTerms::block(terms, w, first / ROW_BLOCK + h).as_ptr(),
+            false => std::ptr::null(),
+        });
+    let span_terms = |h: usize, s: usize| blocks[h].wrapping_add(s * ROW_BLOCK);
     assert!(spans.is_multiple_of(SPANS_AT_ONCE));
     let lines_per_span = prefetch.lines.div_ceil(spans);
     let sums = &mut sums.0;
@@ -293,8 +293,8 @@ pub unsafe fn panel_rows<const ROWS: usize>(
         }
         for (k, sums) in sums.iter().enumerate() {
             let s = s0 + k;
-            // SAFETY: `scales` holds every span's (asserted); `terms` every
-            // row's of every span (asserted).
+            // SAFETY: `scales` holds every span's (asserted); each of the
+            // rows' blocks of terms (`SpanTerms::block`) every span's.
             unsafe {
                 let a =
                     _mm512_cvtph_ps(_mm256_loadu_si256(scales.as_ptr().add(s * per_span).cast()));

@@ -170,13 +170,11 @@ pub unsafe fn panel_product<T: PanelValue>(
     out: &mut [f32],
 ) {
     assert!(out.len() >= xs.len() * PANEL_ROWS);
-    let block_terms = w.cols / w.span * ROW_BLOCK;
-    assert!(terms.len() >= xs.len().div_ceil(ROW_BLOCK) * block_terms);
     // Rows `i..i + R` with their terms: R divides the block and `i` is a
-    // multiple of R, so they lie in one block.
-    // The first rows go past with the prefetches.
+    // multiple of R, so they lie in one block. The first rows go past
+    // with the prefetches.
     let rows = |i: usize, r: usize| {
-        let block = &terms[i / ROW_BLOCK * block_terms..][..block_terms];
+        let block = SpanTerms::block(terms, w, i / ROW_BLOCK);
         let prefetch = if i == 0 { prefetch } else { Prefetch::NONE };
         (&xs[i..i + r], (block, i % ROW_BLOCK, prefetch))
     };
