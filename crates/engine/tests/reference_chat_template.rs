@@ -1,5 +1,5 @@
 //! Rendered chat prompts equal llama.cpp's byte for byte
-//! (`../shared/reference/qwen2.5-coder-0.5b-instruct/chat_template.jsonl`),
+//! (`crates/testkit/reference/qwen2.5-coder-0.5b-instruct/chat_template.jsonl`),
 //! and their token counts equal what llama.cpp reports as prompt tokens.
 
 // Test code: failing loudly is the point.

@@ -1,5 +1,5 @@
 //! Teacher-forced log-probabilities of both reference models agree with
-//! llama.cpp's (`../shared/reference/*/greedy.jsonl`), under the rule of that
+//! llama.cpp's (`crates/testkit/reference/*/greedy.jsonl`), under the rule of that
 //! folder's README.
 
 // Test code: failing loudly is the point.

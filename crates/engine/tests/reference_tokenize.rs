@@ -1,5 +1,5 @@
 //! Tokenisation equals llama.cpp's on every line of
-//! `../shared/reference/*/tokenize.jsonl`, for both models.
+//! `crates/testkit/reference/*/tokenize.jsonl`, for both models.
 
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -1,5 +1,5 @@
 //! Test helpers shared by neocloud's crates: the reference outputs of
-//! llama.cpp in `../shared/reference`, and a writer of small synthetic GGUF
+//! llama.cpp (a copy in this crate's `reference/`), and a writer of small synthetic GGUF
 //! files for loader and fault tests, and a loopback HTTP client with a guard
 //! around a running `neocloud serve`.
 
@@ -12,22 +12,14 @@ pub mod mock_upstream;
 
 use std::path::PathBuf;
 
-/// The repository root (two levels above this crate).
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The shared folder beside the repository (`$NEOCLOUD_SHARED` overrides).
-pub fn shared_dir() -> PathBuf {
-    match std::env::var_os("NEOCLOUD_SHARED") {
-        Some(p) => PathBuf::from(p),
-        None => repo_root().join("../shared"),
-    }
+/// llama.cpp's reference outputs, copied into this crate (see its README).
+pub fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference")
 }
 
 /// Reads `reference/<model>/<file>` as one JSON value per line.
 pub fn reference_lines(model: &str, file: &str) -> Vec<serde_json::Value> {
-    json_lines(&shared_dir().join("reference").join(model).join(file))
+    json_lines(&reference_dir().join(model).join(file))
 }
 
 /// Reads the file at `path` as one JSON value per line (blank lines
