@@ -150,7 +150,6 @@ impl Client {
         }
         let mut resp = resp;
         let mut decoder = SseDecoder::new();
-        let mut pending: Vec<u8> = Vec::new();
         let mut last_text: Option<Instant> = None;
         let mut text_chunks = 0u64;
         let mut usage_tokens = None;
@@ -163,19 +162,18 @@ impl Client {
                 Ok(Ok(Some(c))) => c,
             };
             let now = Instant::now();
-            pending.extend_from_slice(&chunk);
-            let valid = match std::str::from_utf8(&pending) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
+            let Ok(events) = decoder.feed(&chunk) else {
+                return failed(out, start, "stream");
             };
-            let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
-            pending.drain(..valid);
-            for event in decoder.feed(&text) {
-                if event == DONE {
+            for event in events {
+                if event.is_error() {
+                    return failed(out, start, "error_event");
+                }
+                if event.data == DONE {
                     done = true;
                     break;
                 }
-                let Ok(v) = serde_json::from_str::<Value>(&event) else {
+                let Ok(v) = serde_json::from_str::<Value>(&event.data) else {
                     return failed(out, start, "stream");
                 };
                 if v.get("error").is_some() {

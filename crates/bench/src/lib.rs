@@ -107,13 +107,10 @@ pub struct BenchArgs {
     /// or `estimate:ACCELERATOR[xN]` (`cpu` for cores).
     #[arg(long)]
     pub power: Option<String>,
-    /// The accelerator data file for `--power estimate:`.
-    #[arg(
-        long,
-        env = "NEOCLOUD_ACCELERATORS",
-        default_value = "../shared/data/accelerators.toml"
-    )]
-    pub accelerators: PathBuf,
+    /// An accelerator catalogue for `--power estimate:` in place of the
+    /// one built in.
+    #[arg(long, env = "NEOCLOUD_ACCELERATORS")]
+    pub accelerators: Option<PathBuf>,
     /// Seed of prompts and arrival times.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -169,7 +166,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let power = args
         .power
         .as_deref()
-        .map(|p| PowerSource::parse(p, &args.accelerators))
+        .map(|p| PowerSource::parse(p, args.accelerators.as_deref()))
         .transpose()?;
     if args.rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) || args.burstiness <= 0.0 {
         return Err(BenchError::InvalidArgument(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nvml_wrapper::Nvml;
 use serde::Serialize;
 
-use neocloud_fleet::accelerators;
+use neocloud_accelerators::{CatalogError, Catalogue};
 
 use crate::error::BenchError;
 
@@ -42,14 +42,15 @@ pub enum PowerSource {
     },
 }
 
-pub use neocloud_fleet::accelerators::CPU_WATTS_PER_CORE;
+pub use neocloud_accelerators::CPU_WATTS_PER_CORE;
 /// Interval between power samples.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 impl PowerSource {
     /// Parses `cmd:COMMAND`, `prometheus:URL#METRIC` or
-    /// `estimate:ACCELERATOR[xN]`; `accelerators` is the data file.
-    pub fn parse(spec: &str, accelerators: &Path) -> Result<Self, BenchError> {
+    /// `estimate:ACCELERATOR[xN]`; `accelerators` is a catalogue file in
+    /// place of the built-in one.
+    pub fn parse(spec: &str, accelerators: Option<&Path>) -> Result<Self, BenchError> {
         if let Some(cmd) = spec.strip_prefix("cmd:") {
             return Ok(PowerSource::Command(cmd.to_owned()));
         }
@@ -69,11 +70,7 @@ impl PowerSource {
                 Some((a, n)) if n.parse::<u32>().is_ok() => (a, n.parse().unwrap_or(1)),
                 _ => (rest, 1),
             };
-            let each = if accelerator == "cpu" {
-                CPU_WATTS_PER_CORE
-            } else {
-                published_watts(accelerators, accelerator)?
-            };
+            let each = published_watts(accelerators, accelerator)?;
             return Ok(PowerSource::Estimate {
                 accelerator: accelerator.to_owned(),
                 count,
@@ -113,17 +110,18 @@ impl PowerSource {
     }
 }
 
-/// `tdp_w` of an accelerator in the data file.
-fn published_watts(path: &Path, id: &str) -> Result<f64, BenchError> {
-    let text = std::fs::read_to_string(path).map_err(|e| BenchError::Data {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    accelerators::published_watts(&text, id).map_err(|e| match e {
-        accelerators::CatalogError::Malformed(message) => BenchError::Data {
-            path: path.display().to_string(),
-            message,
-        },
+/// Published power of one accelerator (one core for `cpu`).
+fn published_watts(path: Option<&Path>, id: &str) -> Result<f64, BenchError> {
+    let data_error = |message: String| BenchError::Data {
+        path: path.map_or_else(
+            || "built-in accelerators.toml".into(),
+            |p| p.display().to_string(),
+        ),
+        message,
+    };
+    let catalogue = Catalogue::load(path).map_err(|e| data_error(e.to_string()))?;
+    catalogue.published_watts(id).map_err(|e| match e {
+        CatalogError::Malformed(message) => data_error(message),
         other => BenchError::Power(other.to_string()),
     })
 }
@@ -286,14 +284,9 @@ pub fn prometheus_gauge(text: &str, metric: &str) -> Option<f64> {
 mod tests {
     use super::*;
 
-    fn accelerators() -> std::path::PathBuf {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/data/accelerators.toml")
-    }
-
     #[test]
     fn sources_parse() {
-        let est = PowerSource::parse("estimate:h100-sxmx8", &accelerators()).unwrap();
+        let est = PowerSource::parse("estimate:h100-sxmx8", None).unwrap();
         assert_eq!(
             est,
             PowerSource::Estimate {
@@ -302,22 +295,19 @@ mod tests {
                 watts: 5600.0
             }
         );
-        let cpu = PowerSource::parse("estimate:cpux2", &accelerators()).unwrap();
+        let cpu = PowerSource::parse("estimate:cpux2", None).unwrap();
         assert_eq!(est.label(), "estimate:h100-sxmx8");
         assert!(matches!(cpu, PowerSource::Estimate { watts, .. } if watts == 20.0));
-        assert!(PowerSource::parse("estimate:nonesuch", &accelerators()).is_err());
+        assert!(PowerSource::parse("estimate:nonesuch", None).is_err());
         assert!(matches!(
-            PowerSource::parse(
-                "prometheus:http://h:9400/metrics#gpu_power_watts",
-                &accelerators()
-            ),
+            PowerSource::parse("prometheus:http://h:9400/metrics#gpu_power_watts", None),
             Ok(PowerSource::Prometheus { .. })
         ));
-        assert!(PowerSource::parse("watts", &accelerators()).is_err());
-        assert!(PowerSource::parse("nvml:x", &accelerators()).is_err());
+        assert!(PowerSource::parse("watts", None).is_err());
+        assert!(PowerSource::parse("nvml:x", None).is_err());
         // This machine has no NVIDIA GPU: NVML is refused at once, clearly.
         if Nvml::init().is_err() {
-            let err = PowerSource::parse("nvml:0", &accelerators()).unwrap_err();
+            let err = PowerSource::parse("nvml:0", None).unwrap_err();
             assert!(err.to_string().contains("NVML"), "{err}");
         }
     }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use neocloud_engine::generation::{generate, GenerateRequest, LoadedModel, Progress};
-use neocloud_engine::model_source::{ModelStore, PullProgress};
 use neocloud_engine::sampler::SamplingParams;
+use neocloud_models::{ModelStore, PullProgress};
 use serde::Serialize;
 
 pub mod config;

@@ -86,11 +86,6 @@ fn bench_reports_every_metric_and_agrees_with_the_server() {
             "ttft=2s,tpot=200ms",
             "--power",
             "estimate:cpux2",
-            "--accelerators",
-            &neocloud_testkit::shared_dir()
-                .join("data/accelerators.toml")
-                .display()
-                .to_string(),
         ],
     );
     assert_eq!(report["schema"], "neocloud-bench/1");

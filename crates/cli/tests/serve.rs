@@ -143,7 +143,7 @@ fn streaming_and_collected_answers_agree(s: &Server) {
         .header("content-type")
         .unwrap()
         .starts_with("text/event-stream"));
-    let events = SseDecoder::new().feed(&streamed.text());
+    let events = sse_data(&streamed.text());
     assert_eq!(events.last().unwrap(), "[DONE]");
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
@@ -609,9 +609,19 @@ fn several_choices_differ_by_seed(s: &Server) {
     );
 }
 
+/// The data of every event of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    SseDecoder::new()
+        .feed(body.as_bytes())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.data)
+        .collect()
+}
+
 fn sse_chunks(resp: &neocloud_testkit::http::Response) -> Vec<Value> {
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let events = SseDecoder::new().feed(&resp.text());
+    let events = sse_data(&resp.text());
     assert_eq!(events.last().unwrap(), "[DONE]");
     events[..events.len() - 1]
         .iter()

@@ -33,7 +33,4 @@ pub enum EngineError {
     /// The key/value pool has no block left for a sequence.
     #[error("key/value memory exhausted: {0}")]
     OutOfKvMemory(String),
-    /// A model could not be fetched or verified.
-    #[error("model source: {0}")]
-    Source(String),
 }

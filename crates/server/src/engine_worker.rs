@@ -833,7 +833,7 @@ fn run_other(lm: &LoadedModel, kind: JobKind, arrived: Instant, metrics: &Metric
 #[cfg(test)]
 mod tests {
     use super::*;
-    use neocloud_engine::model_source::ModelStore;
+    use neocloud_models::ModelStore;
 
     fn start_gemma(queue: usize) -> (EngineHandle, Arc<Metrics>) {
         start_gemma_batched(queue, 1)

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use neocloud_engine::model::Model;
-use neocloud_engine::model_source::ModelStore;
 use neocloud_engine::tokenizer::Tokenizer;
+use neocloud_models::ModelStore;
 
 /// Path of a catalogue model, pulling it into the cache (`$NEOCLOUD_HOME`) if needed.
 pub fn model_path(name: &str) -> PathBuf {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use neocloud_fleet::accelerators::{self, CPU_WATTS_PER_CORE};
+use neocloud_accelerators::Catalogue;
 use neocloud_fleet::accounting::EnergyLedger;
 use neocloud_fleet::config::{FleetConfig, Policy, PoolConfig, UpstreamAddress};
 use neocloud_fleet::health::{EjectionPolicy, PoolHealth, RetryBudget};
@@ -116,14 +116,14 @@ impl Gateway {
     /// Builds the gateway for `config`. `engine` holds the in-process
     /// engine's routes when some upstream is `engine:MODEL`.
     pub fn new(config: &FleetConfig, engine: Option<Router>) -> Result<Self, ServerError> {
-        let catalogue = match &config.router.accelerators_file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                ServerError::Unavailable(format!(
-                    "cannot read the accelerator catalogue {path}: {e}"
-                ))
-            })?),
-            None => None,
-        };
+        let catalogue = Catalogue::load(
+            config
+                .router
+                .accelerators_file
+                .as_deref()
+                .map(std::path::Path::new),
+        )
+        .map_err(|e| ServerError::Unavailable(e.to_string()))?;
         let config_error =
             |m: String| ServerError::Unavailable(format!("fleet configuration: {m}"));
         let client =
@@ -131,7 +131,7 @@ impl Gateway {
         let mut pools = Vec::new();
         let mut upstreams = Vec::new();
         for (p, pool) in config.pools.iter().enumerate() {
-            let watts = pool_watts(pool, catalogue.as_deref()).map_err(config_error)?;
+            let watts = pool_watts(pool, &catalogue).map_err(config_error)?;
             let api_key = match &pool.api_key_env {
                 Some(var) => Some(std::env::var(var).map_err(|_| {
                     config_error(format!(
@@ -346,22 +346,19 @@ impl Gateway {
 
 /// Busy power of a whole pool: its `watts`, or the catalogue's figure for
 /// its accelerator times `count` (10 W per core for `cpu`).
-fn pool_watts(pool: &PoolConfig, catalogue: Option<&str>) -> Result<f64, String> {
+fn pool_watts(pool: &PoolConfig, catalogue: &Catalogue) -> Result<f64, String> {
     if let Some(w) = pool.watts {
         return Ok(w);
     }
-    if pool.accelerator == "cpu" {
-        return Ok(CPU_WATTS_PER_CORE * pool.count as f64);
-    }
-    let Some(text) = catalogue else {
-        return Err(format!(
-            "pool {:?}: the power of {:?} is unknown; set `watts` or `[router] accelerators_file`",
-            pool.name, pool.accelerator
-        ));
-    };
-    accelerators::published_watts(text, &pool.accelerator)
+    catalogue
+        .published_watts(&pool.accelerator)
         .map(|w| w * pool.count as f64)
-        .map_err(|e| format!("pool {:?}: {e}", pool.name))
+        .map_err(|e| {
+            format!(
+                "pool {:?}: {e}; set `watts` or `[router] accelerators_file`",
+                pool.name
+            )
+        })
 }
 
 /// One request's claim on one upstream: counted in its load and its energy

@@ -17,7 +17,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use neocloud_fleet::metrics::UpstreamErrorKind;
 use neocloud_fleet::upstream::BodyStream;
-use neocloud_openai::sse::{frame, SseDecoder, DONE};
+use neocloud_openai::sse::{frame, SseDecoder, SseEvent, DONE};
 use neocloud_openai::{ApiError, ErrorKind};
 use serde_json::{Map, Value};
 use tokio_stream::StreamExt;
@@ -59,9 +59,7 @@ enum Event {
 struct EventReader {
     body: BodyStream,
     decoder: SseDecoder,
-    /// Bytes of an incomplete UTF-8 sequence from the last chunk.
-    partial: Vec<u8>,
-    queued: VecDeque<String>,
+    queued: VecDeque<SseEvent>,
     stall: Duration,
 }
 
@@ -70,32 +68,32 @@ impl EventReader {
         EventReader {
             body,
             decoder: SseDecoder::new(),
-            partial: Vec::new(),
             queued: VecDeque::new(),
             stall,
         }
     }
 
-    /// The next event's data, or why there is none.
+    /// The next event's data, or why there is none. An error event
+    /// (`event: error`, or llama.cpp's `error:` field) is the upstream's
+    /// failure.
     async fn next(&mut self) -> Result<String, UpstreamErrorKind> {
         loop {
             if let Some(event) = self.queued.pop_front() {
-                return Ok(event);
+                if event.is_error() {
+                    return Err(UpstreamErrorKind::ServerError);
+                }
+                return Ok(event.data);
             }
             let chunk = match tokio::time::timeout(self.stall, self.body.next()).await {
                 Err(_) => return Err(UpstreamErrorKind::Timeout),
                 Ok(None) | Ok(Some(Err(_))) => return Err(UpstreamErrorKind::Broken),
                 Ok(Some(Ok(chunk))) => chunk,
             };
-            self.partial.extend_from_slice(&chunk);
-            let valid = match std::str::from_utf8(&self.partial) {
-                Ok(text) => text.len(),
-                Err(e) if e.error_len().is_none() => e.valid_up_to(),
-                Err(_) => return Err(UpstreamErrorKind::BadReply),
-            };
-            let text = String::from_utf8_lossy(&self.partial[..valid]).into_owned();
-            self.partial.drain(..valid);
-            self.queued.extend(self.decoder.feed(&text));
+            let events = self
+                .decoder
+                .feed(&chunk)
+                .map_err(|_| UpstreamErrorKind::BadReply)?;
+            self.queued.extend(events);
         }
     }
 }
