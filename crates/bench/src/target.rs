@@ -3,27 +3,7 @@
 
 use crate::error::BenchError;
 
-/// An API key, read from the environment; it redacts itself.
-#[derive(Clone)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    /// Wraps a key.
-    pub fn new(key: String) -> Self {
-        ApiKey(key)
-    }
-
-    /// The key, for the `Authorization` header only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
+pub use neocloud_openai::ApiKey;
 
 /// One endpoint under test.
 #[derive(Debug, Clone)]
@@ -113,11 +93,5 @@ mod tests {
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn keys_never_print() {
-        let k = ApiKey::new("sk-secret".into());
-        assert!(!format!("{k:?}").contains("secret"));
     }
 }

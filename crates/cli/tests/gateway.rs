@@ -477,3 +477,85 @@ fn the_gateway_sheds_load_beyond_its_in_flight_limit() {
     assert_eq!(first.join().unwrap().status, 200);
     assert_eq!(slow.requests(), 1);
 }
+
+/// An upstream key reaches neither a log line (at the most verbose level,
+/// HTTP client internals included) nor an answer, whatever the upstream
+/// does with it: refuse with it in the body, refuse the key, stall, send
+/// garbage, or not answer at all.
+#[test]
+fn upstream_keys_never_reach_a_log_line_or_an_answer() {
+    const KEY: &str = "sk-upstream-key-7f3a9c";
+    let echo = |status: &str| {
+        MockUpstream::start(Behaviour::Fixed {
+            status: status.into(),
+            headers: String::new(),
+            body: format!(
+                r#"{{"error":{{"message":"bad key {KEY}","type":"invalid_request_error","param":"{KEY}","code":"{KEY}"}}}}"#
+            ),
+        })
+    };
+    let (refuse, unauthorized, failing) = (
+        echo("400 Bad Request"),
+        echo("401 Unauthorized"),
+        echo("500 Internal Server Error"),
+    );
+    let garbage = MockUpstream::start(Behaviour::GarbageSse);
+    let fast = MockUpstream::start(Behaviour::Fast { tokens: 3 });
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_url = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let pool = |name: &str, urls: &[String]| {
+        let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        format!(
+            "[[pool]]\nname = \"{name}\"\nmodel = \"m-{name}\"\naccelerator = \"cpu\"\n\
+             upstreams = [{}]\napi_key_env = \"NEOCLOUD_SECRET_TEST_KEY\"\n",
+            urls.join(", ")
+        )
+    };
+    let config = [
+        "[router]\nstall_timeout_secs = 1\nhealth_check_interval_secs = 0.2\n".to_string(),
+        pool("refuse", &[refuse.base_url()]),
+        pool("unauthorized", &[unauthorized.base_url()]),
+        pool("failing", &[failing.base_url()]),
+        pool("garbage", &[garbage.base_url()]),
+        pool("closed", &[closed_url]),
+        pool("fine", &[fast.base_url()]),
+    ]
+    .concat();
+    let log_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("upstream-keys.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let path = config_file("upstream-keys", &config);
+    let gw = Server::start_with(
+        BIN,
+        &["--config", path.to_str().unwrap()],
+        &[("NEOCLOUD_SECRET_TEST_KEY", KEY), ("NEOCLOUD_LOG", "trace")],
+        log,
+    );
+    let mut answers = String::new();
+    for name in [
+        "refuse",
+        "unauthorized",
+        "failing",
+        "garbage",
+        "closed",
+        "fine",
+    ] {
+        for stream in [false, true] {
+            let resp = chat(gw.addr, &chat_body(&format!("m-{name}"), stream));
+            answers.push_str(&format!("{:?}\n{}\n", resp.headers, resp.text()));
+        }
+    }
+    // Let a few active health checks run with the key.
+    std::thread::sleep(Duration::from_millis(800));
+    drop(gw);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.lines().count() > 20,
+        "the trace-level log has lines: {log}"
+    );
+    for (i, line) in log.lines().enumerate() {
+        assert!(!line.contains(KEY), "log line {i} shows the key: {line}");
+    }
+    assert!(!answers.contains(KEY), "an answer shows the key: {answers}");
+}

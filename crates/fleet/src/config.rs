@@ -1,9 +1,10 @@
 //! `fleet.toml`: pools of upstreams serving a model, and the router's
-//! policy. Unknown keys are errors, and so are upstream URLs that point at
-//! link-local (cloud metadata) addresses.
+//! policy. Unknown keys are errors, and so are upstream URLs whose host is
+//! a link-local (cloud metadata) address. Parsing never touches the
+//! network: names are resolved and checked by the server that connects.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, ToSocketAddrs};
+use std::net::IpAddr;
 
 use serde::Deserialize;
 
@@ -222,7 +223,7 @@ pub fn is_forbidden_ip(ip: IpAddr) -> bool {
 }
 
 /// Host and port of an `http(s)://` URL.
-fn host_port(url: &str) -> Option<(String, u16)> {
+pub fn host_port(url: &str) -> Option<(String, u16)> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split(['/', '?', '#']).next()?;
     let authority = authority.rsplit('@').next()?;
@@ -240,9 +241,10 @@ fn host_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
-/// Refuses URLs whose host is, or resolves to, a forbidden address.
+/// Refuses URLs whose host is a forbidden address or a metadata service's
+/// name. What a name resolves to is checked where it is resolved.
 pub fn check_upstream_url(url: &str) -> Result<(), FleetError> {
-    let (host, port) = host_port(url)
+    let (host, _port) = host_port(url)
         .filter(|(h, _)| !h.is_empty())
         .ok_or_else(|| FleetError::Config(format!("upstream {url:?}: no host")))?;
     let refuse = |ip: IpAddr| {
@@ -263,15 +265,6 @@ pub fn check_upstream_url(url: &str) -> Result<(), FleetError> {
         return Err(FleetError::Config(format!(
             "upstream {url:?} names a cloud metadata service; refused"
         )));
-    }
-    // A name that does not resolve now may later; one that resolves to a
-    // forbidden address is refused.
-    if let Ok(addrs) = (host.as_str(), port).to_socket_addrs() {
-        for addr in addrs {
-            if is_forbidden_ip(addr.ip()) {
-                return Err(refuse(addr.ip()));
-            }
-        }
     }
     Ok(())
 }

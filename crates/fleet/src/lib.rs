@@ -11,6 +11,5 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod policy;
-pub mod upstream;
 
 pub use error::FleetError;

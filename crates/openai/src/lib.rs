@@ -8,6 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use api_key::ApiKey;
+
+pub mod api_key;
 pub mod chat;
 pub mod completions;
 pub mod models;

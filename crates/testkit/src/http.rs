@@ -154,11 +154,23 @@ pub struct Server {
 impl Server {
     /// Starts `binary serve --port 0 <args>` and waits until `/health` is 200.
     pub fn start(binary: &str, args: &[&str]) -> Server {
+        Self::start_with(binary, args, &[], Stdio::inherit())
+    }
+
+    /// As [`Server::start`], with extra environment variables and the
+    /// server's log (standard error) going to `log`.
+    pub fn start_with(
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: impl Into<Stdio>,
+    ) -> Server {
         let mut child = Command::new(binary)
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();

@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::upstream::{BodyStream, Endpoint, UpstreamRequest};
 use bytes::Bytes;
 use neocloud_fleet::conformance;
 use neocloud_fleet::health::retry_after;
 use neocloud_fleet::metrics::UpstreamErrorKind;
 use neocloud_fleet::policy::{choose, prefix_hash, RequestSlo, RouteRequest};
-use neocloud_fleet::upstream::{BodyStream, Endpoint, UpstreamRequest};
-use neocloud_openai::{ApiError, ErrorKind};
+use neocloud_openai::{ApiError, ApiKey, ErrorKind};
 use serde_json::{json, Map, Value};
 use tokio_stream::StreamExt;
 
@@ -272,7 +272,7 @@ impl Route {
                 return Err(ServerError::Upstream(refusal(
                     reply.status,
                     &body,
-                    pool.api_key.as_deref(),
+                    pool.api_key.as_ref().map(ApiKey::expose),
                 )));
             }
             return Ok(Opened {
@@ -488,16 +488,19 @@ pub(crate) fn refusal(status: u16, body: &[u8], key: Option<&str>) -> ApiError {
     let Some(message) = error.get("message").and_then(Value::as_str) else {
         return generic;
     };
-    let mut message: String = message.chars().take(500).collect();
-    if let Some(key) = key.filter(|k| k.len() >= 4) {
-        message = message.replace(key, "[redacted]");
-    }
+    // Redact first, then cut: a key straddling the cut would survive the
+    // other order. Every field is redacted.
+    let redact = |text: &str| match key.filter(|k| k.len() >= 4) {
+        Some(key) => text.replace(key, "[redacted]"),
+        None => text.to_owned(),
+    };
+    let message: String = redact(message).chars().take(500).collect();
     let short = |field: &str| {
         error
             .get(field)
             .and_then(Value::as_str)
+            .map(redact)
             .filter(|s| s.len() <= 64)
-            .map(str::to_owned)
     };
     let mut api = ApiError::new(kind, message);
     api.param = short("param");
@@ -551,6 +554,17 @@ mod tests {
         let raw = refusal(400, b"Traceback (most recent call last): /srv/app.py", None);
         assert_eq!(raw.message, "the upstream refused the request (HTTP 400)");
         assert_eq!(refusal(413, b"{}", None).status(), 413);
+        // A key straddling the 500-character cut, and keys in `param` and
+        // `code`, are redacted too.
+        let key = "sk-straddling-the-cut";
+        for at in 480..500 {
+            let message = format!("{}{key} tail", "x".repeat(at));
+            let body =
+                json!({"error": {"message": message, "param": key, "code": format!("c-{key}")}});
+            let api = refusal(400, body.to_string().as_bytes(), Some(key));
+            let shown = format!("{} {:?} {:?}", api.message, api.param, api.code);
+            assert!(!shown.contains(&key[..8]), "{at}: {shown}");
+        }
     }
 
     #[test]

@@ -3,12 +3,10 @@
 
 use std::time::Duration;
 
+use super::upstream::{BoxFuture, Upstream, UpstreamFailure, UpstreamReply, UpstreamRequest};
 use axum::body::Body;
 use axum::http::{header, Method, Request};
 use axum::Router;
-use neocloud_fleet::upstream::{
-    BoxFuture, Upstream, UpstreamFailure, UpstreamReply, UpstreamRequest,
-};
 use tokio_stream::StreamExt;
 use tower::ServiceExt;
 

@@ -2,11 +2,13 @@
 //! are never followed (a redirect could point the gateway, and the pool's
 //! key, anywhere), and the key goes only in the `Authorization` header.
 
+use std::net::{IpAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use neocloud_fleet::upstream::{
-    BoxFuture, Upstream, UpstreamFailure, UpstreamReply, UpstreamRequest,
-};
+use neocloud_fleet::config::{host_port, is_forbidden_ip};
+use neocloud_openai::ApiKey;
+
+use super::upstream::{BoxFuture, Upstream, UpstreamFailure, UpstreamReply, UpstreamRequest};
 use tokio_stream::StreamExt;
 
 /// How long a connection may take to open.
@@ -21,7 +23,7 @@ pub struct HttpUpstream {
     base_url: String,
     client: reqwest::Client,
     /// Key for the health check, when the pool has one.
-    api_key: Option<String>,
+    api_key: Option<ApiKey>,
 }
 
 impl HttpUpstream {
@@ -38,13 +40,36 @@ impl HttpUpstream {
 
     /// An upstream at `base_url` (`http(s)://HOST[:PORT]/v1`), reached
     /// through `client` (see [`HttpUpstream::client`]).
-    pub fn new(base_url: &str, api_key: Option<String>, client: reqwest::Client) -> Self {
+    pub fn new(base_url: &str, api_key: Option<ApiKey>, client: reqwest::Client) -> Self {
         HttpUpstream {
             base_url: base_url.trim_end_matches('/').to_owned(),
             client,
             api_key,
         }
     }
+}
+
+/// Refuses a URL whose host name resolves, now, to a forbidden address
+/// (link-local: where cloud metadata services live). A name that does not
+/// resolve now may later, and is accepted.
+pub fn check_resolved_host(url: &str) -> Result<(), String> {
+    let Some((host, port)) = host_port(url) else {
+        return Err(format!("upstream {url:?}: no host"));
+    };
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if let Ok(addrs) = (host.as_str(), port).to_socket_addrs() {
+        for addr in addrs {
+            if is_forbidden_ip(addr.ip()) {
+                return Err(format!(
+                    "upstream {url:?} resolves to {}, a link-local or unusable address (cloud metadata services live there); refused",
+                    addr.ip()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The error's kind and no more: reqwest's messages carry the URL.
@@ -73,7 +98,7 @@ impl Upstream for HttpUpstream {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(request.body);
             if let Some(key) = &request.api_key {
-                builder = builder.bearer_auth(key);
+                builder = builder.bearer_auth(key.expose());
             }
             let response = builder
                 .send()
@@ -99,7 +124,7 @@ impl Upstream for HttpUpstream {
                 .get(format!("{}/models", self.base_url))
                 .timeout(CHECK_TIMEOUT);
             if let Some(key) = &self.api_key {
-                builder = builder.bearer_auth(key);
+                builder = builder.bearer_auth(key.expose());
             }
             matches!(builder.send().await, Ok(r) if r.status().is_success())
         })

@@ -10,6 +10,7 @@ pub mod engine_upstream;
 pub mod http_upstream;
 pub mod relay;
 pub mod routes;
+pub mod upstream;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,8 @@ use neocloud_fleet::config::{FleetConfig, Policy, PoolConfig, UpstreamAddress};
 use neocloud_fleet::health::{EjectionPolicy, PoolHealth, RetryBudget};
 use neocloud_fleet::metrics::{FleetMetrics, UpstreamMetrics};
 use neocloud_fleet::policy::{FleetView, RequestSlo, UpstreamView};
-use neocloud_fleet::upstream::Upstream;
+use neocloud_openai::ApiKey;
+use upstream::Upstream;
 
 use crate::error::ServerError;
 use engine_upstream::EngineUpstream;
@@ -71,7 +73,7 @@ pub(crate) struct UpstreamSlot {
 pub(crate) struct PoolRuntime {
     pub config: PoolConfig,
     /// Bearer key for its upstreams (never logged).
-    pub api_key: Option<String>,
+    pub api_key: Option<ApiKey>,
     /// Its upstreams, as indices into [`Gateway::upstreams`].
     pub members: Vec<usize>,
     pub health: Mutex<PoolHealth>,
@@ -133,7 +135,7 @@ impl Gateway {
         for (p, pool) in config.pools.iter().enumerate() {
             let watts = pool_watts(pool, &catalogue).map_err(config_error)?;
             let api_key = match &pool.api_key_env {
-                Some(var) => Some(std::env::var(var).map_err(|_| {
+                Some(var) => Some(std::env::var(var).map(ApiKey::new).map_err(|_| {
                     config_error(format!(
                         "pool {:?}: the environment variable {var} is not set",
                         pool.name
@@ -149,10 +151,14 @@ impl Gateway {
                     match UpstreamAddress::parse(address)
                         .map_err(|e| config_error(e.to_string()))?
                     {
-                        UpstreamAddress::Http(url) => (
-                            Arc::new(HttpUpstream::new(&url, api_key.clone(), client.clone())),
-                            pool_model.clone(),
-                        ),
+                        UpstreamAddress::Http(url) => {
+                            http_upstream::check_resolved_host(&url)
+                                .map_err(|m| config_error(format!("pool {:?}: {m}", pool.name)))?;
+                            (
+                                Arc::new(HttpUpstream::new(&url, api_key.clone(), client.clone())),
+                                pool_model.clone(),
+                            )
+                        }
                         UpstreamAddress::Engine(model) => match &engine {
                             Some(routes) => (Arc::new(EngineUpstream::new(routes.clone())), model),
                             None => {

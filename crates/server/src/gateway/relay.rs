@@ -13,10 +13,10 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
+use super::upstream::BodyStream;
 use axum::body::Body;
 use bytes::Bytes;
 use neocloud_fleet::metrics::UpstreamErrorKind;
-use neocloud_fleet::upstream::BodyStream;
 use neocloud_openai::sse::{frame, SseDecoder, SseEvent, DONE};
 use neocloud_openai::{ApiError, ErrorKind};
 use serde_json::{Map, Value};

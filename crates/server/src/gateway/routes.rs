@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::upstream::Endpoint;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +13,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use neocloud_fleet::conformance::DROPPED_PARAMS_HEADER;
 use neocloud_fleet::policy::RequestSlo;
-use neocloud_fleet::upstream::Endpoint;
 use neocloud_openai::models::{Model, ModelList};
 use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;

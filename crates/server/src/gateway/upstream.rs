@@ -1,9 +1,6 @@
 //! The `Upstream` trait: one server that answers OpenAI-style completion
 //! requests, whether a remote HTTP endpoint or the in-process engine. The
-//! trait only moves bytes; the gateway decides what a reply means. It is
-//! defined with std futures and a `futures-core` stream, so that this crate
-//! stays free of any async runtime (the simulator runs the fleet's code
-//! without one).
+//! trait only moves bytes; the gateway decides what a reply means.
 
 use std::fmt;
 use std::future::Future;
@@ -11,6 +8,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures_core::Stream;
+use neocloud_openai::ApiKey;
 
 /// A boxed future, as the trait's methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -45,7 +43,7 @@ pub struct UpstreamRequest {
     /// The JSON body, already adapted to the upstream.
     pub body: Bytes,
     /// Bearer token for the upstream, if its pool has one.
-    pub api_key: Option<String>,
+    pub api_key: Option<ApiKey>,
 }
 
 impl fmt::Debug for UpstreamRequest {
@@ -54,7 +52,7 @@ impl fmt::Debug for UpstreamRequest {
         f.debug_struct("UpstreamRequest")
             .field("endpoint", &self.endpoint)
             .field("body_bytes", &self.body.len())
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key", &self.api_key)
             .finish()
     }
 }
