@@ -27,9 +27,19 @@ pub enum EngineError {
     /// A chat template failed to parse or render.
     #[error("chat template: {0}")]
     Template(String),
-    /// A request is invalid (bad sampling parameters, prompt too long...).
+    /// A request is invalid as a whole (an empty prompt, a prompt too long
+    /// for the context...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// One parameter of a request is out of range or malformed.
+    #[error("invalid {param}: {message}")]
+    InvalidParameter {
+        /// The parameter, as the OpenAI API names it (`temperature`,
+        /// `logit_bias`, `stop`...).
+        param: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The key/value pool has no block left for a sequence.
     #[error("key/value memory exhausted: {0}")]
     OutOfKvMemory(String),

@@ -279,6 +279,31 @@ pub struct SequenceRun<'a> {
     decode_start: Option<Instant>,
 }
 
+/// Most stop strings a request may give (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+
+/// Checks stop strings: at most [`MAX_STOP`], none empty. The one check:
+/// the server calls it before it queues a request, and every run when it
+/// starts.
+pub fn check_stop(stop: &[String]) -> Result<(), EngineError> {
+    let bad = |message: String| {
+        Err(EngineError::InvalidParameter {
+            param: "stop",
+            message,
+        })
+    };
+    if stop.len() > MAX_STOP {
+        return bad(format!(
+            "stop takes at most {MAX_STOP} strings, got {}",
+            stop.len()
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return bad("stop strings must not be empty".into());
+    }
+    Ok(())
+}
+
 impl<'a> SequenceRun<'a> {
     /// Checks `req` and prepares its run, with no keys and values yet.
     pub fn start(lm: &'a LoadedModel, req: GenerateRequest) -> Result<Self, EngineError> {
@@ -296,11 +321,7 @@ impl<'a> SequenceRun<'a> {
             )));
         }
         model.check_tokens(&req.prompt)?;
-        if req.stop.iter().any(String::is_empty) {
-            return Err(EngineError::InvalidRequest(
-                "stop strings must not be empty".into(),
-            ));
-        }
+        check_stop(&req.stop)?;
         let hold_back = req.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
         Ok(SequenceRun {
             lm,

@@ -62,56 +62,74 @@ impl SamplingParams {
         }
     }
 
-    /// Checks the ranges, naming the offending parameter.
+    /// Checks the ranges, naming the offending parameter. The one check
+    /// of sampling parameters: the server calls it before it queues a
+    /// request, and every run calls it again when it starts.
     pub fn validate(&self, vocab_size: usize) -> Result<(), EngineError> {
-        let bad = |msg: String| Err(EngineError::InvalidRequest(msg));
-        if !self.temperature.is_finite() || !(0.0..=2.0).contains(&self.temperature) {
-            return bad(format!(
-                "temperature must be within [0, 2], got {}",
-                self.temperature
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be within (0, 1], got {}", self.top_p));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("min_p must be within [0, 1], got {}", self.min_p));
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!(
-                "repetition_penalty must be positive, got {}",
-                self.repetition_penalty
-            ));
-        }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
+        let bad = |param: &'static str, message: String| {
+            Err(EngineError::InvalidParameter { param, message })
+        };
+        for (name, v, lo, hi) in [
+            ("temperature", self.temperature, 0.0, 2.0),
+            ("top_p", self.top_p, 0.0, 1.0),
+            ("min_p", self.min_p, 0.0, 1.0),
+            (
+                "repetition_penalty",
+                self.repetition_penalty,
+                MIN_REPETITION_PENALTY,
+                MAX_REPETITION_PENALTY,
+            ),
+            ("presence_penalty", self.presence_penalty, -2.0, 2.0),
+            ("frequency_penalty", self.frequency_penalty, -2.0, 2.0),
         ] {
-            if !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} must be within [-2, 2], got {v}"));
+            if !(v.is_finite() && (lo..=hi).contains(&v)) {
+                return bad(name, format!("{name} must be within [{lo}, {hi}], got {v}"));
             }
+        }
+        if self.top_p == 0.0 {
+            return bad("top_p", "top_p must be greater than 0".into());
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return bad(
+                "logit_bias",
+                format!(
+                    "logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {}",
+                    self.logit_bias.len()
+                ),
+            );
         }
         for &(id, b) in &self.logit_bias {
             if id as usize >= vocab_size {
-                return bad(format!(
-                    "logit_bias names token {id}, outside the vocabulary"
-                ));
+                return bad(
+                    "logit_bias",
+                    format!("\"{id}\" is not a token id of this model"),
+                );
             }
-            if !(-100.0..=100.0).contains(&b) {
-                return bad(format!(
-                    "logit_bias values must be within [-100, 100], got {b}"
-                ));
+            if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
+                return bad(
+                    "logit_bias",
+                    "bias values must be within [-100, 100]".into(),
+                );
             }
         }
-        if self.top_logprobs > 20 {
-            return bad(format!(
-                "top_logprobs must be at most 20, got {}",
-                self.top_logprobs
-            ));
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(
+                "top_logprobs",
+                format!("at most {MAX_TOP_LOGPROBS} alternatives per token"),
+            );
         }
         Ok(())
     }
 }
+
+/// Smallest `repetition_penalty` accepted.
+pub const MIN_REPETITION_PENALTY: f32 = 0.01;
+/// Largest `repetition_penalty` accepted.
+pub const MAX_REPETITION_PENALTY: f32 = 10.0;
+/// Most tokens `logit_bias` may name (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most alternatives per token `top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// A token and its log-probability.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -722,5 +740,90 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("logit_bias"));
         assert!(SamplingParams::default().validate(10).is_ok());
+    }
+
+    #[test]
+    fn every_refusal_names_its_parameter() {
+        let d = SamplingParams::default;
+        let cases: Vec<(&str, SamplingParams)> = vec![
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: 2.5,
+                    ..d()
+                },
+            ),
+            (
+                "temperature",
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..d()
+                },
+            ),
+            ("top_p", SamplingParams { top_p: 0.0, ..d() }),
+            ("top_p", SamplingParams { top_p: 1.5, ..d() }),
+            ("min_p", SamplingParams { min_p: -0.1, ..d() }),
+            (
+                "repetition_penalty",
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..d()
+                },
+            ),
+            (
+                "repetition_penalty",
+                SamplingParams {
+                    repetition_penalty: 11.0,
+                    ..d()
+                },
+            ),
+            (
+                "presence_penalty",
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..d()
+                },
+            ),
+            (
+                "frequency_penalty",
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..d()
+                },
+            ),
+            (
+                "logit_bias",
+                SamplingParams {
+                    logit_bias: vec![(3, 101.0)],
+                    ..d()
+                },
+            ),
+            (
+                "logit_bias",
+                SamplingParams {
+                    logit_bias: vec![(1, 0.0); 301],
+                    ..d()
+                },
+            ),
+            (
+                "top_logprobs",
+                SamplingParams {
+                    top_logprobs: 21,
+                    ..d()
+                },
+            ),
+        ];
+        for (name, params) in cases {
+            match params.validate(10) {
+                Err(EngineError::InvalidParameter { param, .. }) => assert_eq!(param, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert!(SamplingParams {
+            repetition_penalty: 0.01,
+            ..d()
+        }
+        .validate(10)
+        .is_ok());
     }
 }

@@ -39,9 +39,9 @@ pub enum ServerError {
     /// The waiting queue is full, or the models are still loading.
     #[error("{0}")]
     Unavailable(String),
-    /// The engine failed.
+    /// The engine failed, or refused a request as a whole.
     #[error("engine error: {0}")]
-    Engine(#[from] EngineError),
+    Engine(EngineError),
     /// Every upstream that could serve the request is rate limited.
     #[error("{message}")]
     RateLimited {
@@ -57,6 +57,16 @@ pub enum ServerError {
     /// A fault on our side (a panic while serving); the detail is logged.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<EngineError> for ServerError {
+    /// The engine's refusal of one parameter is the client's 400 naming it.
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidParameter { param, message } => ServerError::param(param, message),
+            other => ServerError::Engine(other),
+        }
+    }
 }
 
 impl ServerError {
@@ -90,6 +100,9 @@ impl ServerError {
             ServerError::Upstream(api) => api.clone(),
             ServerError::Engine(EngineError::InvalidRequest(m)) => {
                 ApiError::new(ErrorKind::InvalidRequestError, m)
+            }
+            ServerError::Engine(EngineError::InvalidParameter { param, message }) => {
+                ApiError::invalid_param(*param, message)
             }
             ServerError::Engine(EngineError::Template(m)) => ApiError::new(
                 ErrorKind::InvalidRequestError,
@@ -129,5 +142,132 @@ impl IntoResponse for ServerError {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of every error the server answers with: each variant, and each
+    /// kind of engine error.
+    fn every_error() -> Vec<(&'static str, ServerError)> {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "/models/secret-path.gguf");
+        vec![
+            (
+                "invalid_param",
+                ServerError::param("temperature", "temperature must be within [0, 2], got 3"),
+            ),
+            (
+                "invalid_body",
+                ServerError::InvalidBody(
+                    "the body is not valid JSON: expected value at line 1 column 1".into(),
+                ),
+            ),
+            (
+                "context_length",
+                ServerError::ContextLengthExceeded {
+                    param: "messages".into(),
+                    message: "the prompt has 40000 tokens; the model's context is 32768".into(),
+                },
+            ),
+            ("no_route", ServerError::NoRoute("GET /v1/nowhere".into())),
+            (
+                "model_not_found",
+                ServerError::ModelNotFound("gpt-5".into()),
+            ),
+            ("too_large", ServerError::TooLarge(2 << 20)),
+            (
+                "unavailable",
+                ServerError::Unavailable("the server is at capacity; retry shortly".into()),
+            ),
+            (
+                "rate_limited",
+                ServerError::RateLimited {
+                    message: "every upstream is rate limited".into(),
+                    retry_after_secs: 7,
+                },
+            ),
+            (
+                "upstream",
+                ServerError::Upstream(ApiError::invalid_param(
+                    "temperature",
+                    "the upstream refused temperature",
+                )),
+            ),
+            (
+                "internal",
+                ServerError::Internal("a panic at src/secret.rs:12".into()),
+            ),
+            (
+                "engine_io",
+                ServerError::Engine(EngineError::Io {
+                    path: "/models/secret-path.gguf".into(),
+                    source: io(),
+                }),
+            ),
+            (
+                "engine_gguf",
+                ServerError::Engine(EngineError::Gguf("bad magic".into())),
+            ),
+            (
+                "engine_model",
+                ServerError::Engine(EngineError::Model("no such architecture".into())),
+            ),
+            (
+                "engine_shape",
+                ServerError::Engine(EngineError::Shape("3 != 4".into())),
+            ),
+            (
+                "engine_tokenizer",
+                ServerError::Engine(EngineError::Tokenizer("no vocabulary".into())),
+            ),
+            (
+                "engine_template",
+                ServerError::Engine(EngineError::Template("unknown filter".into())),
+            ),
+            (
+                "engine_invalid_request",
+                ServerError::Engine(EngineError::InvalidRequest("the prompt is empty".into())),
+            ),
+            (
+                "engine_invalid_parameter",
+                ServerError::from(EngineError::InvalidParameter {
+                    param: "top_p",
+                    message: "top_p must be greater than 0".into(),
+                }),
+            ),
+            (
+                "engine_out_of_kv",
+                ServerError::Engine(EngineError::OutOfKvMemory("no block left".into())),
+            ),
+        ]
+    }
+
+    fn render(errors: &[(&str, ServerError)]) -> String {
+        let mut out = String::new();
+        for (name, error) in errors {
+            let api = error.to_api_error();
+            out.push_str(&format!("{name}: {} {}\n", api.status(), api.to_json()));
+        }
+        out
+    }
+
+    /// Every error kind is pinned to its status and JSON body. After a
+    /// deliberate change, `UPDATE_SNAPSHOTS=1` rewrites the file.
+    #[test]
+    fn every_error_kind_keeps_its_status_and_body() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots/errors.txt");
+        let rendered = render(&every_error());
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let pinned = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(rendered, pinned, "errors changed; see {}", path.display());
+        // Server-side faults never show their detail.
+        for line in rendered.lines().filter(|l| l.contains(" 500 ")) {
+            assert!(!line.contains("secret"), "{line}");
+        }
     }
 }

@@ -1,41 +1,23 @@
-//! Sampling parameters shared by the chat and text completion endpoints,
-//! validated with the offending parameter named.
+//! Sampling parameters shared by the chat and text completion endpoints:
+//! the wire's shapes turned into the engine's parameters, which the engine
+//! checks (its errors name the parameter at fault).
 
+use neocloud_engine::generation::check_stop;
 use neocloud_engine::sampler::SamplingParams;
 use neocloud_openai::chat::SamplingOptions;
 
 use crate::error::ServerError;
 
-/// Most tokens `logit_bias` may name (OpenAI's limit).
-const MAX_LOGIT_BIAS: usize = 300;
-/// Most stop strings (OpenAI's limit).
-const MAX_STOP: usize = 4;
-
-fn within(name: &str, v: Option<f32>, default: f32, lo: f32, hi: f32) -> Result<f32, ServerError> {
-    let v = v.unwrap_or(default);
-    if v.is_finite() && (lo..=hi).contains(&v) {
-        Ok(v)
-    } else {
-        Err(ServerError::param(
-            name,
-            format!("{name} must be within [{lo}, {hi}], got {v}"),
-        ))
-    }
-}
-
-/// Checks every field and builds the engine's parameters; `logprobs`
-/// says whether the request reports the chosen tokens' log-probabilities.
+/// Builds the engine's parameters from the request's and checks them;
+/// `logprobs` says whether the request reports the chosen tokens'
+/// log-probabilities.
 pub(crate) fn sampling_params(
     f: &SamplingOptions,
     logprobs: bool,
     top_logprobs: usize,
     vocab: usize,
 ) -> Result<SamplingParams, ServerError> {
-    let temperature = within("temperature", f.temperature, 1.0, 0.0, 2.0)?;
-    let top_p = within("top_p", f.top_p, 1.0, 0.0, 1.0)?;
-    if top_p == 0.0 {
-        return Err(ServerError::param("top_p", "top_p must be greater than 0"));
-    }
+    let defaults = SamplingParams::default();
     let top_k = match f.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
@@ -46,67 +28,40 @@ pub(crate) fn sampling_params(
             ))
         }
     };
-    let entries = f.logit_bias.as_ref().map_or(0, |b| b.len());
-    if entries > MAX_LOGIT_BIAS {
-        return Err(ServerError::param(
-            "logit_bias",
-            format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {entries}"),
-        ));
-    }
     let mut logit_bias = Vec::new();
     for (k, &v) in f.logit_bias.iter().flatten() {
-        let id: u32 = k
-            .parse()
-            .ok()
-            .filter(|&id: &u32| (id as usize) < vocab)
-            .ok_or_else(|| {
-                ServerError::param(
-                    "logit_bias",
-                    format!("{k:?} is not a token id of this model"),
-                )
-            })?;
-        if !(-100.0..=100.0).contains(&v) {
-            return Err(ServerError::param(
+        // The wire names tokens by decimal strings; the engine checks the
+        // ids and the values.
+        let id: u32 = k.parse().map_err(|_| {
+            ServerError::param(
                 "logit_bias",
-                "bias values must be within [-100, 100]",
-            ));
-        }
+                format!("{k:?} is not a token id of this model"),
+            )
+        })?;
         logit_bias.push((id, v));
     }
-    if top_logprobs > 20 {
-        return Err(ServerError::param(
-            "top_logprobs",
-            "at most 20 alternatives per token",
-        ));
-    }
-    Ok(SamplingParams {
-        temperature,
+    let params = SamplingParams {
+        temperature: f.temperature.unwrap_or(defaults.temperature),
         top_k,
-        top_p,
-        min_p: within("min_p", f.min_p, 0.0, 0.0, 1.0)?,
-        repetition_penalty: within("repetition_penalty", f.repetition_penalty, 1.0, 0.01, 10.0)?,
-        presence_penalty: within("presence_penalty", f.presence_penalty, 0.0, -2.0, 2.0)?,
-        frequency_penalty: within("frequency_penalty", f.frequency_penalty, 0.0, -2.0, 2.0)?,
+        top_p: f.top_p.unwrap_or(defaults.top_p),
+        min_p: f.min_p.unwrap_or(defaults.min_p),
+        repetition_penalty: f.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+        presence_penalty: f.presence_penalty.unwrap_or(defaults.presence_penalty),
+        frequency_penalty: f.frequency_penalty.unwrap_or(defaults.frequency_penalty),
         logit_bias,
         seed: f.seed.map(|s| s as u64),
         top_logprobs,
         logprobs,
-    })
+    };
+    params.validate(vocab)?;
+    Ok(params)
 }
 
-/// Validates `stop`: up to four non-empty strings.
+/// The stop strings of `stop`, checked by the engine's rule.
 pub(crate) fn stop_strings(
     stop: Option<neocloud_openai::chat::StopSequences>,
 ) -> Result<Vec<String>, ServerError> {
     let stop = stop.map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > MAX_STOP {
-        return Err(ServerError::param(
-            "stop",
-            format!("stop takes at most {MAX_STOP} strings, got {}", stop.len()),
-        ));
-    }
-    if stop.iter().any(String::is_empty) {
-        return Err(ServerError::param("stop", "stop strings must not be empty"));
-    }
+    check_stop(&stop)?;
     Ok(stop)
 }
