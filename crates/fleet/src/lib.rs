@@ -11,5 +11,6 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod policy;
+pub mod route;
 
 pub use error::FleetError;

@@ -7,28 +7,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::upstream::{BodyStream, Endpoint, UpstreamRequest};
 use bytes::Bytes;
 use neocloud_fleet::conformance;
-use neocloud_fleet::health::retry_after;
 use neocloud_fleet::metrics::UpstreamErrorKind;
-use neocloud_fleet::policy::{choose, prefix_hash, RequestSlo, RouteRequest};
+use neocloud_fleet::policy::RequestSlo;
+use neocloud_fleet::route::{self, judge_status, AttemptError, RouteEnd};
 use neocloud_openai::{ApiError, ApiKey, ErrorKind};
 use serde_json::{json, Map, Value};
 use tokio_stream::StreamExt;
 
 use super::relay::Relay;
-use super::{lock, Attempt, BudgetClaim, Gateway};
+use super::upstream::{BodyStream, Endpoint, UpstreamRequest};
+use super::{lock, Attempt, Gateway, InFlight};
 use crate::error::ServerError;
 
-/// Longest cool-down a 429's `Retry-After` can impose.
-const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 /// Largest non-streamed answer read from an upstream.
 const MAX_ANSWER_BYTES: usize = 64 << 20;
 /// Largest error body read from an upstream.
 const MAX_ERROR_BYTES: usize = 64 << 10;
-/// Characters of the prompt that key prefix affinity.
-const PREFIX_CHARS: usize = 256;
 /// Output tokens assumed when a request names no limit.
 const DEFAULT_OUTPUT_TOKENS: u64 = 256;
 
@@ -66,25 +62,6 @@ pub struct Dispatched {
     pub answer: Answer,
 }
 
-/// How one attempt ended, when it did not produce an answer.
-pub(crate) enum AttemptError {
-    /// The upstream failed; another may succeed.
-    Failed(UpstreamErrorKind),
-    /// The upstream is rate limited for this long.
-    RateLimited(Duration),
-    /// The upstream is overloaded (503 with `Retry-After`): it cools down
-    /// without counting as a failure.
-    Busy(Duration),
-}
-
-/// What went wrong last, for the error the client gets.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Last {
-    Nothing,
-    Failed,
-    RateLimited,
-}
-
 /// An upstream that accepted a request (a 2xx status), its body unread.
 pub(crate) struct Opened {
     pub attempt: Attempt,
@@ -96,19 +73,13 @@ pub(crate) struct Opened {
     pub rewrite_model: Option<String>,
 }
 
-/// One request's way through the fleet: the pools that may serve it, the
-/// upstreams tried so far, and its place in the retry budget.
+/// One request's way through the fleet (the fleet crate's [`route::Route`])
+/// with its place among the requests in flight.
 pub(crate) struct Route {
     gw: Arc<Gateway>,
     f: Forward,
-    tiers: Vec<Vec<usize>>,
-    tier: usize,
-    fallback_counted: usize,
-    tried: Vec<usize>,
-    last: Last,
-    claim: BudgetClaim,
-    prefix: u64,
-    prompt_tokens: u32,
+    route: route::Route,
+    in_flight: InFlight,
     output_tokens: u64,
     /// Whether the client asked for usage in its stream.
     pub wants_usage: bool,
@@ -116,12 +87,9 @@ pub(crate) struct Route {
 
 impl Route {
     fn new(gw: &Arc<Gateway>, f: Forward) -> Result<Route, ServerError> {
-        let tiers = gw.pool_tiers(&f.model);
-        if tiers.is_empty() {
-            return Err(ServerError::ModelNotFound(f.model));
-        }
         let prompt = prompt_text(&f.body);
-        let prompt_tokens = (prompt.len() / 4 + 1).min(u32::MAX as usize) as u32;
+        let route = route::Route::new(&lock(&gw.state), &f.model, &prompt, f.slo)
+            .map_err(|_| ServerError::ModelNotFound(f.model.clone()))?;
         let output_tokens = ["max_completion_tokens", "max_tokens"]
             .iter()
             .find_map(|k| f.body.get(*k).and_then(Value::as_u64))
@@ -134,15 +102,9 @@ impl Route {
             .unwrap_or(false);
         Ok(Route {
             gw: Arc::clone(gw),
-            prefix: prefix_hash(&prompt, PREFIX_CHARS),
+            in_flight: InFlight::new(gw)?,
             f,
-            tiers,
-            tier: 0,
-            fallback_counted: 0,
-            tried: Vec::new(),
-            last: Last::Nothing,
-            claim: BudgetClaim::new(gw)?,
-            prompt_tokens,
+            route,
             output_tokens,
             wants_usage,
         })
@@ -151,37 +113,28 @@ impl Route {
     /// The next upstream to try, by the policy, primary pools first; `None`
     /// when none is left. A retry must fit the budget.
     fn pick(&mut self) -> Result<Option<usize>, ServerError> {
-        while self.tier < self.tiers.len() {
-            let tier = &self.tiers[self.tier];
-            let slo = self
-                .f
-                .slo
-                .or_else(|| tier.iter().find_map(|&p| self.gw.pools[p].slo));
-            let route = RouteRequest {
-                prefix_hash: self.prefix,
-                prompt_tokens: self.prompt_tokens,
-                slo,
-                sequence: self.gw.next_sequence(),
-            };
-            let Some(id) = choose(self.gw.policy, &self.gw.view(tier, &self.tried), &route) else {
-                self.tier += 1;
-                continue;
-            };
-            if let Some(&previous) = self.tried.last() {
-                if !self.claim.try_retry() {
-                    tracing::warn!(model = %self.f.model, "retry budget exhausted");
-                    return Err(self.exhausted());
+        let picked = {
+            let mut state = lock(&self.gw.state);
+            let picked = self.route.pick(&mut state, Instant::now());
+            self.in_flight.retries = self.route.retries();
+            picked
+        };
+        match picked {
+            Ok(Some(p)) => {
+                if let Some(previous) = p.retry_of {
+                    self.gw.metrics.upstreams[previous].retry();
                 }
-                self.gw.metrics.upstreams[previous].retry();
+                if p.first_fallback {
+                    self.gw.metrics.fallback();
+                }
+                Ok(Some(p.upstream))
             }
-            if self.tier > self.fallback_counted {
-                self.gw.metrics.fallback();
-                self.fallback_counted = self.tier;
+            Ok(None) => Ok(None),
+            Err(_) => {
+                tracing::warn!(model = %self.f.model, "retry budget exhausted");
+                Err(self.exhausted())
             }
-            self.tried.push(id);
-            return Ok(Some(id));
         }
-        Ok(None)
     }
 
     /// Sends the request to upstreams in turn until one accepts it (2xx),
@@ -194,10 +147,21 @@ impl Route {
                 return Err(self.exhausted());
             };
             let gw = Arc::clone(&self.gw);
-            let slot = &gw.upstreams[id];
-            let pool = &gw.pools[slot.pool];
+            let (served_model, profile, pool_name, upstream_name, pool) = {
+                let state = lock(&gw.state);
+                let u = &state.upstreams[id];
+                let pool = &state.pools[u.pool].config;
+                (
+                    u.served_model.clone(),
+                    pool.profile(),
+                    pool.name.clone(),
+                    u.name.clone(),
+                    u.pool,
+                )
+            };
+            let pool_key = gw.pool_keys[pool].clone();
             let mut body = self.f.body.clone();
-            body.insert("model".into(), Value::String(slot.served_model.clone()));
+            body.insert("model".into(), Value::String(served_model.clone()));
             if self.f.stream {
                 // Usage is always asked for, so that streamed answers are
                 // metered; the client sees it only if it asked.
@@ -207,22 +171,25 @@ impl Route {
                 }
             }
             let adapted =
-                conformance::adapt(pool.config.profile(), Value::Object(body)).map_err(|param| {
+                conformance::adapt(profile, Value::Object(body)).map_err(|param| {
                     ServerError::param(
                         param.clone(),
                         format!(
-                            "`{param}` is not supported by the upstreams of pool {:?}, which serves this model",
-                            pool.config.name
+                            "`{param}` is not supported by the upstreams of pool {pool_name:?}, which serves this model"
                         ),
                     )
                 })?;
             let bytes = serde_json::to_vec(&adapted.body)
                 .map_err(|e| ServerError::Internal(format!("re-encoding a request: {e}")))?;
-            let attempt = Attempt::begin(&gw, id, self.prompt_tokens as u64 + self.output_tokens);
+            let attempt = Attempt::begin(
+                &gw,
+                id,
+                self.route.prompt_tokens() as u64 + self.output_tokens,
+            );
             let request = UpstreamRequest {
                 endpoint: self.f.endpoint,
                 body: Bytes::from(bytes),
-                api_key: pool.api_key.clone(),
+                api_key: pool_key.clone(),
             };
             // A stream's headers come at once; a whole answer only at its end.
             let wait = if self.f.stream {
@@ -230,7 +197,7 @@ impl Route {
             } else {
                 gw.request_timeout
             };
-            let reply = match tokio::time::timeout(wait, slot.upstream.send(request)).await {
+            let reply = match tokio::time::timeout(wait, gw.connections[id].send(request)).await {
                 Err(_) => Err(AttemptError::Failed(UpstreamErrorKind::Timeout)),
                 Ok(Err(_)) => Err(AttemptError::Failed(UpstreamErrorKind::Connect)),
                 Ok(Ok(reply)) => {
@@ -245,16 +212,14 @@ impl Route {
                 }
                 Err(AttemptError::RateLimited(wait)) => {
                     gw.metrics.upstreams[id].error(UpstreamErrorKind::RateLimited);
-                    lock(&pool.health).record_rate_limited(slot.index, Instant::now(), wait);
-                    if self.last == Last::Nothing {
-                        self.last = Last::RateLimited;
-                    }
+                    lock(&gw.state).record_rate_limited(id, Instant::now(), wait);
+                    self.route.rate_limited();
                     continue;
                 }
                 Err(AttemptError::Busy(wait)) => {
                     gw.metrics.upstreams[id].error(UpstreamErrorKind::ServerError);
-                    lock(&pool.health).record_rate_limited(slot.index, Instant::now(), wait);
-                    self.last = Last::Failed;
+                    lock(&gw.state).record_rate_limited(id, Instant::now(), wait);
+                    self.route.failed();
                     continue;
                 }
             };
@@ -268,20 +233,20 @@ impl Route {
                 .and_then(Result::ok)
                 .unwrap_or_default();
                 gw.metrics.upstreams[id].error(UpstreamErrorKind::ClientError);
-                lock(&pool.health).record_success(slot.index);
+                lock(&gw.state).record_success(id);
                 return Err(ServerError::Upstream(refusal(
                     reply.status,
                     &body,
-                    pool.api_key.as_ref().map(ApiKey::expose),
+                    pool_key.as_ref().map(ApiKey::expose),
                 )));
             }
             return Ok(Opened {
                 attempt,
                 body: reply.body,
-                pool: pool.config.name.clone(),
-                upstream: slot.name.clone(),
+                pool: pool_name,
+                upstream: upstream_name,
                 dropped: adapted.dropped,
-                rewrite_model: (slot.served_model != self.f.model).then(|| self.f.model.clone()),
+                rewrite_model: (served_model != self.f.model).then(|| self.f.model.clone()),
             });
         }
     }
@@ -299,21 +264,17 @@ impl Route {
     /// An accepted attempt failed before anything reached the client.
     pub(crate) fn failed(&mut self, id: usize, kind: UpstreamErrorKind) {
         failed(&self.gw, id, kind);
-        self.last = Last::Failed;
+        self.route.failed();
     }
 
     /// The error when no attempt succeeded.
     fn exhausted(&self) -> ServerError {
-        match self.last {
-            Last::RateLimited => {
-                let pools: Vec<usize> = self.tiers.iter().flatten().copied().collect();
-                ServerError::RateLimited {
-                    message: "every upstream serving this model is rate limited; retry later"
-                        .into(),
-                    retry_after_secs: self.gw.soonest_available(&pools),
-                }
-            }
-            Last::Failed | Last::Nothing => ServerError::Unavailable(
+        match self.route.end(&lock(&self.gw.state), Instant::now()) {
+            RouteEnd::RateLimited { retry_after_secs } => ServerError::RateLimited {
+                message: "every upstream serving this model is rate limited; retry later".into(),
+                retry_after_secs,
+            },
+            _ => ServerError::Unavailable(
                 "no upstream serving this model could answer; retry later".into(),
             ),
         }
@@ -354,21 +315,23 @@ pub async fn forward(gw: &Arc<Gateway>, f: Forward) -> Result<Dispatched, Server
 
 /// Records a failed attempt: counted, and perhaps an ejection.
 pub(crate) fn failed(gw: &Gateway, id: usize, kind: UpstreamErrorKind) {
-    let slot = &gw.upstreams[id];
     gw.metrics.upstreams[id].error(kind);
-    let ejected = lock(&gw.pools[slot.pool].health).record_failure(slot.index, Instant::now());
+    let (ejected, name) = {
+        let mut state = lock(&gw.state);
+        let ejected = state.record_failure(id, Instant::now());
+        (ejected, state.upstreams[id].name.clone())
+    };
     if ejected {
         gw.metrics.upstreams[id].ejection();
-        tracing::warn!(upstream = %slot.name, "upstream ejected after consecutive failures");
+        tracing::warn!(upstream = %name, "upstream ejected after consecutive failures");
     } else {
-        tracing::debug!(upstream = %slot.name, kind = kind.label(), "upstream attempt failed");
+        tracing::debug!(upstream = %name, kind = kind.label(), "upstream attempt failed");
     }
 }
 
 /// A successful attempt's upstream is in good health.
 pub(crate) fn succeeded(gw: &Gateway, id: usize) {
-    let slot = &gw.upstreams[id];
-    lock(&gw.pools[slot.pool].health).record_success(slot.index);
+    lock(&gw.state).record_success(id);
 }
 
 /// Reads an accepted non-streamed answer and adds its energy.
@@ -410,28 +373,6 @@ async fn complete(gw: &Arc<Gateway>, opened: Opened) -> Result<Bytes, UpstreamEr
     serde_json::to_vec(&answer)
         .map(Bytes::from)
         .map_err(|_| UpstreamErrorKind::BadReply)
-}
-
-/// Sorts a status into retry (5xx, 429, and 4xx that mean the gateway's
-/// own configuration is wrong) or carry on (2xx, and the 4xx that are the
-/// request's fault, whose body is read next).
-pub(crate) fn judge_status(
-    status: u16,
-    retry_after_header: Option<&str>,
-) -> Result<(), AttemptError> {
-    match status {
-        200..=299 | 400 | 413 | 422 => Ok(()),
-        429 => Err(AttemptError::RateLimited(retry_after(
-            retry_after_header,
-            MAX_COOL_DOWN,
-        ))),
-        503 if retry_after_header.is_some() => Err(AttemptError::Busy(retry_after(
-            retry_after_header,
-            MAX_COOL_DOWN,
-        ))),
-        500..=599 => Err(AttemptError::Failed(UpstreamErrorKind::ServerError)),
-        _ => Err(AttemptError::Failed(UpstreamErrorKind::ClientError)),
-    }
 }
 
 /// Reads a body up to `limit` bytes.
@@ -565,28 +506,6 @@ mod tests {
             let shown = format!("{} {:?} {:?}", api.message, api.param, api.code);
             assert!(!shown.contains(&key[..8]), "{at}: {shown}");
         }
-    }
-
-    #[test]
-    fn statuses_sort_into_retry_or_answer() {
-        assert!(judge_status(200, None).is_ok());
-        assert!(judge_status(400, None).is_ok());
-        assert!(matches!(
-            judge_status(503, None),
-            Err(AttemptError::Failed(UpstreamErrorKind::ServerError))
-        ));
-        assert!(matches!(
-            judge_status(429, Some("7")),
-            Err(AttemptError::RateLimited(d)) if d == Duration::from_secs(7)
-        ));
-        assert!(matches!(
-            judge_status(429, Some("100000")),
-            Err(AttemptError::RateLimited(d)) if d == MAX_COOL_DOWN
-        ));
-        assert!(matches!(
-            judge_status(401, None),
-            Err(AttemptError::Failed(UpstreamErrorKind::ClientError))
-        ));
     }
 
     #[test]
