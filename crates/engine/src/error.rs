@@ -40,6 +40,9 @@ pub enum EngineError {
         /// What is wrong with it.
         message: String,
     },
+    /// A forward pass failed (a fault of the engine, not of the request).
+    #[error("the engine failed: {0}")]
+    Failed(String),
     /// The key/value pool has no block left for a sequence.
     #[error("key/value memory exhausted: {0}")]
     OutOfKvMemory(String),

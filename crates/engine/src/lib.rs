@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod chat_template;
+pub mod cpu_executor;
 pub mod error;
 pub mod generation;
 pub mod gguf;
@@ -27,6 +28,7 @@ mod panel_amx;
 mod panel_avx512;
 pub mod quant;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod unpacked;
 #[cfg(target_arch = "x86_64")]

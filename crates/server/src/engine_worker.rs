@@ -1,23 +1,14 @@
-//! The engine's own thread: it loads the served models, then runs the
-//! generation jobs with continuous batching. Each step is one forward pass
-//! over the sequences of one model: every decoding sequence gives its last
-//! token, and prompts waiting to start give chunks, up to a token budget.
-//! New jobs join between steps (up to the batch limit) and finished ones
-//! leave, so a long generation never holds the others up. A job whose
-//! receiver is gone (the client left) is dropped before the next step, and
-//! never starts if it was still queued. The queue of jobs waiting for a
-//! batch slot is bounded: when it is full, new requests are refused at
-//! once. A panic while running fails the jobs of that step alone.
-//!
-//! Each model's keys and values live in a [`KvPool`] of a fixed budget. A
-//! job joins the batch only when its model's pool has the blocks for its
-//! prompt; when the running jobs outgrow the pool, the most recently
-//! admitted one gives its blocks back and waits, first in line, to compute
-//! its positions again (preemption by recompute). Jobs leave the pool the
-//! step they end or their client leaves.
+//! The engine's own thread: it loads the served models, then feeds the
+//! engine's continuous-batching [`Scheduler`] over the CPU executor. It
+//! takes every queued job as it arrives, cancels the sequences whose client
+//! went away (a job abandoned while queued never starts), runs a step on a
+//! worker of the kernels' thread pool, and turns the step's events into
+//! each job's events and the server's metrics. Scoring runs alone between
+//! steps. The queue of jobs waiting to start is bounded by slot claims
+//! ([`neocloud_engine::scheduler::SlotGauges`]): when it is full, new requests are refused at once.
+//! A panic while running fails the jobs of that step alone.
 
-use std::collections::VecDeque;
-use std::ops::ControlFlow;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,19 +16,19 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use neocloud_engine::cpu_executor::CpuExecutor;
 use neocloud_engine::generation::{
-    score, FinishReason, GenerateRequest, Generation, LoadedModel, Progress, ScoredToken,
-    SequenceRun, PREFILL_CHUNK,
+    score, FinishReason, GenerateRequest, Generation, LoadedModel, ScoredToken,
 };
-use neocloud_engine::kv_cache::KvPool;
-use neocloud_engine::model::ForwardScratch;
 use neocloud_engine::panel::ActivationPrecision;
 use neocloud_engine::sampler::Sampled;
-use neocloud_engine::EngineError;
+use neocloud_engine::scheduler::{Executor, QueueClaim, Scheduler, SchedulerEvent, SequenceId};
 use tokio::sync::mpsc;
 
 use crate::error::ServerError;
 use crate::metrics::{FinishedReason, Metrics};
+
+pub use neocloud_engine::scheduler::Priority;
 
 /// A model to serve: the name clients use and the file to load.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,12 +83,9 @@ struct Job {
     priority: Priority,
     events: mpsc::UnboundedSender<WorkerEvent>,
     arrived: Instant,
+    /// Its place among the waiting; given back when the job is dropped.
+    claim: QueueClaim,
 }
-
-/// A job's place in the scheduling order: lower values are admitted,
-/// planned and kept before higher ones, as in vLLM's priority scheduling;
-/// requests that give none have 0.
-pub type Priority = i32;
 
 /// The events of one job, as the HTTP side receives them. Unbounded, so
 /// that a slow reader never holds up the batch; a job's events are bounded
@@ -171,26 +159,18 @@ impl EngineHandle {
         let metrics = Arc::clone(&self.metrics);
         // Our own sender must go, or the loop below would never end.
         drop(self);
-        let pools: Vec<KvPool> = models
-            .iter()
-            .map(|lm| lm.model.kv_pool(limits.kv_budget_bytes))
-            .collect();
-        metrics.kv_blocks_total.store(
-            pools.iter().map(KvPool::total_blocks).sum(),
-            Ordering::Relaxed,
-        );
-        let scheduler = Scheduler {
+        let executor = CpuExecutor::new(&models, limits.kv_budget_bytes);
+        metrics
+            .kv_blocks_total
+            .store(executor.total_blocks_all(), Ordering::Relaxed);
+        let mut worker = Worker {
             models: &models,
-            scratch: models.iter().map(|_| ForwardScratch::default()).collect(),
-            pools,
-            active: Vec::new(),
-            waiting: VecDeque::new(),
-            max_batch: limits.max_batch.max(1),
+            scheduler: Scheduler::new(executor, limits.max_batch),
+            reports: HashMap::new(),
+            next_id: 0,
             metrics,
-            last_model: None,
-            arrivals: 0,
         };
-        scheduler.run(jobs);
+        worker.run(jobs);
     }
 
     /// The server's measurements.
@@ -250,6 +230,13 @@ impl EngineHandle {
         kind: JobKind,
         priority: Priority,
     ) -> Result<JobEvents, ServerError> {
+        let full = || ServerError::Unavailable("the server is at capacity; retry shortly".into());
+        // The engine takes jobs from the channel as they come, to order
+        // them itself, so the count of jobs not started yet is the bound.
+        // The claim travels with the job and is given back when it drops.
+        let Some(claim) = self.metrics.slots.try_queue(self.queue_capacity) else {
+            return Err(full());
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let job = Job {
             model,
@@ -257,20 +244,9 @@ impl EngineHandle {
             priority,
             events: tx,
             arrived: Instant::now(),
+            claim,
         };
-        let full = || ServerError::Unavailable("the server is at capacity; retry shortly".into());
-        // Counted before the send: the engine may pick the job up at once.
-        // The engine takes jobs from the channel as they come, to order
-        // them itself, so the count of jobs not started yet is the bound.
-        if self.metrics.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue_capacity {
-            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-            return Err(full());
-        }
-        let sent = self.jobs.try_send(job);
-        if sent.is_err() {
-            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-        match sent {
+        match self.jobs.try_send(job) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(full()),
             Err(TrySendError::Disconnected(_)) => {
@@ -280,57 +256,23 @@ impl EngineHandle {
     }
 }
 
-/// Prompt tokens one step takes from sequences still prefilling, beyond
-/// the one token of each decoding sequence: bounds how long a step holds up
-/// the sequences that are decoding.
-const PREFILL_TOKENS_PER_STEP: usize = PREFILL_CHUNK;
-
-/// The engine thread's state between steps.
-struct Scheduler<'m> {
+/// The engine thread between steps: the scheduler, and what each of its
+/// sequences reports to.
+struct Worker<'m> {
     models: &'m [Arc<LoadedModel>],
-    /// Each model's forward-pass buffers, kept between steps.
-    scratch: Vec<ForwardScratch>,
-    /// Each model's keys and values.
-    pools: Vec<KvPool>,
-    /// The batch, in scheduling order (see [`ActiveJob::order`]).
-    active: Vec<ActiveJob<'m>>,
-    /// Jobs taken from the queue that wait for blocks or a place in the
-    /// batch, in scheduling order: a preempted job goes back before those
-    /// of its priority that arrived after it.
-    waiting: VecDeque<ActiveJob<'m>>,
-    /// Jobs taken from the queue so far: each job's arrival number.
-    arrivals: u64,
-    max_batch: usize,
+    scheduler: Scheduler<CpuExecutor<'m>>,
+    reports: HashMap<SequenceId, JobReport>,
+    next_id: u64,
     metrics: Arc<Metrics>,
-    /// The model of the last step: the next step goes to the next model
-    /// with work, so that no model waits for another's jobs to end.
-    last_model: Option<usize>,
 }
 
-/// A generation, in the batch or waiting for blocks.
-struct ActiveJob<'m> {
-    model: usize,
-    priority: Priority,
-    /// When the engine took the job, counted in jobs.
-    arrival: u64,
-    run: SequenceRun<'m>,
-    report: JobReport,
-}
-
-impl ActiveJob<'_> {
-    /// The scheduling order: by priority, then by arrival.
-    fn order(&self) -> (Priority, u64) {
-        (self.priority, self.arrival)
-    }
-}
-
-impl<'m> Scheduler<'m> {
-    fn run(mut self, jobs: Receiver<Job>) {
+impl Worker<'_> {
+    fn run(&mut self, jobs: Receiver<Job>) {
         loop {
             // Wait for work when there is none; otherwise take all that
             // has arrived, to put it in scheduling order (the handle bounds
             // how many jobs wait).
-            if self.active.is_empty() && self.waiting.is_empty() {
+            if !self.scheduler.has_work() {
                 match jobs.recv() {
                     Ok(job) => self.take(job),
                     Err(_) => return,
@@ -339,379 +281,167 @@ impl<'m> Scheduler<'m> {
             while let Ok(job) = jobs.try_recv() {
                 self.take(job);
             }
-            self.admit_waiting();
+            for (&id, report) in &self.reports {
+                if report.events.is_closed() {
+                    self.scheduler.cancel(id);
+                }
+            }
             // Each step runs on a worker of the kernels' pool: the parallel
             // regions of its pass are then forked there, with that worker
             // taking its share, instead of each being sent to the pool from
             // outside and waited for. Waiting for jobs stays on this thread,
             // so no worker is ever held idle.
-            neocloud_engine::kernels::on_kernel_pool(|| self.step());
+            let scheduler = &mut self.scheduler;
+            let events = neocloud_engine::kernels::on_kernel_pool(|| scheduler.step());
+            for event in events {
+                self.handle(event);
+            }
+            self.metrics
+                .kv_blocks_used
+                .store(self.scheduler.executor().blocks_in_use(), Ordering::Relaxed);
         }
     }
 
-    /// Takes `job` from the queue: a generation waits for its blocks;
+    /// Takes `job` from the queue: a generation goes to the scheduler;
     /// other kinds run at once.
     fn take(&mut self, job: Job) {
         let metrics = &self.metrics;
         if job.events.is_closed() {
             // The client left while the job waited: it never starts.
-            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
             metrics.finished(FinishedReason::Abort);
             return;
         }
         let Some(lm) = self.models.get(job.model) else {
-            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
             return;
         };
         let request = match job.kind {
             JobKind::Generate(request) => request,
             other => {
                 // Scoring (and injected faults) run alone, between steps.
-                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
                 metrics.queue_time.observe_duration(job.arrived.elapsed());
-                metrics.running.fetch_add(1, Ordering::Relaxed);
+                let running = job.claim.start();
                 let events = job.events.clone();
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     run_other(lm, other, job.arrived, metrics)
                 }));
-                metrics.running.fetch_sub(1, Ordering::Release);
+                drop(running);
                 let _ = events.send(outcome.unwrap_or_else(|_| failed_in_engine(metrics)));
                 return;
             }
         };
         let prompt_tokens = request.prompt.len();
-        match SequenceRun::start(lm, request) {
-            Ok(run) => {
-                self.arrivals += 1;
-                self.wait(ActiveJob {
-                    model: job.model,
-                    priority: job.priority,
-                    arrival: self.arrivals,
-                    run,
-                    report: JobReport {
+        self.next_id += 1;
+        let id = SequenceId(self.next_id);
+        match self
+            .scheduler
+            .submit(id, job.model, job.priority, request, job.claim)
+        {
+            Ok(()) => {
+                self.reports.insert(
+                    id,
+                    JobReport {
                         events: job.events,
                         arrived: job.arrived,
                         pending: Vec::new(),
                         last_token: None,
                         prompt_tokens,
-                        started: false,
                     },
-                })
+                );
             }
             Err(e) => {
-                metrics.waiting.fetch_sub(1, Ordering::Relaxed);
                 metrics.finished(FinishedReason::Error);
                 let _ = job.events.send(WorkerEvent::Failed(e.into()));
             }
         }
     }
 
-    /// Puts `job` among the waiting ones, in scheduling order.
-    fn wait(&mut self, job: ActiveJob<'m>) {
-        let at = self.waiting.partition_point(|j| j.order() < job.order());
-        self.waiting.insert(at, job);
-    }
-
-    /// Moves waiting jobs into the batch, in scheduling order, while it has
-    /// room and their models' pools have the blocks for them. A job is
-    /// never admitted ahead of one of the same model before it in that
-    /// order. A job that finds no room preempts the batch's last job when
-    /// that one's priority is lower (see [`Scheduler::preempt_for`]).
-    fn admit_waiting(&mut self) {
-        let mut blocked = vec![false; self.models.len()];
-        let mut i = 0;
-        while i < self.waiting.len() {
-            let job = &self.waiting[i];
-            let model = job.model;
-            if job.report.events.is_closed() {
-                if let Some(mut job) = self.waiting.remove(i) {
-                    job.run.cancel();
-                    self.retire(job);
-                }
-                continue;
-            }
-            if blocked[model] {
-                i += 1;
-                continue;
-            }
-            if self.active.len() >= self.max_batch {
-                if self.preempt_for(i, None) {
-                    continue;
-                }
-                break;
-            }
-            let job = &self.waiting[i];
-            let others_running = self.has_active(model);
-            let pool = &mut self.pools[model];
-            let need = job.run.blocks_to_resume(pool);
-            // A little room is kept for the running sequences to grow.
-            let reserve = pool.total_blocks() / 100;
-            if need > pool.total_blocks() {
-                if let Some(job) = self.waiting.remove(i) {
-                    self.refuse(job, need);
-                }
-                continue;
-            }
-            if need + reserve > pool.available_blocks() && others_running {
-                if self.preempt_for(i, Some(model)) {
-                    continue;
-                }
-                blocked[model] = true;
-                i += 1;
-                continue;
-            }
-            let Some(mut job) = self.waiting.remove(i) else {
-                break;
-            };
-            let pool = &mut self.pools[model];
-            job.run.attach(pool);
-            if !job.report.started {
-                job.report.started = true;
-                self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.running.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .queue_time
-                    .observe_duration(job.report.arrived.elapsed());
-            }
-            let at = self.active.partition_point(|j| j.order() < job.order());
-            self.active.insert(at, job);
-        }
-    }
-
-    /// Makes room for waiting job `i` by preempting the batch's last job
-    /// (of `model`, where given: the one whose blocks are short) when its
-    /// priority is lower than job `i`'s; the preempted job waits to run
-    /// its positions again. Whether it did.
-    fn preempt_for(&mut self, i: usize, model: Option<usize>) -> bool {
-        let Some(priority) = self.waiting.get(i).map(|j| j.priority) else {
-            return false;
-        };
-        let Some(victim) = self
-            .active
-            .iter()
-            .rposition(|j| model.is_none_or(|m| j.model == m))
-        else {
-            return false;
-        };
-        if self.active[victim].priority <= priority {
-            return false;
-        }
-        // It waits behind job `i`, whose priority is higher.
-        let job = self.active.remove(victim);
-        self.requeue(job);
-        true
-    }
-
-    /// Gives a job taken out of the batch its blocks back; it waits, in
-    /// scheduling order, to run its positions again.
-    fn requeue(&mut self, mut job: ActiveJob<'m>) {
-        job.run.preempt(&mut self.pools[job.model]);
-        self.metrics.preemptions.fetch_add(1, Ordering::Relaxed);
-        self.wait(job);
-    }
-
-    fn has_active(&self, model: usize) -> bool {
-        self.active.iter().any(|j| j.model == model)
-    }
-
-    /// Fails a job whose prompt needs more blocks than its model's pool has.
-    fn refuse(&self, job: ActiveJob<'m>, need: usize) {
-        let total = self.pools[job.model].total_blocks();
+    /// Passes one scheduler event on to its job and the metrics.
+    fn handle(&mut self, event: SchedulerEvent) {
         let metrics = &self.metrics;
-        if job.report.started {
-            metrics.running.fetch_sub(1, Ordering::Release);
-        } else {
-            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+        match event {
+            SchedulerEvent::Started { id } => {
+                if let Some(report) = self.reports.get(&id) {
+                    metrics
+                        .queue_time
+                        .observe_duration(report.arrived.elapsed());
+                }
+            }
+            SchedulerEvent::Token { id, sampled, text } => {
+                let gone = self
+                    .reports
+                    .get_mut(&id)
+                    .is_some_and(|report| report.token(sampled, text, metrics).is_err());
+                if gone {
+                    self.scheduler.cancel(id);
+                }
+            }
+            SchedulerEvent::Preempted { .. } => {
+                metrics.preemptions.fetch_add(1, Ordering::Relaxed);
+            }
+            SchedulerEvent::Finished {
+                id,
+                started,
+                generation,
+            } => {
+                if let Some(report) = self.reports.remove(&id) {
+                    report.finished(started, generation, metrics);
+                }
+            }
+            SchedulerEvent::Failed { id, error } => {
+                metrics.finished(FinishedReason::Error);
+                if let Some(report) = self.reports.remove(&id) {
+                    let _ = report.events.send(WorkerEvent::Failed(error.into()));
+                }
+            }
         }
-        metrics.finished(FinishedReason::Error);
-        let _ = job
-            .report
-            .events
-            .send(WorkerEvent::Failed(ServerError::Engine(
-                EngineError::InvalidRequest(format!(
-                    "the prompt needs {need} key/value blocks but the model's pool has {total}; \
-                     shorten it or raise the server's KV budget"
-                )),
-            )));
     }
+}
 
-    /// The jobs of `model` in the batch, in scheduling order, each with the
-    /// tokens of its next pass (within the prefill budget, which goes to
-    /// the first jobs first).
-    fn plan(&self, model: usize) -> Vec<(usize, usize)> {
-        let mut budget = PREFILL_TOKENS_PER_STEP;
-        let mut plan = Vec::new();
-        for (i, job) in self.active.iter().enumerate() {
-            if job.model != model {
-                continue;
-            }
-            let prefilling = job.run.prompt_left() > 0;
-            if prefilling && budget == 0 {
-                continue;
-            }
-            let len = job.run.next_pass_len(budget);
-            if len == 0 {
-                continue;
-            }
-            if prefilling {
-                budget -= len;
-            }
-            plan.push((i, len));
+/// What a generation reports to its client and to the metrics.
+struct JobReport {
+    events: mpsc::UnboundedSender<WorkerEvent>,
+    arrived: Instant,
+    /// Tokens generated since the last text event.
+    pending: Vec<Sampled>,
+    last_token: Option<Instant>,
+    prompt_tokens: usize,
+}
+
+impl JobReport {
+    /// Handles one generated token; an error means the client is gone.
+    fn token(&mut self, sampled: Sampled, text: String, metrics: &Metrics) -> Result<(), ()> {
+        let now = Instant::now();
+        match self.last_token {
+            None => metrics
+                .time_to_first_token
+                .observe_duration(now - self.arrived),
+            Some(t) => metrics.inter_token_latency.observe_duration(now - t),
         }
-        plan
-    }
-
-    /// A plan for the next pass of `model` whose blocks its pool can give:
-    /// while they are short, the model's last job in scheduling order (the
-    /// lowest priority, the latest to arrive) gives its blocks back and
-    /// waits to run its positions again; the last one left ends for length.
-    fn fit_plan(&mut self, model: usize) -> Vec<(usize, usize)> {
-        loop {
-            let plan = self.plan(model);
-            let pool = &self.pools[model];
-            let need: usize = plan
-                .iter()
-                .map(|&(i, len)| self.active[i].run.blocks_for_next(pool, len))
-                .sum();
-            if need <= pool.available_blocks() {
-                return plan;
-            }
-            let Some(victim) = self.active.iter().rposition(|j| j.model == model) else {
-                return Vec::new();
-            };
-            let mut job = self.active.remove(victim);
-            if self.has_active(model) {
-                self.requeue(job);
-            } else if job.run.has_output() {
-                let report = &mut job.report;
-                let metrics = &self.metrics;
-                job.run
-                    .end_for_length(&mut |p: Progress<'_>| report.progress(p, metrics));
-                self.retire(job);
+        self.last_token = Some(now);
+        self.pending.push(sampled);
+        if text.is_empty() {
+            return if self.events.is_closed() {
+                Err(())
             } else {
-                let need = job.run.blocks_to_resume(&self.pools[model]);
-                job.run.preempt(&mut self.pools[model]);
-                self.refuse(job, need);
-            }
-        }
-    }
-
-    /// One forward pass over the sequences of one model (the models with
-    /// work take turns), then each sequence's sampling and reports.
-    fn step(&mut self) {
-        for job in &mut self.active {
-            if job.report.events.is_closed() {
-                job.run.cancel();
-            }
-        }
-        self.retire_finished();
-        // The first model after the last one served that has work, wrapping.
-        let after = self.last_model.map_or(0, |m| m + 1);
-        let Some(model) = self
-            .active
-            .iter()
-            .map(|j| j.model)
-            .min_by_key(|&m| (m < after, m))
-        else {
-            return;
-        };
-        self.last_model = Some(model);
-        let plan = self.fit_plan(model);
-        if plan.is_empty() {
-            self.retire_finished();
-            return;
-        }
-        let lm = &self.models[model];
-        let pool = &mut self.pools[model];
-        let scratch = &mut self.scratch[model];
-        let mut passes = Vec::with_capacity(plan.len());
-        let mut members = Vec::with_capacity(plan.len());
-        let mut want = plan.iter().peekable();
-        for (i, job) in self.active.iter_mut().enumerate() {
-            let Some(&&(j, len)) = want.peek() else {
-                break;
+                Ok(())
             };
-            if i != j {
-                continue;
-            }
-            want.next();
-            if let Some(pass) = job.run.next_pass(len) {
-                members.push(i);
-                passes.push(pass);
-            }
         }
-        let metrics = Arc::clone(&self.metrics);
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(move || {
-            // Taking the passes makes this closure run once, so that the
-            // logits may borrow the scratch buffers.
-            let mut passes = passes;
-            lm.model.forward_batch_with(pool, &mut passes, scratch)
-        }));
-        let vocab = lm.model.config.vocab_size;
-        match outcome {
-            Ok(Ok(logits)) => {
-                for (&i, row) in members.iter().zip(logits.chunks_exact_mut(vocab)) {
-                    let job = &mut self.active[i];
-                    let report = &mut job.report;
-                    job.run
-                        .advance(row, &mut |p: Progress<'_>| report.progress(p, &metrics));
-                }
-            }
-            failed => {
-                // Runs are checked when they start and blocks before the
-                // pass, so a failed pass is a fault of ours: the step's
-                // sequences fail; the others go on.
-                if let Ok(Err(e)) = failed {
-                    tracing::error!("a batched forward pass failed: {e}");
-                }
-                for &i in members.iter().rev() {
-                    let job = self.active.remove(i);
-                    self.settle();
-                    let _ = job.run.finish(&mut self.pools[job.model]);
-                    let _ = job.report.events.send(failed_in_engine(&metrics));
-                }
-            }
-        }
-        self.retire_finished();
+        let event = WorkerEvent::Text {
+            text,
+            steps: std::mem::take(&mut self.pending),
+        };
+        self.events.send(event).map_err(|_| ())
     }
 
-    /// Ends the jobs whose runs are over and sends their results.
-    fn retire_finished(&mut self) {
-        let mut i = 0;
-        while i < self.active.len() {
-            if !self.active[i].run.is_done() {
-                i += 1;
-                continue;
-            }
-            let job = self.active.remove(i);
-            self.retire(job);
-        }
-        self.count_blocks();
-    }
-
-    /// Updates the gauge of blocks in use.
-    fn count_blocks(&self) {
-        let used: usize = self.pools.iter().map(KvPool::blocks_in_use).sum();
-        self.metrics.kv_blocks_used.store(used, Ordering::Relaxed);
-    }
-
-    /// Ends a job whose run is over: its blocks go back and its result out.
-    fn retire(&mut self, job: ActiveJob<'m>) {
-        let metrics = &self.metrics;
-        if job.report.started {
-            self.settle();
-        } else {
-            metrics.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-        let generation = job.run.finish(&mut self.pools[job.model]);
-        self.count_blocks();
-        let report = job.report;
+    /// The job ended (its slot is already given back): metrics, then the
+    /// result goes out.
+    fn finished(self, started: bool, generation: Box<Generation>, metrics: &Metrics) {
         metrics
             .e2e_request_latency
-            .observe_duration(report.arrived.elapsed());
+            .observe_duration(self.arrived.elapsed());
         // A job that never started read none of its prompt.
-        if report.started {
-            let prompt = report.prompt_tokens as u64;
+        if started {
+            let prompt = self.prompt_tokens as u64;
             metrics.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
             metrics.request_prompt_tokens.observe(prompt as f64);
         }
@@ -728,64 +458,7 @@ impl<'m> Scheduler<'m> {
             FinishReason::Length => FinishedReason::Length,
             FinishReason::Cancelled => FinishedReason::Abort,
         });
-        let _ = report.events.send(WorkerEvent::Done(Box::new(generation)));
-    }
-
-    /// Gives back the gauge a running job held; before the client hears
-    /// the end.
-    fn settle(&self) {
-        self.metrics.running.fetch_sub(1, Ordering::Release);
-    }
-}
-
-/// What a running generation reports to its client and to the metrics.
-struct JobReport {
-    events: mpsc::UnboundedSender<WorkerEvent>,
-    arrived: Instant,
-    /// Tokens generated since the last text event.
-    pending: Vec<Sampled>,
-    last_token: Option<Instant>,
-    prompt_tokens: usize,
-    /// Whether the job joined the batch yet (it counts as running, not
-    /// waiting).
-    started: bool,
-}
-
-impl JobReport {
-    /// Handles one progress report of the run; `Break` cancels it.
-    fn progress(&mut self, p: Progress<'_>, metrics: &Metrics) -> ControlFlow<()> {
-        let text = match p {
-            Progress::Prefilled { .. } => "",
-            Progress::Token { sampled, text } => {
-                let now = Instant::now();
-                match self.last_token {
-                    None => metrics
-                        .time_to_first_token
-                        .observe_duration(now - self.arrived),
-                    Some(t) => metrics.inter_token_latency.observe_duration(now - t),
-                }
-                self.last_token = Some(now);
-                self.pending.push(sampled.clone());
-                text
-            }
-            // The rest of the text and steps go out with `Done`.
-            Progress::Finished { .. } => return ControlFlow::Continue(()),
-        };
-        if text.is_empty() {
-            return if self.events.is_closed() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            };
-        }
-        let event = WorkerEvent::Text {
-            text: text.to_owned(),
-            steps: std::mem::take(&mut self.pending),
-        };
-        match self.events.send(event) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }
+        let _ = self.events.send(WorkerEvent::Done(generation));
     }
 }
 
@@ -833,7 +506,9 @@ fn run_other(lm: &LoadedModel, kind: JobKind, arrived: Instant, metrics: &Metric
 #[cfg(test)]
 mod tests {
     use super::*;
+    use neocloud_engine::generation::Progress;
     use neocloud_models::ModelStore;
+    use std::ops::ControlFlow;
 
     fn start_gemma(queue: usize) -> (EngineHandle, Arc<Metrics>) {
         start_gemma_batched(queue, 1)
@@ -916,8 +591,8 @@ mod tests {
         }
         assert!(metrics.preemptions.load(Ordering::Relaxed) > 0);
         assert_eq!(metrics.finished_count(FinishedReason::Length), 4);
-        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
-        assert_eq!(metrics.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.slots.running(), 0);
+        assert_eq!(metrics.slots.waiting(), 0);
         assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 
@@ -961,14 +636,13 @@ mod tests {
             g.tokens.len()
         );
         assert_eq!(metrics.finished_count(FinishedReason::Error), 1);
-        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.slots.running(), 0);
         assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 
     /// Returns once a job has started running (or generated a token).
     async fn until_a_job_runs(metrics: &Metrics) {
-        while metrics.generation_tokens.load(Ordering::Relaxed) == 0
-            && metrics.running.load(Ordering::Relaxed) == 0
+        while metrics.generation_tokens.load(Ordering::Relaxed) == 0 && metrics.slots.running() == 0
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
@@ -1006,7 +680,7 @@ mod tests {
         assert_eq!(g.tokens.len(), 4);
         assert_eq!(metrics.finished_count(FinishedReason::Error), 1);
         assert_eq!(metrics.finished_count(FinishedReason::Length), 1);
-        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.slots.running(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1105,7 +779,7 @@ mod tests {
                 "{a:?} {b:?}"
             );
         }
-        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.slots.running(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1163,8 +837,8 @@ mod tests {
             ["urgent", "running", "as running, later", "lower"]
         );
         assert_eq!(metrics.preemptions.load(Ordering::Relaxed), 1);
-        assert_eq!(metrics.running.load(Ordering::Relaxed), 0);
-        assert_eq!(metrics.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.slots.running(), 0);
+        assert_eq!(metrics.slots.waiting(), 0);
         assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use neocloud_engine::scheduler::SlotGauges;
 pub use neocloud_fleet::metrics::Histogram;
 use neocloud_fleet::metrics::{ITL_BUCKETS, REQUEST_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS};
 
@@ -44,10 +45,8 @@ impl FinishedReason {
 /// Everything `/metrics` reports.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Jobs queued and not started.
-    pub waiting: AtomicUsize,
-    /// Jobs running now.
-    pub running: AtomicUsize,
+    /// Jobs waiting to start and jobs running, counted by their claims.
+    pub slots: Arc<SlotGauges>,
     /// Key/value blocks held by running jobs, all models together.
     pub kv_blocks_used: AtomicUsize,
     /// Key/value blocks in the pools of all models.
@@ -80,8 +79,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            waiting: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
+            slots: SlotGauges::new(),
             kv_blocks_used: AtomicUsize::new(0),
             kv_blocks_total: AtomicUsize::new(0),
             preemptions: AtomicU64::new(0),
@@ -131,13 +129,13 @@ impl Metrics {
             "neocloud:num_requests_running",
             "gauge",
             "Requests in the engine now.",
-            load(&self.running).to_string(),
+            self.slots.running().to_string(),
         );
         scalar(
             "neocloud:num_requests_waiting",
             "gauge",
             "Requests queued for the engine.",
-            load(&self.waiting).to_string(),
+            self.slots.waiting().to_string(),
         );
         let capacity = load(&self.kv_blocks_total);
         let usage = if capacity == 0 {
