@@ -360,6 +360,13 @@ impl<E: Executor> Scheduler<E> {
         }
     }
 
+    /// Moves waiting sequences into the batch where they fit (the next
+    /// [`Scheduler::step`] reports what it did). `step` admits too; an
+    /// owner that runs steps elsewhere can admit at once on its own thread.
+    pub fn admit(&mut self) {
+        self.admit_waiting();
+    }
+
     /// Admits what fits, runs one pass, and says what happened.
     pub fn step(&mut self) -> Vec<SchedulerEvent> {
         self.admit_waiting();

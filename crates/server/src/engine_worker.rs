@@ -286,6 +286,8 @@ impl Worker<'_> {
                     self.scheduler.cancel(id);
                 }
             }
+            // Admission happens here at once; the pass waits for its hop.
+            self.scheduler.admit();
             // Each step runs on a worker of the kernels' pool: the parallel
             // regions of its pass are then forked there, with that worker
             // taking its share, instead of each being sent to the pool from

@@ -118,7 +118,11 @@ def main(base_url):
     long = dict(model=GEMMA, messages=[{"role": "user", "content": "Count to a thousand."}],
                 max_tokens=2000, temperature=0, stream=True, extra_body={"ignore_eos": True})
     running = client.chat.completions.create(**long)
-    next(iter(running))
+    # The role chunk goes out before the job joins the batch; a chunk with
+    # text means it runs.
+    for chunk in running:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
     waiting = client.chat.completions.create(**long)
     e = expect_error(openai.APIStatusError, 503, lambda: client.chat.completions.create(
         model=GEMMA, messages=messages, max_tokens=4))
