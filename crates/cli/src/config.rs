@@ -1,7 +1,7 @@
 //! `neocloud.toml`: the serve settings a file can hold. Unknown keys are
 //! errors; command-line flags and `NEOCLOUD_*` variables override the file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use neocloud_fleet::config::FleetConfig;
@@ -50,6 +50,8 @@ pub struct ServeFile {
     pub threads: Option<usize>,
     /// Bits per activation in the matrix products: 16, 8 or `"mixed"`.
     pub activation_bits: Option<ActivationBitsValue>,
+    /// A file that gets one JSON line of usage per finished request.
+    pub usage_log: Option<PathBuf>,
     /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
     /// gateway.
     #[serde(skip)]

@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// whatever the setting [default: mixed].
     #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
     pub activation_bits: Option<ActivationBitsArg>,
+    /// A file that gets one JSON line of usage per finished request
+    /// (request id, model, pool, upstream, tokens, TTFT, duration, energy,
+    /// status, finish reason).
+    #[arg(long, env = "NEOCLOUD_USAGE_LOG")]
+    pub usage_log: Option<PathBuf>,
 }
 
 /// The values of `--activation-bits`.
@@ -189,6 +194,11 @@ pub struct GenerateArgs {
     /// `serve`) [default: mixed].
     #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
     pub activation_bits: Option<ActivationBitsArg>,
+    /// A file that gets one JSON line of usage per finished request
+    /// (request id, model, pool, upstream, tokens, TTFT, duration, energy,
+    /// status, finish reason).
+    #[arg(long, env = "NEOCLOUD_USAGE_LOG")]
+    pub usage_log: Option<PathBuf>,
 }
 
 /// Runs a parsed command line.
@@ -313,28 +323,25 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         println!("neocloud listening on http://{addr}");
         let _ = std::io::stdout().flush();
     };
-    if let Some(fleet) = file.fleet {
-        let config = neocloud_server::GatewayConfig {
-            fleet,
-            engine_models: models,
-            queue_capacity,
-            batch,
-            listen,
-            body_limit,
-            shutdown_timeout,
+    let usage: std::sync::Arc<dyn neocloud_server::UsageSink> =
+        match args.usage_log.or(file.usage_log) {
+            Some(path) => std::sync::Arc::new(
+                neocloud_server::JsonLinesUsage::open(&path)
+                    .with_context(|| format!("opening the usage log {}", path.display()))?,
+            ),
+            None => std::sync::Arc::new(neocloud_server::DiscardUsage),
         };
-        runtime.block_on(neocloud_server::serve_gateway(config, announce))?;
-    } else {
-        let config = neocloud_server::ServerConfig {
-            models,
-            listen,
-            queue_capacity,
-            batch,
-            body_limit,
-            shutdown_timeout,
-        };
-        runtime.block_on(neocloud_server::serve(config, announce))?;
-    }
+    let config = neocloud_server::ServerConfig {
+        models,
+        fleet: file.fleet,
+        listen,
+        queue_capacity,
+        batch,
+        body_limit,
+        shutdown_timeout,
+        usage,
+    };
+    runtime.block_on(neocloud_server::serve(config, announce))?;
     Ok(())
 }
 

@@ -315,6 +315,11 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Threads of the kernels' pool (the cores the engine computes on).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Runs `work` on a worker thread of the kernels' pool, and waits for it.
 /// A loop of forward passes run this way forks the passes' parallel
 /// regions from inside the pool, taking its share of them, instead of

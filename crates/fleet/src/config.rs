@@ -270,6 +270,32 @@ pub fn check_upstream_url(url: &str) -> Result<(), FleetError> {
 }
 
 impl FleetConfig {
+    /// The fleet of a plain `serve`: one pool per model of the in-process
+    /// engine, named after the model, on `cores` CPU cores.
+    pub fn in_process(models: &[String], cores: u32) -> Self {
+        FleetConfig {
+            pools: models
+                .iter()
+                .map(|model| PoolConfig {
+                    name: model.clone(),
+                    model: model.clone(),
+                    accelerator: "cpu".into(),
+                    count: cores.max(1),
+                    watts: None,
+                    price_per_hour: None,
+                    upstreams: vec![format!("engine:{model}")],
+                    served_model: None,
+                    api_key_env: None,
+                    profile_name: None,
+                    fallback: None,
+                    slots: None,
+                    slo: None,
+                })
+                .collect(),
+            router: RouterConfig::default(),
+        }
+    }
+
     /// Parses and checks a configuration.
     pub fn parse(text: &str) -> Result<Self, FleetError> {
         let config: FleetConfig =

@@ -120,8 +120,9 @@ impl StopSequences {
     }
 }
 
-/// Token counts of a request.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+/// Token counts of a request, and neocloud's extension: the energy the
+/// request is charged (`energy_joules`, with `energy_source`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq)]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
@@ -129,6 +130,22 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Sum of both.
     pub total_tokens: u32,
+    /// Joules the request is charged (neocloud's extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_joules: Option<f64>,
+    /// Whether `energy_joules` was measured or estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_source: Option<EnergySource>,
+}
+
+/// Where a figure of energy comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnergySource {
+    /// Read from the device's power sensors.
+    Measured,
+    /// Worked out from published power and the request's share of time.
+    Estimated,
 }
 
 impl Usage {
@@ -138,7 +155,16 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            energy_joules: None,
+            energy_source: None,
         }
+    }
+
+    /// The same counts with an estimated energy, rounded to the microjoule.
+    pub fn with_estimated_energy(mut self, joules: f64) -> Self {
+        self.energy_joules = Some((joules * 1e6).round() / 1e6);
+        self.energy_source = Some(EnergySource::Estimated);
+        self
     }
 }
 

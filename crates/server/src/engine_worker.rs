@@ -295,12 +295,13 @@ impl Worker<'_> {
             // so no worker is ever held idle.
             let scheduler = &mut self.scheduler;
             let events = neocloud_engine::kernels::on_kernel_pool(|| scheduler.step());
-            for event in events {
-                self.handle(event);
-            }
+            // Blocks are counted before any client hears that its job ended.
             self.metrics
                 .kv_blocks_used
                 .store(self.scheduler.executor().blocks_in_use(), Ordering::Relaxed);
+            for event in events {
+                self.handle(event);
+            }
         }
     }
 

@@ -22,30 +22,49 @@ impl<T: DeserializeOwned, S: Front> FromRequest<S> for JsonBody<T> {
     type Rejection = ServerError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
-        let limit = state.body_limit();
-        let (parts, body) = req.into_parts();
-        check_content_type(&parts.headers)?;
-        let encoding = content_encoding(&parts.headers)?;
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let bytes = read_capped(body, limit, declared).await?;
-        let decoded;
-        let json: &[u8] = match encoding {
-            Encoding::Identity => &bytes,
-            Encoding::Gzip => {
-                decoded = inflate(flate2::read::GzDecoder::new(&bytes[..]), limit)?;
-                &decoded
-            }
-            Encoding::Deflate => {
-                decoded = inflate(flate2::read::ZlibDecoder::new(&bytes[..]), limit)?;
-                &decoded
-            }
-        };
-        parse_json(json).map(JsonBody)
+        let bytes = read_json_bytes(req, state.body_limit()).await?;
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A request body as a JSON object, with the bytes it was parsed from (so
+/// that a typed parse of the same bytes needs no re-serialisation).
+#[derive(Debug)]
+pub struct JsonRequest {
+    /// The parsed object.
+    pub value: serde_json::Value,
+    /// The body as the client sent it (decompressed).
+    pub bytes: Bytes,
+}
+
+impl<S: Front> FromRequest<S> for JsonRequest {
+    type Rejection = ServerError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
+        let bytes = read_json_bytes(req, state.body_limit()).await?;
+        let value = parse_json(&bytes)?;
+        Ok(JsonRequest { value, bytes })
+    }
+}
+
+/// Checks the headers, then reads and decodes the body within `limit`.
+async fn read_json_bytes(req: Request, limit: usize) -> Result<Bytes, ServerError> {
+    let (parts, body) = req.into_parts();
+    check_content_type(&parts.headers)?;
+    let encoding = content_encoding(&parts.headers)?;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bytes = read_capped(body, limit, declared).await?;
+    Ok(match encoding {
+        Encoding::Identity => bytes,
+        Encoding::Gzip => Bytes::from(inflate(flate2::read::GzDecoder::new(&bytes[..]), limit)?),
+        Encoding::Deflate => {
+            Bytes::from(inflate(flate2::read::ZlibDecoder::new(&bytes[..]), limit)?)
+        }
+    })
 }
 
 /// Bytes of an over-long body read and thrown away before the 413 goes

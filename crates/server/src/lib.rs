@@ -1,8 +1,10 @@
-//! neocloud's OpenAI-compatible HTTP server: axum routes over the embedded
-//! engine, which runs on its own thread ([`engine_worker`]). Bodies come in
-//! through one extractor ([`json_body`]); errors leave through one mapping
-//! to OpenAI-style JSON ([`error`]); [`lifecycle`] counts open requests and
-//! drains them on shutdown; [`metrics`] holds what `/metrics` reports.
+//! neocloud's OpenAI-compatible HTTP server: one axum front ([`gateway`])
+//! over pools of upstreams, the in-process engine (which runs on its own
+//! thread, [`engine_worker`]) among them. Bodies come in through one
+//! extractor ([`json_body`]); errors leave through one mapping to
+//! OpenAI-style JSON ([`error`]); [`lifecycle`] counts open requests and
+//! drains them on shutdown; [`metrics`] holds what `/metrics` reports;
+//! [`usage`] sends one record per finished request to a sink.
 
 pub mod engine_worker;
 pub mod error;
@@ -12,6 +14,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod routes;
 pub mod tool_calls;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,23 +22,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{Method, Uri};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
-use tower_http::catch_panic::CatchPanicLayer;
 
 pub use engine_worker::{BatchLimits, EngineHandle, ServedModel};
 pub use error::ServerError;
 pub use lifecycle::Lifecycle;
 pub use metrics::Metrics;
 pub use neocloud_engine::panel::ActivationPrecision;
+pub use usage::{DiscardUsage, JsonLinesUsage, UsageRecord, UsageSink};
 
 /// How the server runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerConfig {
-    /// Models to serve.
+    /// Models of the in-process engine: the models served, or those the
+    /// fleet's `engine:MODEL` upstreams name.
     pub models: Vec<ServedModel>,
+    /// Pools and routing; `None` serves `models` alone, one pool each.
+    pub fleet: Option<neocloud_fleet::config::FleetConfig>,
     /// Address to listen on (port 0 picks a free one).
     pub listen: SocketAddr,
     /// Requests that may wait for a place in the batch; beyond that, 503.
@@ -47,52 +52,19 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long open requests may run on after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// Where each finished request's usage record goes.
+    pub usage: Arc<dyn UsageSink>,
 }
 
-/// Shared state of the handlers.
+/// The in-process engine as the handlers that answer on it see it.
 #[derive(Clone)]
 pub struct AppState {
     /// The engine thread.
     pub engine: EngineHandle,
     /// Largest request body.
     pub body_limit: usize,
-    /// Unix seconds at start-up (the `created` of listed models).
-    pub started_at: u64,
     /// Open requests and draining.
     pub lifecycle: Arc<Lifecycle>,
-}
-
-/// The routes, behind the lifecycle and panic layers.
-pub fn router(state: AppState) -> Router {
-    routes()
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            lifecycle::track_requests::<AppState>,
-        ))
-        .with_state(state)
-}
-
-/// The engine's routes alone: what the fleet gateway calls in-process.
-pub fn engine_routes(state: AppState) -> Router {
-    routes()
-        .layer(CatchPanicLayer::custom(panic_response))
-        .with_state(state)
-}
-
-fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/v1/chat/completions",
-            post(routes::chat_completions::chat_completions),
-        )
-        .route("/v1/completions", post(routes::completions::completions))
-        .route("/v1/models", get(routes::models::list_models))
-        .route("/tokenize", post(routes::tokenize::tokenize))
-        .route("/detokenize", post(routes::tokenize::detokenize))
-        .route("/health", get(routes::health::health))
-        .route("/metrics", get(routes::metrics::metrics))
-        .fallback(no_route)
 }
 
 /// The answer to a request whose handler panicked: a generic 500.
@@ -108,79 +80,40 @@ pub(crate) async fn no_route(method: Method, uri: Uri) -> ServerError {
 
 /// Binds, announces the address on `on_listening`, and serves until
 /// SIGINT or SIGTERM. Then it drains: new requests get 503 while open ones
-/// run on, for at most `shutdown_timeout`.
+/// run on, for at most `shutdown_timeout`. `serve --model X` and
+/// `serve --config fleet.toml` are the same front: a plain serve is a fleet
+/// of one in-process pool per model.
 pub async fn serve(
     config: ServerConfig,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::default());
-    let engine = EngineHandle::start(config.models, config.queue_capacity, config.batch, metrics)?;
-    let lifecycle = Arc::new(Lifecycle::default());
-    let state = AppState {
-        engine,
-        body_limit: config.body_limit,
-        started_at: unix_now(),
-        lifecycle: Arc::clone(&lifecycle),
-    };
-    serve_until_shutdown(
-        config.listen,
-        router(state),
-        lifecycle,
-        config.shutdown_timeout,
-        on_listening,
-    )
-    .await
-}
-
-/// How the fleet gateway runs.
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// Pools and routing.
-    pub fleet: neocloud_fleet::config::FleetConfig,
-    /// Models of the in-process engine (for `engine:MODEL` upstreams).
-    pub engine_models: Vec<ServedModel>,
-    /// The in-process engine's waiting queue.
-    pub queue_capacity: usize,
-    /// Sequences the in-process engine generates together, and its key/value
-    /// memory per model.
-    pub batch: BatchLimits,
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Largest request body in bytes.
-    pub body_limit: usize,
-    /// How long open requests may run on after SIGTERM/SIGINT.
-    pub shutdown_timeout: Duration,
-}
-
-/// Runs the fleet gateway (with the in-process engine when a pool names
-/// it) until SIGINT or SIGTERM, draining as [`serve`] does.
-pub async fn serve_gateway(
-    config: GatewayConfig,
-    on_listening: impl FnOnce(SocketAddr),
-) -> Result<(), ServerError> {
-    let metrics = Arc::new(Metrics::default());
     let lifecycle = Arc::new(Lifecycle::default());
     let started_at = unix_now();
-    let engine = if config.engine_models.is_empty() {
+    let fleet = match config.fleet {
+        Some(fleet) => fleet,
+        None => {
+            let names: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
+            let cores = rayon_threads();
+            neocloud_fleet::config::FleetConfig::in_process(&names, cores)
+        }
+    };
+    let engine = if config.models.is_empty() {
         None
     } else {
-        let engine = EngineHandle::start(
-            config.engine_models,
+        Some(EngineHandle::start(
+            config.models,
             config.queue_capacity,
             config.batch,
             Arc::clone(&metrics),
-        )?;
-        Some(engine)
+        )?)
     };
-    let routes = engine.clone().map(|engine| {
-        engine_routes(AppState {
-            engine,
-            body_limit: config.body_limit,
-            started_at,
-            lifecycle: Arc::new(Lifecycle::default()),
-        })
+    let app_state = engine.clone().map(|engine| AppState {
+        engine,
+        body_limit: config.body_limit,
+        lifecycle: Arc::clone(&lifecycle),
     });
-    let gateway = Arc::new(gateway::Gateway::new(&config.fleet, routes)?);
+    let gateway = Arc::new(gateway::Gateway::new(&fleet, app_state.clone())?);
     gateway.spawn_health_checks();
     let state = gateway::routes::GatewayState {
         gateway,
@@ -189,15 +122,21 @@ pub async fn serve_gateway(
         metrics,
         started_at,
         engine,
+        usage: config.usage,
     };
     serve_until_shutdown(
         config.listen,
-        gateway::routes::router(state),
+        gateway::routes::router(state, app_state),
         lifecycle,
         config.shutdown_timeout,
         on_listening,
     )
     .await
+}
+
+/// Threads of the kernels' pool: the CPU cores a plain serve's pool names.
+fn rayon_threads() -> u32 {
+    neocloud_engine::kernels::threads().min(u32::MAX as usize) as u32
 }
 
 fn unix_now() -> u64 {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::response::Response;
 use bytes::Bytes;
 use neocloud_fleet::conformance;
 use neocloud_fleet::metrics::UpstreamErrorKind;
@@ -17,9 +18,10 @@ use serde_json::{json, Map, Value};
 use tokio_stream::StreamExt;
 
 use super::relay::Relay;
-use super::upstream::{BodyStream, Endpoint, UpstreamRequest};
-use super::{lock, Attempt, Gateway, InFlight};
+use super::upstream::{BodyStream, Endpoint, UpstreamFailure, UpstreamRequest};
+use super::{lock, Attempt, Connection, Gateway, InFlight};
 use crate::error::ServerError;
+use crate::usage::UsageMeter;
 
 /// Largest non-streamed answer read from an upstream.
 const MAX_ANSWER_BYTES: usize = 64 << 20;
@@ -32,14 +34,19 @@ const DEFAULT_OUTPUT_TOKENS: u64 = 256;
 pub struct Forward {
     /// Which endpoint.
     pub endpoint: Endpoint,
-    /// The body as the client sent it.
+    /// The body, parsed.
     pub body: Map<String, Value>,
+    /// The body as the client sent it (the in-process engine parses it
+    /// into its typed request).
+    pub bytes: Bytes,
     /// The model the client asked for.
     pub model: String,
     /// Whether the client asked for a stream.
     pub stream: bool,
     /// The SLO from `x-neocloud-slo`.
     pub slo: Option<RequestSlo>,
+    /// The request's usage.
+    pub meter: UsageMeter,
 }
 
 /// The answer, complete or as a stream.
@@ -48,6 +55,8 @@ pub enum Answer {
     Complete(Bytes),
     /// A stream an upstream has accepted.
     Stream(Box<Relay>),
+    /// The in-process engine's own response, passed on as it is.
+    Engine(Response),
 }
 
 /// Where a request went and what came back.
@@ -79,6 +88,8 @@ pub(crate) struct Route {
     gw: Arc<Gateway>,
     f: Forward,
     route: route::Route,
+    /// An upstream picked but not tried yet.
+    pending: Option<usize>,
     in_flight: InFlight,
     output_tokens: u64,
     /// Whether the client asked for usage in its stream.
@@ -105,6 +116,7 @@ impl Route {
             in_flight: InFlight::new(gw)?,
             f,
             route,
+            pending: None,
             output_tokens,
             wants_usage,
         })
@@ -142,23 +154,45 @@ impl Route {
     /// left (503, or 429 when all were rate limited).
     pub(crate) async fn open_next(&mut self) -> Result<Opened, ServerError> {
         loop {
-            let Some(id) = self.pick()? else {
-                self.gw.metrics.unserved();
-                return Err(self.exhausted());
+            let id = match self.pending.take() {
+                Some(id) => id,
+                None => self.next_upstream()?,
             };
             let gw = Arc::clone(&self.gw);
-            let (served_model, profile, pool_name, upstream_name, pool) = {
-                let state = lock(&gw.state);
-                let u = &state.upstreams[id];
-                let pool = &state.pools[u.pool].config;
-                (
-                    u.served_model.clone(),
-                    pool.profile(),
-                    pool.name.clone(),
-                    u.name.clone(),
-                    u.pool,
-                )
-            };
+            let target = Target::of(&gw, id);
+            let (served_model, profile, pool_name, upstream_name, pool) = (
+                target.served_model.clone(),
+                target.profile,
+                target.pool_name.clone(),
+                target.upstream_name.clone(),
+                target.pool,
+            );
+            if let Connection::Engine(engine) = &gw.connections[id] {
+                // The engine as a fallback of a byte-level route: its answer
+                // is read like any upstream's.
+                let attempt = Attempt::begin(&gw, id, self.tokens());
+                target.meter(&self.f.meter);
+                let response = engine
+                    .answer(
+                        self.f.endpoint,
+                        &served_model,
+                        &self.f.bytes,
+                        self.f.meter.clone(),
+                    )
+                    .await?;
+                let body = response
+                    .into_body()
+                    .into_data_stream()
+                    .map(|chunk| chunk.map_err(|e| UpstreamFailure::Body(e.to_string())));
+                return Ok(Opened {
+                    attempt,
+                    body: Box::pin(body),
+                    pool: pool_name,
+                    upstream: upstream_name,
+                    dropped: Vec::new(),
+                    rewrite_model: None,
+                });
+            }
             let pool_key = gw.pool_keys[pool].clone();
             let mut body = self.f.body.clone();
             body.insert("model".into(), Value::String(served_model.clone()));
@@ -181,11 +215,7 @@ impl Route {
                 })?;
             let bytes = serde_json::to_vec(&adapted.body)
                 .map_err(|e| ServerError::Internal(format!("re-encoding a request: {e}")))?;
-            let attempt = Attempt::begin(
-                &gw,
-                id,
-                self.route.prompt_tokens() as u64 + self.output_tokens,
-            );
+            let attempt = Attempt::begin(&gw, id, self.tokens());
             let request = UpstreamRequest {
                 endpoint: self.f.endpoint,
                 body: Bytes::from(bytes),
@@ -197,7 +227,10 @@ impl Route {
             } else {
                 gw.request_timeout
             };
-            let reply = match tokio::time::timeout(wait, gw.connections[id].send(request)).await {
+            let Connection::Remote(upstream) = &gw.connections[id] else {
+                continue;
+            };
+            let reply = match tokio::time::timeout(wait, upstream.send(request)).await {
                 Err(_) => Err(AttemptError::Failed(UpstreamErrorKind::Timeout)),
                 Ok(Err(_)) => Err(AttemptError::Failed(UpstreamErrorKind::Connect)),
                 Ok(Ok(reply)) => {
@@ -240,6 +273,7 @@ impl Route {
                     pool_key.as_ref().map(ApiKey::expose),
                 )));
             }
+            target.meter(&self.f.meter);
             return Ok(Opened {
                 attempt,
                 body: reply.body,
@@ -251,9 +285,62 @@ impl Route {
         }
     }
 
+    /// The next upstream by the policy, or why there is none.
+    fn next_upstream(&mut self) -> Result<usize, ServerError> {
+        match self.pick()? {
+            Some(id) => Ok(id),
+            None => {
+                self.gw.metrics.unserved();
+                Err(self.exhausted())
+            }
+        }
+    }
+
+    /// Tokens an attempt is counted for in its upstream's load.
+    fn tokens(&self) -> u64 {
+        self.route.prompt_tokens() as u64 + self.output_tokens
+    }
+
+    /// Picks the first upstream; when it is the in-process engine, the
+    /// request is answered there, with the client's bytes parsed into the
+    /// engine's typed request and the engine's response passed on as it
+    /// is. Otherwise the pick waits for [`Route::open_next`].
+    async fn answer_in_process(&mut self) -> Result<Option<Dispatched>, ServerError> {
+        let id = self.next_upstream()?;
+        let gw = Arc::clone(&self.gw);
+        let Connection::Engine(engine) = &gw.connections[id] else {
+            self.pending = Some(id);
+            return Ok(None);
+        };
+        let target = Target::of(&gw, id);
+        target.meter(&self.f.meter);
+        self.f
+            .meter
+            .attach_attempt(Attempt::begin(&gw, id, self.tokens()));
+        let response = engine
+            .answer(
+                self.f.endpoint,
+                &target.served_model,
+                &self.f.bytes,
+                self.f.meter.clone(),
+            )
+            .await?;
+        Ok(Some(Dispatched {
+            pool: target.pool_name,
+            upstream: target.upstream_name,
+            dropped: Vec::new(),
+            answer: Answer::Engine(response),
+        }))
+    }
+
     /// The gateway.
     pub(crate) fn gateway(&self) -> &Gateway {
         &self.gw
+    }
+
+    /// The request's usage.
+    pub(crate) fn meter(&self) -> &UsageMeter {
+        &self.f.meter
     }
 
     /// How long a stream may stay silent.
@@ -281,10 +368,44 @@ impl Route {
     }
 }
 
+/// Where one picked upstream is, as the route and the meter name it.
+struct Target {
+    served_model: String,
+    profile: neocloud_fleet::config::Profile,
+    pool_name: String,
+    upstream_name: String,
+    accelerator: String,
+    pool: usize,
+}
+
+impl Target {
+    fn of(gw: &Gateway, id: usize) -> Target {
+        let state = lock(&gw.state);
+        let u = &state.upstreams[id];
+        let pool = &state.pools[u.pool].config;
+        Target {
+            served_model: u.served_model.clone(),
+            profile: pool.profile(),
+            pool_name: pool.name.clone(),
+            upstream_name: u.name.clone(),
+            accelerator: pool.accelerator.clone(),
+            pool: u.pool,
+        }
+    }
+
+    /// Names it in the request's usage.
+    fn meter(&self, meter: &UsageMeter) {
+        meter.served_by(&self.pool_name, &self.upstream_name, &self.accelerator);
+    }
+}
+
 /// Sends `f` where the policy says, retrying and falling back as allowed.
 pub async fn forward(gw: &Arc<Gateway>, f: Forward) -> Result<Dispatched, ServerError> {
     let stream = f.stream;
     let mut route = Route::new(gw, f)?;
+    if let Some(dispatched) = route.answer_in_process().await? {
+        return Ok(dispatched);
+    }
     loop {
         let opened = route.open_next().await?;
         let (pool, upstream, dropped) = (
@@ -296,7 +417,8 @@ pub async fn forward(gw: &Arc<Gateway>, f: Forward) -> Result<Dispatched, Server
             Answer::Stream(Box::new(Relay::new(route, opened)))
         } else {
             let id = opened.attempt.upstream;
-            match complete(gw, opened).await {
+            let meter = route.meter().clone();
+            match complete(gw, opened, &meter).await {
                 Ok(bytes) => Answer::Complete(bytes),
                 Err(kind) => {
                     route.failed(id, kind);
@@ -335,7 +457,11 @@ pub(crate) fn succeeded(gw: &Gateway, id: usize) {
 }
 
 /// Reads an accepted non-streamed answer and adds its energy.
-async fn complete(gw: &Arc<Gateway>, opened: Opened) -> Result<Bytes, UpstreamErrorKind> {
+async fn complete(
+    gw: &Arc<Gateway>,
+    opened: Opened,
+    meter: &UsageMeter,
+) -> Result<Bytes, UpstreamErrorKind> {
     let Opened {
         mut attempt,
         body,
@@ -366,6 +492,7 @@ async fn complete(gw: &Arc<Gateway>, opened: Opened) -> Result<Bytes, UpstreamEr
     );
     let joules = attempt.finish();
     add_energy(&mut answer, joules);
+    meter_answer(meter, &answer);
     if let Some(model) = rewrite_model {
         answer.insert("model".into(), Value::String(model));
     }
@@ -373,6 +500,39 @@ async fn complete(gw: &Arc<Gateway>, opened: Opened) -> Result<Bytes, UpstreamEr
     serde_json::to_vec(&answer)
         .map(Bytes::from)
         .map_err(|_| UpstreamErrorKind::BadReply)
+}
+
+/// Puts what an upstream's answer (or last stream chunk) says of usage
+/// into the request's meter: token counts, energy, and the first choice's
+/// finish reason.
+pub(crate) fn meter_answer(meter: &UsageMeter, answer: &Map<String, Value>) {
+    if let Some(usage) = answer.get("usage").and_then(Value::as_object) {
+        let count = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+        let cached = usage
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"));
+        meter.tokens(
+            count(usage.get("prompt_tokens")),
+            count(usage.get("completion_tokens")),
+            count(cached),
+        );
+        if let Some(joules) = usage.get("energy_joules").and_then(Value::as_f64) {
+            let source = usage
+                .get("energy_source")
+                .and_then(Value::as_str)
+                .unwrap_or("estimated");
+            meter.set_energy(joules, source);
+        }
+    }
+    let finish = answer
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| c.first())
+        .and_then(|c| c.get("finish_reason"))
+        .and_then(Value::as_str);
+    if let Some(reason) = finish {
+        meter.finish_reason(reason);
+    }
 }
 
 /// Reads a body up to `limit` bytes.

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use neocloud_accelerators::Catalogue;
 use neocloud_fleet::config::{FleetConfig, PoolConfig, UpstreamAddress};
 use neocloud_fleet::metrics::{FleetMetrics, UpstreamMetrics};
@@ -26,18 +25,38 @@ use neocloud_openai::ApiKey;
 use upstream::Upstream;
 
 use crate::error::ServerError;
-use engine_upstream::EngineUpstream;
+use crate::AppState;
+pub(crate) use engine_upstream::EngineUpstream;
 use http_upstream::HttpUpstream;
 
 /// Longest wait before a failed upstream is checked again.
 const RECHECK_FAILED: Duration = Duration::from_secs(1);
+
+/// How the gateway reaches one upstream.
+#[derive(Clone)]
+pub(crate) enum Connection {
+    /// Over the network (or any byte-level upstream).
+    Remote(Arc<dyn Upstream>),
+    /// The in-process engine, called with typed requests.
+    Engine(EngineUpstream),
+}
+
+impl Connection {
+    /// An active health check.
+    async fn check(&self) -> bool {
+        match self {
+            Connection::Remote(upstream) => upstream.check().await,
+            Connection::Engine(engine) => engine.check().await,
+        }
+    }
+}
 
 /// The gateway's state, shared by every request.
 pub struct Gateway {
     /// The routing state; every decision takes the lock briefly.
     pub(crate) state: Mutex<FleetState>,
     /// Each upstream's connection, by the state's upstream index.
-    pub(crate) connections: Vec<Arc<dyn Upstream>>,
+    pub(crate) connections: Vec<Connection>,
     /// Each pool's key for its upstreams (never logged).
     pub(crate) pool_keys: Vec<Option<ApiKey>>,
     pub(crate) metrics: FleetMetrics,
@@ -63,9 +82,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Gateway {
-    /// Builds the gateway for `config`. `engine` holds the in-process
-    /// engine's routes when some upstream is `engine:MODEL`.
-    pub fn new(config: &FleetConfig, engine: Option<Router>) -> Result<Self, ServerError> {
+    /// Builds the gateway for `config`. `engine` is the in-process engine
+    /// when some upstream is `engine:MODEL`.
+    pub fn new(config: &FleetConfig, engine: Option<AppState>) -> Result<Self, ServerError> {
         let catalogue = Catalogue::load(
             config
                 .router
@@ -97,21 +116,21 @@ impl Gateway {
                 None => None,
             });
         }
-        let mut connections: Vec<Arc<dyn Upstream>> = Vec::new();
+        let mut connections = Vec::new();
         for upstream in &state.upstreams {
             let pool = &config.pools[upstream.pool];
             connections.push(match &upstream.address {
                 UpstreamAddress::Http(url) => {
                     http_upstream::check_resolved_host(url)
                         .map_err(|m| config_error(format!("pool {:?}: {m}", pool.name)))?;
-                    Arc::new(HttpUpstream::new(
+                    Connection::Remote(Arc::new(HttpUpstream::new(
                         url,
                         pool_keys[upstream.pool].clone(),
                         client.clone(),
-                    ))
+                    )))
                 }
                 UpstreamAddress::Engine(_) => match &engine {
-                    Some(routes) => Arc::new(EngineUpstream::new(routes.clone())),
+                    Some(state) => Connection::Engine(EngineUpstream::new(state.clone())),
                     None => {
                         return Err(config_error(format!(
                             "pool {:?} names the in-process engine, which is not running",

@@ -22,8 +22,9 @@ use neocloud_openai::{ApiError, ErrorKind};
 use serde_json::{Map, Value};
 use tokio_stream::StreamExt;
 
-use super::dispatch::{add_energy, failed, succeeded, Opened, Route};
+use super::dispatch::{add_energy, failed, meter_answer, succeeded, Opened, Route};
 use super::Attempt;
+use crate::usage::UsageMeter;
 
 /// A stream an upstream has accepted; [`Relay::into_body`] sends it on.
 pub struct Relay {
@@ -109,7 +110,12 @@ impl Current {
     }
 
     /// Makes sense of one event's data.
-    fn interpret(&mut self, data: &str, wants_usage: bool) -> Result<Event, UpstreamErrorKind> {
+    fn interpret(
+        &mut self,
+        data: &str,
+        wants_usage: bool,
+        meter: &UsageMeter,
+    ) -> Result<Event, UpstreamErrorKind> {
         if data.trim() == DONE {
             return Ok(Event::Done);
         }
@@ -117,6 +123,7 @@ impl Current {
         if self.rewrite_model.is_none()
             && !data.contains("\"usage\"")
             && !data.contains("\"error\"")
+            && !data.contains("\"finish_reason\":\"")
         {
             return match serde_json::from_str::<serde::de::IgnoredAny>(data) {
                 Ok(_) if data.trim_start().starts_with('{') => {
@@ -131,6 +138,7 @@ impl Current {
         if chunk.contains_key("error") {
             return Err(UpstreamErrorKind::ServerError);
         }
+        meter_answer(meter, &chunk);
         let has_usage = chunk.get("usage").is_some_and(Value::is_object);
         if !has_usage && self.rewrite_model.is_none() {
             return Ok(Event::Chunk(Some(Bytes::from(frame(data)))));
@@ -143,6 +151,7 @@ impl Current {
                 .unwrap_or(0);
             let joules = self.attempt.finish();
             add_energy(&mut chunk, joules);
+            meter_answer(meter, &chunk);
             if !wants_usage {
                 let no_choices = chunk
                     .get("choices")
@@ -196,11 +205,13 @@ impl Relay {
         loop {
             let id = self.current.attempt.upstream;
             let next = self.current.reader.next().await;
-            let outcome = match next.and_then(|data| self.current.interpret(&data, wants_usage)) {
-                // An empty stream is a failure like any other.
-                Ok(Event::Done) if !self.sent_any => Err(UpstreamErrorKind::BadReply),
-                outcome => outcome,
-            };
+            let meter = self.route.meter().clone();
+            let outcome =
+                match next.and_then(|data| self.current.interpret(&data, wants_usage, &meter)) {
+                    // An empty stream is a failure like any other.
+                    Ok(Event::Done) if !self.sent_any => Err(UpstreamErrorKind::BadReply),
+                    outcome => outcome,
+                };
             let frame = match outcome {
                 Ok(Event::Chunk(None)) => continue,
                 Ok(Event::Chunk(Some(frame))) => frame,
@@ -213,6 +224,7 @@ impl Relay {
                     Ok(()) => continue,
                     Err(error) => {
                         self.ended = true;
+                        meter.finish_reason("error");
                         return Some(error_frame(&error));
                     }
                 },
@@ -234,6 +246,7 @@ impl Relay {
                     let error = ApiError::new(ErrorKind::ServerError, message)
                         .with_code("upstream_stream_error");
                     self.ended = true;
+                    meter.finish_reason("error");
                     return Some(error_frame(&error));
                 }
             };
@@ -249,6 +262,7 @@ impl Relay {
                     .observe_duration(now - self.current.attempt.started);
                 self.first_at = now;
                 self.sent_any = true;
+                meter.first_token();
             }
             self.last = now;
             return Some(frame);
@@ -285,6 +299,15 @@ impl Relay {
             .then(|| decode / (current.completion_tokens - 1) as f64);
         current.attempt.observe(Some(ttft), tpot);
         current.attempt.finish();
+    }
+}
+
+impl Drop for Relay {
+    /// A stream dropped before its end: the client left.
+    fn drop(&mut self) {
+        if !self.ended {
+            self.route.meter().abandoned();
+        }
     }
 }
 

@@ -20,9 +20,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 use super::dispatch::{forward, Answer, Forward};
 use super::Gateway;
 use crate::error::ServerError;
-use crate::json_body::JsonBody;
+use crate::json_body::JsonRequest;
 use crate::lifecycle::{self, Front, Lifecycle};
 use crate::metrics::Metrics;
+use crate::usage::{UsageMeter, UsageSink};
 
 /// The header that carries a request's latency objective.
 pub const SLO_HEADER: &str = "x-neocloud-slo";
@@ -30,6 +31,8 @@ pub const SLO_HEADER: &str = "x-neocloud-slo";
 pub const POOL_HEADER: &str = "x-neocloud-pool";
 /// The header naming the upstream that served a request.
 pub const UPSTREAM_HEADER: &str = "x-neocloud-upstream";
+/// The header that carries a request's id (the usage record's).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Fields that would make a proxy call somewhere else; never followed.
 const REDIRECTING_FIELDS: &[&str] = &["api_base", "base_url", "api_key", "api_version"];
@@ -49,6 +52,8 @@ pub struct GatewayState {
     pub started_at: u64,
     /// The in-process engine, when a pool names it.
     pub engine: Option<crate::EngineHandle>,
+    /// Where each finished request's usage record goes.
+    pub usage: Arc<dyn UsageSink>,
 }
 
 impl Front for GatewayState {
@@ -65,46 +70,95 @@ impl Front for GatewayState {
     }
 }
 
-/// The gateway's routes.
-pub fn router(state: GatewayState) -> Router {
-    Router::new()
+/// The one front, for every mode: the fleet's routes, and `/tokenize` and
+/// `/detokenize` of the in-process engine (`engine`) when it runs, behind
+/// the lifecycle and panic layers.
+pub fn router(state: GatewayState, engine: Option<crate::AppState>) -> Router {
+    let mut routes = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .with_state(state.clone());
+    if let Some(engine) = engine {
+        routes = routes.merge(crate::routes::tokenize::routes(engine));
+    }
+    routes
         .fallback(crate::no_route)
         .layer(CatchPanicLayer::custom(crate::panic_response))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state,
             lifecycle::track_requests::<GatewayState>,
         ))
-        .with_state(state)
 }
 
 async fn chat_completions(
     State(state): State<GatewayState>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<Value>,
-) -> Result<Response, ServerError> {
+    body: JsonRequest,
+) -> Response {
     relay(state, Endpoint::ChatCompletions, &headers, body).await
 }
 
 async fn completions(
     State(state): State<GatewayState>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<Value>,
-) -> Result<Response, ServerError> {
+    body: JsonRequest,
+) -> Response {
     relay(state, Endpoint::Completions, &headers, body).await
 }
 
-/// Checks what routing needs, forwards, and shapes the response.
+/// Forwards a completion request with its usage meter: the record goes out
+/// once the answer ends, with the answer's status. Every answer carries
+/// the request's id in `x-request-id`.
 async fn relay(
     state: GatewayState,
     endpoint: Endpoint,
     headers: &HeaderMap,
-    body: Value,
+    body: JsonRequest,
+) -> Response {
+    let request_id = request_id();
+    let model = body
+        .value
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let meter = UsageMeter::new(Arc::clone(&state.usage), request_id.clone(), model);
+    let mut response = match route(state, endpoint, headers, body, meter.clone()).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    };
+    meter.status(response.status().as_u16());
+    drop(meter);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    response
+}
+
+/// A unique id for a request: `req-` and hex of the time and a counter.
+fn request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("req-{t:x}{n:04x}")
+}
+
+/// Checks what routing needs, forwards, and shapes the response.
+async fn route(
+    state: GatewayState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: JsonRequest,
+    meter: UsageMeter,
 ) -> Result<Response, ServerError> {
+    let JsonRequest { value: body, bytes } = body;
     let Value::Object(body) = body else {
         return Err(ServerError::InvalidBody(
             "the request body must be a JSON object".into(),
@@ -143,13 +197,16 @@ async fn relay(
         Forward {
             endpoint,
             body,
+            bytes,
             model,
             stream,
             slo,
+            meter,
         },
     )
     .await?;
     let mut response = match dispatched.answer {
+        Answer::Engine(response) => response,
         Answer::Complete(bytes) => (
             [(header::CONTENT_TYPE, "application/json")],
             axum::body::Body::from(bytes),

@@ -1,7 +1,6 @@
 //! `POST /v1/chat/completions`: validation, prompt rendering, and the
 //! streamed or collected answer, with `n` choices and tool calls.
 
-use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use neocloud_engine::generation::{GenerateRequest, LoadedModel};
@@ -14,13 +13,13 @@ use neocloud_openai::chat::{
 
 use crate::engine_worker::{JobEvents, Priority, WorkerEvent};
 use crate::error::ServerError;
-use crate::json_body::JsonBody;
 use crate::routes::choices::{
     choices_of, collect_all, merge, now, priority_of, response_id, submit_all, MAX_CHOICES,
 };
 use crate::routes::event_stream::event_stream;
 use crate::routes::sampling::{sampling_params, stop_strings};
 use crate::tool_calls::{self, ToolCallStream};
+use crate::usage::UsageMeter;
 use crate::AppState;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -257,13 +256,17 @@ impl Answer {
     }
 }
 
-/// The handler.
-pub async fn chat_completions(
-    State(state): State<AppState>,
-    JsonBody(req): JsonBody<ChatCompletionRequest>,
+/// Answers a chat completion with the engine's model `served`, metered
+/// into `meter` (tokens, first token, finish reason, and the energy that
+/// goes into `usage`); the answer names the model as the request did.
+pub(crate) async fn answer(
+    state: &AppState,
+    mut req: ChatCompletionRequest,
+    served: &str,
+    meter: UsageMeter,
 ) -> Result<Response, ServerError> {
-    let model = req.model.clone();
-    let plan = validate(req, &state)?;
+    let model = std::mem::replace(&mut req.model, served.to_owned());
+    let plan = validate(req, state)?;
     let answer = Answer {
         id: response_id("chatcmpl"),
         model,
@@ -273,17 +276,18 @@ pub async fn chat_completions(
         tool_names: plan.tool_names,
     };
     let jobs = submit_all(
-        &state,
+        state,
         plan.model,
         choices_of(&plan.generate, plan.n),
         plan.priority,
     )?;
     if plan.stream {
-        return Ok(stream_response(jobs, answer, plan.include_usage));
+        return Ok(stream_response(jobs, answer, plan.include_usage, meter));
     }
-    let generations = collect_all(jobs).await?;
+    let generations = collect_all(jobs, &meter).await?;
+    let cached: usize = generations.iter().map(|g| g.cached_prompt_tokens).sum();
     let mut completion_tokens = 0;
-    let choices = generations
+    let choices: Vec<ChatChoice> = generations
         .into_iter()
         .enumerate()
         .map(|(i, g)| {
@@ -308,13 +312,23 @@ pub async fn chat_completions(
             }
         })
         .collect();
+    if let Some(first) = choices.first() {
+        meter.finish_reason(&first.finish_reason);
+    }
+    meter.tokens(
+        answer.prompt_tokens as u64,
+        completion_tokens as u64,
+        cached as u64,
+    );
+    let usage = Usage::new(answer.prompt_tokens, completion_tokens)
+        .with_estimated_energy(meter.energy_now());
     let body = ChatCompletion {
         id: answer.id,
         object: "chat.completion".into(),
         created: now(),
         model: answer.model,
         choices,
-        usage: Usage::new(answer.prompt_tokens, completion_tokens),
+        usage,
     };
     Ok(Json(body).into_response())
 }
@@ -348,7 +362,12 @@ struct ChoiceStream {
     tool_calls: Option<ToolCallStream>,
 }
 
-fn stream_response(jobs: Vec<JobEvents>, answer: Answer, include_usage: bool) -> Response {
+fn stream_response(
+    jobs: Vec<JobEvents>,
+    answer: Answer,
+    include_usage: bool,
+    meter: UsageMeter,
+) -> Response {
     let n = jobs.len();
     let mut events = merge(jobs);
     let (out, response) = event_stream();
@@ -389,6 +408,7 @@ fn stream_response(jobs: Vec<JobEvents>, answer: Answer, include_usage: bool) ->
         }
         let mut finished = 0;
         let mut completion_tokens = 0;
+        let mut cached = 0usize;
         while let Some((i, ev)) = events.recv().await {
             let state = &mut states[i];
             match ev {
@@ -403,17 +423,25 @@ fn stream_response(jobs: Vec<JobEvents>, answer: Answer, include_usage: bool) ->
                     if content.is_empty() && logprobs.is_none() {
                         continue;
                     }
+                    if !content.is_empty() {
+                        meter.first_token();
+                    }
                     let delta = ChatDelta {
                         content: Some(content),
                         ..ChatDelta::default()
                     };
                     if !send(chunk(choice(i, delta, logprobs, None), None)).await {
                         // Client gone: dropping `events` cancels the jobs.
+                        meter.abandoned();
                         return;
                     }
                 }
                 WorkerEvent::Done(g) => {
                     completion_tokens += g.tokens.len() as u32;
+                    cached += g.cached_prompt_tokens;
+                    if !g.tokens.is_empty() {
+                        meter.first_token();
+                    }
                     let rest = g.text.get(state.text_sent..).unwrap_or("");
                     let steps = g.steps.get(state.steps_sent..).unwrap_or(&[]);
                     let (content, calls) = match state.tool_calls.take() {
@@ -455,6 +483,9 @@ fn stream_response(jobs: Vec<JobEvents>, answer: Answer, include_usage: bool) ->
                         let _ = send(chunk(choice(i, delta, None, None), None)).await;
                         "tool_calls"
                     };
+                    if finished == 0 {
+                        meter.finish_reason(finish);
+                    }
                     let _ = send(chunk(
                         choice(i, ChatDelta::default(), None, Some(finish)),
                         None,
@@ -466,14 +497,22 @@ fn stream_response(jobs: Vec<JobEvents>, answer: Answer, include_usage: bool) ->
                     }
                 }
                 WorkerEvent::Failed(e) => {
+                    meter.finish_reason("error");
                     out.error(e).await;
                     break;
                 }
                 WorkerEvent::Scored(_) => {}
             }
         }
+        meter.tokens(
+            answer.prompt_tokens as u64,
+            completion_tokens as u64,
+            cached as u64,
+        );
+        let joules = meter.energy_now();
         if finished == n && include_usage {
-            let usage = Usage::new(answer.prompt_tokens, completion_tokens);
+            let usage =
+                Usage::new(answer.prompt_tokens, completion_tokens).with_estimated_energy(joules);
             let _ = send(chunk(Vec::new(), Some(usage))).await;
         }
         out.done().await;

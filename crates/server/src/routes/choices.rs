@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::engine_worker::{JobEvents, Priority, WorkerEvent};
 use crate::error::ServerError;
+use crate::usage::UsageMeter;
 use crate::AppState;
 
 /// Most choices one request may ask for.
@@ -82,16 +83,33 @@ pub(crate) fn merge(receivers: Vec<JobEvents>) -> mpsc::Receiver<(usize, WorkerE
     rx
 }
 
-/// Waits for every job to finish; the first failure fails the whole.
-pub(crate) async fn collect_all(receivers: Vec<JobEvents>) -> Result<Vec<Generation>, ServerError> {
+/// Waits for every job to finish; the first failure fails the whole. The
+/// first text of any job marks the meter's first token.
+pub(crate) async fn collect_all(
+    receivers: Vec<JobEvents>,
+    meter: &UsageMeter,
+) -> Result<Vec<Generation>, ServerError> {
     let n = receivers.len();
     let mut done: Vec<Option<Generation>> = (0..n).map(|_| None).collect();
     let mut merged = merge(receivers);
+    let mut first = true;
     while let Some((i, ev)) = merged.recv().await {
         match ev {
-            WorkerEvent::Done(g) => done[i] = Some(*g),
+            WorkerEvent::Done(g) => {
+                if first && !g.tokens.is_empty() {
+                    meter.first_token();
+                    first = false;
+                }
+                done[i] = Some(*g)
+            }
             WorkerEvent::Failed(e) => return Err(e),
-            WorkerEvent::Text { .. } | WorkerEvent::Scored(_) => {}
+            WorkerEvent::Text { .. } => {
+                if first {
+                    meter.first_token();
+                    first = false;
+                }
+            }
+            WorkerEvent::Scored(_) => {}
         }
     }
     done.into_iter()

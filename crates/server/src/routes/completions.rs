@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use neocloud_engine::generation::{GenerateRequest, LoadedModel, ScoredToken};
@@ -18,12 +17,12 @@ use neocloud_openai::completions::{
 
 use crate::engine_worker::{JobEvents, JobKind, Priority, WorkerEvent};
 use crate::error::ServerError;
-use crate::json_body::JsonBody;
 use crate::routes::choices::{
     choices_of, collect_all, merge, now, priority_of, response_id, submit_all, MAX_CHOICES,
 };
 use crate::routes::event_stream::event_stream;
 use crate::routes::sampling::{sampling_params, stop_strings};
+use crate::usage::UsageMeter;
 use crate::AppState;
 
 /// Default `max_tokens` of the completions API.
@@ -208,12 +207,16 @@ fn scored_steps(steps: &[Sampled]) -> Vec<ScoredToken> {
         .collect()
 }
 
-/// The handler.
-pub async fn completions(
-    State(state): State<AppState>,
-    JsonBody(req): JsonBody<CompletionRequest>,
+/// Answers a text completion with the engine's model `served`, metered
+/// into `meter`; the answer names the model as the request did.
+pub(crate) async fn answer(
+    state: &AppState,
+    mut req: CompletionRequest,
+    served: &str,
+    meter: UsageMeter,
 ) -> Result<Response, ServerError> {
-    let model_name = req.model.clone();
+    let state = state.clone();
+    let model_name = std::mem::replace(&mut req.model, served.to_owned());
     let plan = validate(req, &state)?;
     let id = response_id("cmpl");
     // Echoed prompts (scored first when asked for), one per prompt.
@@ -235,13 +238,14 @@ pub async fn completions(
     };
     let jobs = submit_all(&state, plan.model, requests, plan.priority)?;
     if plan.stream {
-        return Ok(stream_response(plan, jobs, heads, id, model_name));
+        return Ok(stream_response(plan, jobs, heads, id, model_name, meter));
     }
     let generations = if jobs.is_empty() {
         Vec::new()
     } else {
-        collect_all(jobs).await?
+        collect_all(jobs, &meter).await?
     };
+    let cached: usize = generations.iter().map(|g| g.cached_prompt_tokens).sum();
     let prompt_tokens: usize = plan.prompts.iter().map(Vec::len).sum();
     let mut completion_tokens = 0;
     let mut choices = Vec::new();
@@ -275,13 +279,23 @@ pub async fn completions(
             finish_reason: Some(finish_reason.into()),
         });
     }
+    if let Some(reason) = choices.first().and_then(|c| c.finish_reason.as_deref()) {
+        meter.finish_reason(reason);
+    }
+    meter.tokens(
+        prompt_tokens as u64,
+        completion_tokens as u64,
+        cached as u64,
+    );
+    let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32)
+        .with_estimated_energy(meter.energy_now());
     Ok(Json(Completion {
         id,
         object: "text_completion".into(),
         created: now(),
         model: model_name,
         choices,
-        usage: Usage::new(prompt_tokens as u32, completion_tokens as u32),
+        usage,
     })
     .into_response())
 }
@@ -292,6 +306,7 @@ fn stream_response(
     heads: Vec<(String, Option<CompletionLogprobs>)>,
     id: String,
     model: String,
+    meter: UsageMeter,
 ) -> Response {
     let total = plan.prompts.len() * plan.n;
     let (out, response) = event_stream();
@@ -334,6 +349,7 @@ fn stream_response(
         }
         let prompt_tokens: usize = plan.prompts.iter().map(Vec::len).sum();
         let mut completion_tokens = 0;
+        let mut cached = 0usize;
         let mut finished = 0;
         let expected = if generating { total } else { 0 };
         let logprobs_of = |steps: &[Sampled], offset: usize| {
@@ -366,13 +382,24 @@ fn stream_response(
                     text_sent[i] += text.len();
                     steps_sent[i] += steps.len();
                     chars[i] += text.chars().count();
+                    if !text.is_empty() {
+                        meter.first_token();
+                    }
                     if !send(one(i, text, logprobs, None), None).await {
                         // Client gone: dropping `events` cancels the jobs.
+                        meter.abandoned();
                         return;
                     }
                 }
                 WorkerEvent::Done(g) => {
                     completion_tokens += g.tokens.len();
+                    cached += g.cached_prompt_tokens;
+                    if !g.tokens.is_empty() {
+                        meter.first_token();
+                    }
+                    if finished == 0 {
+                        meter.finish_reason(g.finish_reason.as_str());
+                    }
                     let rest = g.text.get(text_sent[i]..).unwrap_or("").to_owned();
                     let steps = g.steps.get(steps_sent[i]..).unwrap_or(&[]);
                     let logprobs = logprobs_of(steps, chars[i]);
@@ -381,14 +408,25 @@ fn stream_response(
                     finished += 1;
                 }
                 WorkerEvent::Failed(e) => {
+                    meter.finish_reason("error");
                     out.error(e).await;
                     break;
                 }
                 WorkerEvent::Scored(_) => {}
             }
         }
+        if !generating {
+            meter.finish_reason("length");
+        }
+        meter.tokens(
+            prompt_tokens as u64,
+            completion_tokens as u64,
+            cached as u64,
+        );
+        let joules = meter.energy_now();
         if finished == expected && plan.include_usage {
-            let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32);
+            let usage = Usage::new(prompt_tokens as u32, completion_tokens as u32)
+                .with_estimated_energy(joules);
             let _ = send(Vec::new(), Some(usage)).await;
         }
         out.done().await;

@@ -4,8 +4,5 @@ pub mod chat_completions;
 mod choices;
 pub mod completions;
 mod event_stream;
-pub mod health;
-pub mod metrics;
-pub mod models;
 mod sampling;
 pub mod tokenize;

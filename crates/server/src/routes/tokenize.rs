@@ -30,6 +30,14 @@ pub struct DetokenizeRequest {
     tokens: Vec<u64>,
 }
 
+/// `/tokenize` and `/detokenize` over the engine of `state`.
+pub fn routes(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/tokenize", axum::routing::post(tokenize))
+        .route("/detokenize", axum::routing::post(detokenize))
+        .with_state(state)
+}
+
 /// Tokenises a prompt, or chat messages through the model's template.
 pub async fn tokenize(
     State(state): State<AppState>,
