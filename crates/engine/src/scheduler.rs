@@ -414,18 +414,10 @@ impl<E: Executor> Scheduler<E> {
             // A little room is kept for the running sequences to grow.
             let reserve = total / 100;
             if need > total {
-                if let Some(mut entry) = self.waiting.remove(i) {
-                    if self.executor.has_output(&entry.sequence) {
-                        // A preempted sequence whose context outgrew every
-                        // block ends for length, as it would have running.
-                        let id = entry.id;
-                        let events = &mut self.events;
-                        self.executor
-                            .end_for_length(&mut entry.sequence, &mut |p| report(events, id, p));
-                        self.retire(entry);
-                    } else {
-                        self.refuse(entry, need);
-                    }
+                // A preempted sequence whose context outgrew every block
+                // ends for length, as it would have running.
+                if let Some(entry) = self.waiting.remove(i) {
+                    self.end_unfit(entry);
                 }
                 continue;
             }
@@ -552,20 +544,29 @@ impl<E: Executor> Scheduler<E> {
             let Some(victim) = self.active.iter().rposition(|j| j.model == model) else {
                 return Vec::new();
             };
-            let mut entry = self.active.remove(victim);
+            let entry = self.active.remove(victim);
             if self.has_active(model) {
                 self.requeue(entry);
-            } else if self.executor.has_output(&entry.sequence) {
-                let id = entry.id;
-                let events = &mut self.events;
-                self.executor
-                    .end_for_length(&mut entry.sequence, &mut |p| report(events, id, p));
-                self.retire(entry);
             } else {
-                let need = self.executor.blocks_to_resume(model, &entry.sequence);
-                self.executor.preempt(model, &mut entry.sequence);
-                self.refuse(entry, need);
+                self.end_unfit(entry);
             }
+        }
+    }
+
+    /// Ends a sequence its model's blocks cannot hold even alone: for
+    /// length when it has generated something, else refused.
+    fn end_unfit(&mut self, mut entry: Entry<E::Sequence>) {
+        let model = entry.model;
+        if self.executor.has_output(&entry.sequence) {
+            let id = entry.id;
+            let events = &mut self.events;
+            self.executor
+                .end_for_length(&mut entry.sequence, &mut |p| report(events, id, p));
+            self.retire(entry);
+        } else {
+            let need = self.executor.blocks_to_resume(model, &entry.sequence);
+            self.executor.preempt(model, &mut entry.sequence);
+            self.refuse(entry, need);
         }
     }
 

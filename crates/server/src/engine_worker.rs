@@ -291,17 +291,23 @@ impl Worker<'_> {
             // Each step runs on a worker of the kernels' pool: the parallel
             // regions of its pass are then forked there, with that worker
             // taking its share, instead of each being sent to the pool from
-            // outside and waited for. Waiting for jobs stays on this thread,
+            // outside and waited for. Its events go out from there too, as
+            // soon as the pass ends. Waiting for jobs stays on this thread,
             // so no worker is ever held idle.
-            let scheduler = &mut self.scheduler;
-            let events = neocloud_engine::kernels::on_kernel_pool(|| scheduler.step());
-            // Blocks are counted before any client hears that its job ended.
-            self.metrics
-                .kv_blocks_used
-                .store(self.scheduler.executor().blocks_in_use(), Ordering::Relaxed);
-            for event in events {
-                self.handle(event);
-            }
+            let worker = &mut *self;
+            neocloud_engine::kernels::on_kernel_pool(|| worker.step());
+        }
+    }
+
+    /// One step of the scheduler, and its events passed on.
+    fn step(&mut self) {
+        let events = self.scheduler.step();
+        // Blocks are counted before any client hears that its job ended.
+        self.metrics
+            .kv_blocks_used
+            .store(self.scheduler.executor().blocks_in_use(), Ordering::Relaxed);
+        for event in events {
+            self.handle(event);
         }
     }
 

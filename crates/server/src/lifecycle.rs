@@ -20,8 +20,8 @@ use crate::error::ServerError;
 use crate::metrics::Metrics;
 use crate::AppState;
 
-/// What the HTTP front needs of a server's state, whether it runs the
-/// engine or the fleet gateway.
+/// What the body extractor and the lifecycle layer need of a handler's
+/// state: the front's, or the in-process engine's (for `/tokenize`).
 pub trait Front: Clone + Send + Sync + 'static {
     /// Largest request body in bytes.
     fn body_limit(&self) -> usize;

@@ -1,4 +1,4 @@
-//! The gateway's HTTP front: the same endpoints as the engine server, each
+//! The one HTTP front, for a plain serve and a fleet alike: each
 //! completion forwarded through [`super::dispatch`]. Every answer names its
 //! pool and upstream in `x-neocloud-pool` and `x-neocloud-upstream`, and the
 //! parameters dropped for the upstream in `x-neocloud-dropped-params`.

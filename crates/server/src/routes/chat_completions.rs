@@ -409,6 +409,7 @@ fn stream_response(
         let mut finished = 0;
         let mut completion_tokens = 0;
         let mut cached = 0usize;
+        let mut first_sent = false;
         while let Some((i, ev)) = events.recv().await {
             let state = &mut states[i];
             match ev {
@@ -423,8 +424,9 @@ fn stream_response(
                     if content.is_empty() && logprobs.is_none() {
                         continue;
                     }
-                    if !content.is_empty() {
+                    if !content.is_empty() && !first_sent {
                         meter.first_token();
+                        first_sent = true;
                     }
                     let delta = ChatDelta {
                         content: Some(content),

@@ -350,6 +350,7 @@ fn stream_response(
         let prompt_tokens: usize = plan.prompts.iter().map(Vec::len).sum();
         let mut completion_tokens = 0;
         let mut cached = 0usize;
+        let mut first_sent = false;
         let mut finished = 0;
         let expected = if generating { total } else { 0 };
         let logprobs_of = |steps: &[Sampled], offset: usize| {
@@ -382,8 +383,9 @@ fn stream_response(
                     text_sent[i] += text.len();
                     steps_sent[i] += steps.len();
                     chars[i] += text.chars().count();
-                    if !text.is_empty() {
+                    if !text.is_empty() && !first_sent {
                         meter.first_token();
+                        first_sent = true;
                     }
                     if !send(one(i, text, logprobs, None), None).await {
                         // Client gone: dropping `events` cancels the jobs.
