@@ -222,12 +222,15 @@ pub fn retry_after(header: Option<&str>, cap: Duration) -> Duration {
         .and_then(|h| h.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .unwrap_or(1.0);
-    Duration::from_secs_f64(secs).min(cap)
+    // Capped before the conversion: a `Duration` cannot hold every f64
+    // (`1e300` would panic), and the cap bounds the wait anyway.
+    Duration::from_secs_f64(secs.min(cap.as_secs_f64()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     fn policy() -> EjectionPolicy {
         EjectionPolicy {
@@ -316,6 +319,45 @@ mod tests {
             retry_after(None, Duration::from_secs(60)),
             Duration::from_secs(1)
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever an upstream puts in `Retry-After` (numbers of any size
+        /// and form, dates, garbage), the parser answers a bounded wait and
+        /// never panics.
+        #[test]
+        fn any_retry_after_header_gives_a_bounded_wait(
+            header in proptest::prop_oneof![
+                proptest::num::f64::ANY.prop_map(|x| x.to_string()),
+                (0u32..400, -400i32..400).prop_map(|(m, e)| format!("{m}e{e}")),
+                "[ 0-9eE.+-]{0,24}",
+                ".{0,40}",
+            ],
+            cap_secs in 0u64..100_000,
+        ) {
+            let cap = Duration::from_secs(cap_secs);
+            let wait = retry_after(Some(&header), cap);
+            proptest::prop_assert!(wait <= cap.max(Duration::from_secs(1)));
+        }
+    }
+
+    #[test]
+    fn huge_and_odd_retry_after_values_are_capped() {
+        let cap = Duration::from_secs(60);
+        for header in [
+            "1e300",
+            "1.7976931348623157e308",
+            "18446744073709551616",
+            "inf",
+            "NaN",
+            "-5",
+            "1e-300",
+        ] {
+            let wait = retry_after(Some(header), cap);
+            assert!(wait <= cap, "{header}: {wait:?}");
+        }
+        assert_eq!(retry_after(Some("1e300"), cap), cap);
+        assert_eq!(retry_after(Some(" 30 "), cap), Duration::from_secs(30));
     }
 
     #[test]

