@@ -90,6 +90,36 @@ pub enum ModelSpec {
     Pip(Vec<PackagePart>),
 }
 
+/// An owner or repository name as the Hugging Face Hub allows it: letters,
+/// digits, `.`, `_` and `-`, at most 96 characters, beginning and ending with
+/// a letter or digit, and no `--` or `..` inside.
+fn is_hub_name(s: &str) -> bool {
+    let alphanumeric = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    s.len() <= 96
+        && alphanumeric(s.chars().next())
+        && alphanumeric(s.chars().last())
+        && !s.contains("--")
+        && !s.contains("..")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A file inside a hub repository: a relative path whose segments are
+/// non-empty, never `.` or `..`, and made of letters, digits, `.`, `_`,
+/// `-` and `+` (no percent-encoding, separators of another system, drive
+/// letters, query or fragment).
+fn is_hub_file(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'))
+        })
+}
+
 /// A distribution name as PEP 508 allows it: ASCII letters, digits, `.`,
 /// `_` and `-`, beginning and ending with a letter or digit (so never
 /// something pip would take for an option).
@@ -116,7 +146,7 @@ impl ModelSpec {
             let parts: Vec<&str> = rest.splitn(3, '/').collect();
             return match parts.as_slice() {
                 [owner, repo, file]
-                    if !owner.is_empty() && !repo.is_empty() && !file.is_empty() =>
+                    if is_hub_name(owner) && is_hub_name(repo) && is_hub_file(file) =>
                 {
                     Ok(ModelSpec::HuggingFace {
                         repo: format!("{owner}/{repo}"),
@@ -124,7 +154,9 @@ impl ModelSpec {
                     })
                 }
                 _ => Err(ModelsError::Source(format!(
-                    "{spec:?}: expected hf:OWNER/REPO/FILE.gguf"
+                    "{spec:?}: expected hf:OWNER/REPO/FILE.gguf, with the hub's names (letters, \
+                     digits, `.`, `_`, `-`) and a relative file path without `.` or `..` \
+                     segments, percent signs, or query"
                 ))),
             };
         }
@@ -865,6 +897,42 @@ mod tests {
         assert!(ModelSpec::parse("hf:only-owner").is_err());
         assert!(ModelSpec::parse("pip:").is_err());
         assert!(ModelSpec::parse("pip:bad name").is_err());
+    }
+
+    /// hf: specs name a repository and a file inside it by the hub's own
+    /// rules; nothing that could reach outside the cache or another
+    /// repository is accepted.
+    #[test]
+    fn hf_specs_name_a_repository_and_a_file_inside_it() {
+        for bad in [
+            "hf:a/b/../../etc/passwd",
+            "hf:a/b/x/../../y.gguf",
+            "hf:a/b//x.gguf",
+            "hf:a/b//etc/x.gguf",
+            "hf:a/b/./x.gguf",
+            "hf:a/b/%2e%2e/x.gguf",
+            "hf:a/b/%2E%2E%2Fx.gguf",
+            "hf:a/b/x.gguf?download=1",
+            "hf:a/b/x.gguf#frag",
+            "hf:a/b/x\\..\\y.gguf",
+            "hf:a/b/C:/x.gguf",
+            "hf:../b/x.gguf",
+            "hf:a/../x.gguf",
+            "hf:-a/b/x.gguf",
+            "hf:a/b./x.gguf",
+            "hf:a/b--c/x.gguf",
+            "hf:a/b/x y.gguf",
+            "hf:a/b/sub/",
+        ] {
+            assert!(ModelSpec::parse(bad).is_err(), "{bad} was accepted");
+        }
+        for good in [
+            "hf:bartowski/gemma-3-270m-it-GGUF/gemma-3-270m-it-Q4_K_M.gguf",
+            "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/sub/dir/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+            "hf:a.b/c_d/e+f.gguf",
+        ] {
+            assert!(ModelSpec::parse(good).is_ok(), "{good} was refused");
+        }
     }
 
     /// Items that pip would take for options, or that PEP 508 does not
