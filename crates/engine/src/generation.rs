@@ -281,8 +281,12 @@ pub struct SequenceRun<'a> {
 
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes: the stream holds back this much text,
+/// and every token is checked against every stop string.
+pub const MAX_STOP_BYTES: usize = 256;
 
-/// Checks stop strings: at most [`MAX_STOP`], none empty. The one check:
+/// Checks stop strings: at most [`MAX_STOP`], none empty, none longer than
+/// [`MAX_STOP_BYTES`]. The one check:
 /// the server calls it before it queues a request, and every run when it
 /// starts.
 pub fn check_stop(stop: &[String]) -> Result<(), EngineError> {
@@ -300,6 +304,12 @@ pub fn check_stop(stop: &[String]) -> Result<(), EngineError> {
     }
     if stop.iter().any(String::is_empty) {
         return bad("stop strings must not be empty".into());
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return bad(format!(
+            "stop strings may be at most {MAX_STOP_BYTES} bytes long, got {}",
+            long.len()
+        ));
     }
     Ok(())
 }
@@ -709,6 +719,26 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stop_strings_are_few_non_empty_and_short() {
+        use super::{check_stop, MAX_STOP_BYTES};
+        let ok = vec!["x".repeat(MAX_STOP_BYTES), "\n\n".into()];
+        assert!(check_stop(&ok).is_ok());
+        for bad in [
+            vec!["x".repeat(MAX_STOP_BYTES + 1)],
+            vec!["a".into(), String::new()],
+            vec!["a".into(); 5],
+            vec!["é".repeat(MAX_STOP_BYTES)],
+        ] {
+            match check_stop(&bad) {
+                Err(crate::EngineError::InvalidParameter { param, .. }) => {
+                    assert_eq!(param, "stop")
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
