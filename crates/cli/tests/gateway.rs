@@ -559,3 +559,71 @@ fn upstream_keys_never_reach_a_log_line_or_an_answer() {
     }
     assert!(!answers.contains(KEY), "an answer shows the key: {answers}");
 }
+
+/// A process's resident memory in KiB (`VmRSS`).
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// An upstream that sends one event without end (no blank line, ever) is
+/// cut off at the relay's event cap: before its first event the request
+/// moves on; after it, the stream ends with an error event. Either way the
+/// upstream counts as failed and the gateway holds at most the cap.
+#[test]
+fn an_endless_upstream_event_is_cut_off_at_the_cap() {
+    let endless_late = MockUpstream::start(Behaviour::EndlessEvent { tokens: 2 });
+    let endless_early = MockUpstream::start(Behaviour::EndlessEvent { tokens: 0 });
+    let rescue = MockUpstream::start(Behaviour::Fast { tokens: 3 });
+    let pool = |name: &str, url: String, extra: &str| {
+        format!(
+            "[[pool]]\nname = \"{name}\"\nmodel = \"m-{name}\"\naccelerator = \"cpu\"\nupstreams = [\"{url}\"]\n{extra}\n"
+        )
+    };
+    let config = [
+        "[router]\nstall_timeout_secs = 5\n".to_string(),
+        pool("late", endless_late.base_url(), ""),
+        pool("early", endless_early.base_url(), "fallback = \"rescue\""),
+        pool("rescue", rescue.base_url(), ""),
+    ]
+    .concat();
+    let gw = gateway("endless-event", &config);
+    let before = resident_kib(gw.pid());
+    let late = chat(gw.addr, &chat_body("m-late", true));
+    assert_eq!(late.status, 200);
+    let text = late.text();
+    assert_eq!(text.matches("\"content\":\"t").count(), 2, "{text:.400}");
+    assert!(
+        text.contains("upstream_stream_error"),
+        "{:.400}",
+        &text[text.len().saturating_sub(400)..]
+    );
+    let early = chat(gw.addr, &chat_body("m-early", true));
+    assert_eq!(early.status, 200);
+    // The answer came from the fallback pool (the headers went out with the
+    // first upstream's acceptance).
+    let early_text = early.text();
+    assert_eq!(
+        early_text.matches("\"content\":\"t").count(),
+        3,
+        "{early_text:.400}"
+    );
+    assert!(early_text.contains("data: [DONE]"));
+    let grown_mib = resident_kib(gw.pid()).saturating_sub(before) / 1024;
+    assert!(grown_mib < 8, "the gateway grew by {grown_mib} MiB");
+    let errors = |upstream: &str| {
+        metric(
+            gw.addr,
+            &format!("neocloud:upstream_errors_total{{pool=\"{upstream}\",upstream=\"{upstream}/0\",kind=\"bad_reply\"}}"),
+        ) + metric(
+            gw.addr,
+            &format!("neocloud:upstream_errors_total{{pool=\"{upstream}\",upstream=\"{upstream}/0\",kind=\"broken\"}}"),
+        )
+    };
+    assert!(errors("late") >= 1.0 && errors("early") >= 1.0);
+}

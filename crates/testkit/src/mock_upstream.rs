@@ -46,6 +46,12 @@ pub enum Behaviour {
         /// Tokens before the close.
         tokens: usize,
     },
+    /// Streams `tokens` tokens, then one event that never ends: `data: `
+    /// and `x`s, 64 KiB at a time, up to 256 MiB or until the client leaves.
+    EndlessEvent {
+        /// Tokens before the endless event.
+        tokens: usize,
+    },
     /// Every request gets this status line, extra headers (each ending in
     /// CRLF) and body: a redirect, or an error with a body of its own.
     Fixed {
@@ -168,6 +174,12 @@ fn chunk(conn: &mut TcpStream, data: &str) -> bool {
     write!(conn, "{:x}\r\n{frame}\r\n", frame.len()).is_ok() && conn.flush().is_ok()
 }
 
+/// One chunk of the chunked body holding `bytes` as they are (no SSE
+/// framing).
+fn chunk_raw(conn: &mut TcpStream, bytes: &str) -> bool {
+    write!(conn, "{:x}\r\n{bytes}\r\n", bytes.len()).is_ok() && conn.flush().is_ok()
+}
+
 fn token_chunk(i: usize) -> String {
     format!(
         r#"{{"id":"mock","object":"chat.completion.chunk","created":0,"model":"mock","choices":[{{"index":0,"delta":{{"content":"t{i} "}},"finish_reason":null}}]}}"#
@@ -228,9 +240,9 @@ fn serve_one(
                 r#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#,
             );
         }
-        Behaviour::HangAfter { tokens } | Behaviour::DieAfter { tokens } => {
-            (tokens, Duration::ZERO)
-        }
+        Behaviour::HangAfter { tokens }
+        | Behaviour::DieAfter { tokens }
+        | Behaviour::EndlessEvent { tokens } => (tokens, Duration::ZERO),
         Behaviour::GarbageSse => (0, Duration::ZERO),
         Behaviour::Fixed {
             ref status,
@@ -271,6 +283,18 @@ fn serve_one(
             return false;
         }
         Behaviour::DieAfter { .. } => return false,
+        Behaviour::EndlessEvent { .. } => {
+            let filler = "x".repeat(64 << 10);
+            if !chunk_raw(writer, "data: ") {
+                return false;
+            }
+            for _ in 0..(256 << 20) / filler.len() {
+                if !chunk_raw(writer, &filler) {
+                    return false;
+                }
+            }
+            return false;
+        }
         _ => {}
     }
     let usage = format!(

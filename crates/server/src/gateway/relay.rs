@@ -26,6 +26,11 @@ use super::dispatch::{add_energy, failed, meter_answer, succeeded, Opened, Route
 use super::Attempt;
 use crate::usage::UsageMeter;
 
+/// The largest event an upstream may send: far above any chunk of an
+/// OpenAI-compatible stream; past it the upstream has failed, and the
+/// gateway has held no more than this.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
 /// A stream an upstream has accepted; [`Relay::into_body`] sends it on.
 pub struct Relay {
     route: Route,
@@ -68,7 +73,7 @@ impl EventReader {
     fn new(body: BodyStream, stall: Duration) -> Self {
         EventReader {
             body,
-            decoder: SseDecoder::new(),
+            decoder: SseDecoder::with_max_event_bytes(MAX_EVENT_BYTES),
             queued: VecDeque::new(),
             stall,
         }
