@@ -52,6 +52,8 @@ pub struct ServeFile {
     pub activation_bits: Option<ActivationBitsValue>,
     /// A file that gets one JSON line of usage per finished request.
     pub usage_log: Option<PathBuf>,
+    /// Host names answered besides loopback ones.
+    pub allowed_hosts: Option<Vec<String>>,
     /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
     /// gateway.
     #[serde(skip)]

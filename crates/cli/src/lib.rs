@@ -98,6 +98,16 @@ pub struct ServeArgs {
     /// status, finish reason).
     #[arg(long, env = "NEOCLOUD_USAGE_LOG")]
     pub usage_log: Option<PathBuf>,
+    /// A host name requests may be addressed to besides loopback ones
+    /// (repeatable). A server bound to loopback answers only loopback names
+    /// without it, against DNS rebinding; one bound elsewhere answers any
+    /// name unless some are given.
+    #[arg(
+        long = "allowed-host",
+        env = "NEOCLOUD_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// The values of `--activation-bits`.
@@ -199,6 +209,16 @@ pub struct GenerateArgs {
     /// status, finish reason).
     #[arg(long, env = "NEOCLOUD_USAGE_LOG")]
     pub usage_log: Option<PathBuf>,
+    /// A host name requests may be addressed to besides loopback ones
+    /// (repeatable). A server bound to loopback answers only loopback names
+    /// without it, against DNS rebinding; one bound elsewhere answers any
+    /// name unless some are given.
+    #[arg(
+        long = "allowed-host",
+        env = "NEOCLOUD_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Runs a parsed command line.
@@ -340,6 +360,11 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         body_limit,
         shutdown_timeout,
         usage,
+        allowed_hosts: if args.allowed_hosts.is_empty() {
+            file.allowed_hosts.unwrap_or_default()
+        } else {
+            args.allowed_hosts
+        },
     };
     runtime.block_on(neocloud_server::serve(config, announce))?;
     Ok(())

@@ -322,7 +322,7 @@ fn open_stream(addr: SocketAddr, body: &Value, until: &str, count: usize) -> (Tc
     let mut conn = TcpStream::connect(addr).unwrap();
     write!(
         conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

@@ -110,9 +110,14 @@ fn row1_malformed_bodies(s: &Server) {
             .unwrap()
             .contains("application/json"));
     }
-    // No content type at all is taken as JSON, as curl users expect.
+    // No content type at all is refused too: a browser's blind cross-site
+    // POST sends none (or a form type).
     let resp = request_with_headers(s.addr, "POST", path, &[], Some(good.as_bytes()));
-    assert_eq!(resp.status, 200, "{}", resp.text());
+    let err = assert_error(&resp, 400, "invalid_request_error", None);
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("application/json"));
     let missing = request(s.addr, "GET", "/v1/nowhere", None);
     assert_error(&missing, 404, "not_found_error", None);
 }
@@ -138,7 +143,7 @@ fn row2_bodies_over_the_limit(s: &Server) {
     );
     // Chunked, with no length declared: cut off at the limit all the same.
     let mut raw = format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
     )
     .into_bytes();
     let chunk = vec![b' '; 256 * 1024];
@@ -470,7 +475,7 @@ fn sigterm_drains_open_streams_and_refuses_new_work() {
     let mut conn = std::net::TcpStream::connect(server.addr).unwrap();
     write!(
         conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -508,4 +513,56 @@ fn sigterm_drains_open_streams_and_refuses_new_work() {
     assert!(text.contains("data: [DONE]"), "{text}");
     assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
     assert_eq!(server.wait(), Some(0));
+}
+
+/// A GET with a raw `Host` header (or none).
+fn get_with_host(s: &Server, host: Option<&str>) -> Response {
+    let host = host.map(|h| format!("host: {h}\r\n")).unwrap_or_default();
+    exchange(
+        s.addr,
+        format!("GET /v1/models HTTP/1.1\r\n{host}connection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+/// DNS rebinding: a web page that makes its own name resolve to 127.0.0.1
+/// reaches a loopback server with its own name in `Host`. A server bound to
+/// loopback answers only loopback names, unless told which others to take.
+#[test]
+fn a_loopback_server_answers_only_requests_addressed_to_loopback() {
+    let server = Server::start(env!("CARGO_BIN_EXE_neocloud"), &["--model", GEMMA]);
+    let port = server.addr.port();
+    for host in [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+        format!("127.0.0.1.nip.io:{port}"),
+        "169.254.169.254".to_string(),
+        "[fe80::1]".to_string(),
+    ] {
+        let resp = get_with_host(&server, Some(&host));
+        assert_error(&resp, 403, "permission_error", None);
+        assert!(!resp.text().contains("gemma"), "{host}: {}", resp.text());
+    }
+    for host in [
+        "localhost".to_string(),
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let resp = get_with_host(&server, Some(&host));
+        assert_eq!(resp.status, 200, "{host}: {}", resp.text());
+    }
+    // Told to, it takes another name too.
+    let named = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &["--model", GEMMA, "--allowed-host", "api.example.com"],
+    );
+    let port = named.addr.port();
+    assert_eq!(
+        get_with_host(&named, Some(&format!("api.example.com:{port}"))).status,
+        200
+    );
+    assert_eq!(get_with_host(&named, Some("localhost")).status, 200);
+    assert_eq!(get_with_host(&named, Some("evil.example")).status, 403);
 }

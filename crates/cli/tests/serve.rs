@@ -253,7 +253,7 @@ fn send_raw(s: &Server, body: &Value) -> std::net::TcpStream {
     let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
     write!(
         conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

@@ -57,6 +57,9 @@ pub enum ServerError {
     /// A fault on our side (a panic while serving); the detail is logged.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request names a host this server does not answer to.
+    #[error("this server does not answer requests addressed to that host; start it with --allowed-host NAME to take it")]
+    HostNotAllowed,
 }
 
 impl From<EngineError> for ServerError {
@@ -98,6 +101,10 @@ impl ServerError {
                 ApiError::new(ErrorKind::RateLimitError, message).with_code("rate_limit_exceeded")
             }
             ServerError::Upstream(api) => api.clone(),
+            ServerError::HostNotAllowed => {
+                ApiError::new(ErrorKind::PermissionError, self.to_string())
+                    .with_code("host_not_allowed")
+            }
             ServerError::Engine(EngineError::InvalidRequest(m)) => {
                 ApiError::new(ErrorKind::InvalidRequestError, m)
             }
@@ -199,6 +206,7 @@ mod tests {
                 "internal",
                 ServerError::Internal("a panic at src/secret.rs:12".into()),
             ),
+            ("host_not_allowed", ServerError::HostNotAllowed),
             (
                 "engine_io",
                 ServerError::Engine(EngineError::Io {

@@ -182,8 +182,12 @@ fn missing_field(message: &str) -> Option<String> {
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ServerError> {
+    // None is refused too: a browser's blind cross-site POST sends none (or
+    // a form type), and no API client leaves it out.
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(());
+        return Err(ServerError::InvalidBody(
+            "the Content-Type must be application/json, and there is none (with curl, add -H 'content-type: application/json')".into(),
+        ));
     };
     let media = value
         .to_str()

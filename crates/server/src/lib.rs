@@ -9,6 +9,7 @@
 pub mod engine_worker;
 pub mod error;
 pub mod gateway;
+pub mod host_check;
 pub mod json_body;
 pub mod lifecycle;
 pub mod metrics;
@@ -54,6 +55,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Where each finished request's usage record goes.
     pub usage: Arc<dyn UsageSink>,
+    /// Host names answered besides loopback ones (see [`host_check`]).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// The in-process engine as the handlers that answer on it see it.
@@ -124,9 +127,16 @@ pub async fn serve(
         engine,
         usage: config.usage,
     };
+    let hosts = Arc::new(host_check::HostRule::new(
+        config.listen,
+        &config.allowed_hosts,
+    ));
+    let app = gateway::routes::router(state, app_state).layer(
+        axum::middleware::from_fn_with_state(hosts, host_check::check_host),
+    );
     serve_until_shutdown(
         config.listen,
-        gateway::routes::router(state, app_state),
+        app,
         lifecycle,
         config.shutdown_timeout,
         on_listening,
