@@ -54,6 +54,8 @@ pub struct ServeFile {
     pub usage_log: Option<PathBuf>,
     /// Host names answered besides loopback ones.
     pub allowed_hosts: Option<Vec<String>>,
+    /// The lowest `priority` a request may ask for.
+    pub min_priority: Option<i64>,
     /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
     /// gateway.
     #[serde(skip)]

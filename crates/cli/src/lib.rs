@@ -108,6 +108,10 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub allowed_hosts: Vec<String>,
+    /// The lowest `priority` a request may ask for (lower is served first
+    /// and preempts others); default 0.
+    #[arg(long, env = "NEOCLOUD_MIN_PRIORITY", allow_hyphen_values = true)]
+    pub min_priority: Option<i64>,
 }
 
 /// The values of `--activation-bits`.
@@ -204,21 +208,6 @@ pub struct GenerateArgs {
     /// `serve`) [default: mixed].
     #[arg(long, env = "NEOCLOUD_ACTIVATION_BITS")]
     pub activation_bits: Option<ActivationBitsArg>,
-    /// A file that gets one JSON line of usage per finished request
-    /// (request id, model, pool, upstream, tokens, TTFT, duration, energy,
-    /// status, finish reason).
-    #[arg(long, env = "NEOCLOUD_USAGE_LOG")]
-    pub usage_log: Option<PathBuf>,
-    /// A host name requests may be addressed to besides loopback ones
-    /// (repeatable). A server bound to loopback answers only loopback names
-    /// without it, against DNS rebinding; one bound elsewhere answers any
-    /// name unless some are given.
-    #[arg(
-        long = "allowed-host",
-        env = "NEOCLOUD_ALLOWED_HOSTS",
-        value_delimiter = ','
-    )]
-    pub allowed_hosts: Vec<String>,
 }
 
 /// Runs a parsed command line.
@@ -360,6 +349,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         body_limit,
         shutdown_timeout,
         usage,
+        min_priority: args.min_priority.or(file.min_priority).unwrap_or(0),
         allowed_hosts: if args.allowed_hosts.is_empty() {
             file.allowed_hosts.unwrap_or_default()
         } else {

@@ -566,3 +566,38 @@ fn a_loopback_server_answers_only_requests_addressed_to_loopback() {
     assert_eq!(get_with_host(&named, Some("localhost")).status, 200);
     assert_eq!(get_with_host(&named, Some("evil.example")).status, 403);
 }
+
+/// Any client could ask for `priority: -2147483648` and preempt everyone.
+/// Priorities below the configured floor (0 unless told otherwise) are
+/// refused, naming `priority`.
+#[test]
+fn priorities_below_the_configured_floor_are_refused() {
+    let body = |priority: i64| json!({"model": GEMMA, "messages": user("hi"), "max_tokens": 1, "priority": priority});
+    let plain = Server::start(env!("CARGO_BIN_EXE_neocloud"), &["--model", GEMMA]);
+    for p in [-1, -2147483648] {
+        let err = assert_error(
+            &chat(&plain, body(p)),
+            400,
+            "invalid_request_error",
+            Some("priority"),
+        );
+        assert!(
+            err["message"].as_str().unwrap().contains("priority"),
+            "{err}"
+        );
+    }
+    for p in [0, 7] {
+        assert_eq!(chat(&plain, body(p)).status, 200);
+    }
+    let trusted = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &["--model", GEMMA, "--min-priority", "-5"],
+    );
+    assert_eq!(chat(&trusted, body(-5)).status, 200);
+    assert_error(
+        &chat(&trusted, body(-6)),
+        400,
+        "invalid_request_error",
+        Some("priority"),
+    );
+}

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub usage: Arc<dyn UsageSink>,
     /// Host names answered besides loopback ones (see [`host_check`]).
     pub allowed_hosts: Vec<String>,
+    /// The lowest `priority` a request may ask for (lower is served first).
+    pub min_priority: i64,
 }
 
 /// The in-process engine as the handlers that answer on it see it.
@@ -126,6 +128,7 @@ pub async fn serve(
         started_at,
         engine,
         usage: config.usage,
+        min_priority: config.min_priority,
     };
     let hosts = Arc::new(host_check::HostRule::new(
         config.listen,

@@ -54,6 +54,9 @@ pub struct GatewayState {
     pub engine: Option<crate::EngineHandle>,
     /// Where each finished request's usage record goes.
     pub usage: Arc<dyn UsageSink>,
+    /// The lowest `priority` a request may ask for: lower ones would
+    /// overtake (and preempt) everyone else's.
+    pub min_priority: i64,
 }
 
 impl Front for GatewayState {
@@ -175,6 +178,17 @@ async fn route(
         Some(_) => return Err(ServerError::param("model", "`model` must be a string")),
         None => return Err(ServerError::param("model", "`model` is required")),
     };
+    if let Some(priority) = body.get("priority").and_then(Value::as_i64) {
+        if priority < state.min_priority {
+            return Err(ServerError::param(
+                "priority",
+                format!(
+                    "priority {priority} is below {}, the lowest this server takes (lower is served first, and would preempt other requests)",
+                    state.min_priority
+                ),
+            ));
+        }
+    }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
