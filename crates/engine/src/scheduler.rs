@@ -311,16 +311,6 @@ impl<E: Executor> Scheduler<E> {
         !(self.active.is_empty() && self.waiting.is_empty())
     }
 
-    /// Sequences waiting and running.
-    pub fn len(&self) -> (usize, usize) {
-        (self.waiting.len(), self.active.len())
-    }
-
-    /// Whether no sequence waits or runs.
-    pub fn is_empty(&self) -> bool {
-        !self.has_work()
-    }
-
     /// Takes a sequence: it waits, in scheduling order, for its blocks.
     /// A request the executor refuses is given back as the error, and its
     /// claim with it.

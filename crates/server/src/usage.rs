@@ -68,7 +68,7 @@ impl UsageSink for DiscardUsage {
 /// Appends each record as one JSON line to a file, from a thread of its
 /// own so that the request path never waits on the disk.
 pub struct JsonLinesUsage {
-    tx: Mutex<mpsc::Sender<UsageRecord>>,
+    tx: mpsc::Sender<UsageRecord>,
 }
 
 impl JsonLinesUsage {
@@ -91,14 +91,13 @@ impl JsonLinesUsage {
                     }
                 }
             })?;
-        Ok(JsonLinesUsage { tx: Mutex::new(tx) })
+        Ok(JsonLinesUsage { tx })
     }
 }
 
 impl UsageSink for JsonLinesUsage {
     fn record(&self, record: UsageRecord) {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        if tx.send(record).is_err() {
+        if self.tx.send(record).is_err() {
             tracing::error!("the usage log writer has stopped");
         }
     }
@@ -170,11 +169,6 @@ impl UsageMeter {
     fn with<T>(&self, f: impl FnOnce(&mut MeterState) -> T) -> T {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut state)
-    }
-
-    /// The request's id.
-    pub fn request_id(&self) -> String {
-        self.with(|s| s.record.request_id.clone())
     }
 
     /// Who answers: the pool, its upstream and its accelerator. A retry on

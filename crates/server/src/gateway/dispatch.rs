@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 
 use super::relay::Relay;
 use super::upstream::{BodyStream, Endpoint, UpstreamFailure, UpstreamRequest};
-use super::{lock, Attempt, Connection, Gateway, InFlight};
+use super::{lock, Attempt, Connection, EngineUpstream, Gateway, InFlight};
 use crate::error::ServerError;
 use crate::usage::UsageMeter;
 
@@ -160,42 +160,30 @@ impl Route {
             };
             let gw = Arc::clone(&self.gw);
             let target = Target::of(&gw, id);
-            let (served_model, profile, pool_name, upstream_name, pool) = (
-                target.served_model.clone(),
-                target.profile,
-                target.pool_name.clone(),
-                target.upstream_name.clone(),
-                target.pool,
-            );
-            if let Connection::Engine(engine) = &gw.connections[id] {
-                // The engine as a fallback of a byte-level route: its answer
-                // is read like any upstream's.
-                let attempt = Attempt::begin(&gw, id, self.tokens());
-                target.meter(&self.f.meter);
-                let response = engine
-                    .answer(
-                        self.f.endpoint,
-                        &served_model,
-                        &self.f.bytes,
-                        self.f.meter.clone(),
-                    )
-                    .await?;
-                let body = response
-                    .into_body()
-                    .into_data_stream()
-                    .map(|chunk| chunk.map_err(|e| UpstreamFailure::Body(e.to_string())));
-                return Ok(Opened {
-                    attempt,
-                    body: Box::pin(body),
-                    pool: pool_name,
-                    upstream: upstream_name,
-                    dropped: Vec::new(),
-                    rewrite_model: None,
-                });
-            }
-            let pool_key = gw.pool_keys[pool].clone();
+            let upstream = match &gw.connections[id] {
+                Connection::Remote(upstream) => Arc::clone(upstream),
+                Connection::Engine(engine) => {
+                    // The engine as a fallback of a byte-level route: its
+                    // answer is read like any upstream's.
+                    let attempt = Attempt::begin(&gw, id, self.tokens());
+                    let response = self.ask_engine(engine, &target).await?;
+                    let body = response
+                        .into_body()
+                        .into_data_stream()
+                        .map(|chunk| chunk.map_err(|e| UpstreamFailure::Body(e.to_string())));
+                    return Ok(Opened {
+                        attempt,
+                        body: Box::pin(body),
+                        pool: target.pool_name,
+                        upstream: target.upstream_name,
+                        dropped: Vec::new(),
+                        rewrite_model: None,
+                    });
+                }
+            };
+            let pool_key = gw.pool_keys[target.pool].clone();
             let mut body = self.f.body.clone();
-            body.insert("model".into(), Value::String(served_model.clone()));
+            body.insert("model".into(), Value::String(target.served_model.clone()));
             if self.f.stream {
                 // Usage is always asked for, so that streamed answers are
                 // metered; the client sees it only if it asked.
@@ -205,11 +193,12 @@ impl Route {
                 }
             }
             let adapted =
-                conformance::adapt(profile, Value::Object(body)).map_err(|param| {
+                conformance::adapt(target.profile, Value::Object(body)).map_err(|param| {
                     ServerError::param(
                         param.clone(),
                         format!(
-                            "`{param}` is not supported by the upstreams of pool {pool_name:?}, which serves this model"
+                            "`{param}` is not supported by the upstreams of pool {:?}, which serves this model",
+                            target.pool_name
                         ),
                     )
                 })?;
@@ -226,9 +215,6 @@ impl Route {
                 gw.stall_timeout
             } else {
                 gw.request_timeout
-            };
-            let Connection::Remote(upstream) = &gw.connections[id] else {
-                continue;
             };
             let reply = match tokio::time::timeout(wait, upstream.send(request)).await {
                 Err(_) => Err(AttemptError::Failed(UpstreamErrorKind::Timeout)),
@@ -277,10 +263,10 @@ impl Route {
             return Ok(Opened {
                 attempt,
                 body: reply.body,
-                pool: pool_name,
-                upstream: upstream_name,
                 dropped: adapted.dropped,
-                rewrite_model: (served_model != self.f.model).then(|| self.f.model.clone()),
+                rewrite_model: (target.served_model != self.f.model).then(|| self.f.model.clone()),
+                pool: target.pool_name,
+                upstream: target.upstream_name,
             });
         }
     }
@@ -313,24 +299,34 @@ impl Route {
             return Ok(None);
         };
         let target = Target::of(&gw, id);
-        target.meter(&self.f.meter);
         self.f
             .meter
             .attach_attempt(Attempt::begin(&gw, id, self.tokens()));
-        let response = engine
-            .answer(
-                self.f.endpoint,
-                &target.served_model,
-                &self.f.bytes,
-                self.f.meter.clone(),
-            )
-            .await?;
+        let response = self.ask_engine(engine, &target).await?;
         Ok(Some(Dispatched {
             pool: target.pool_name,
             upstream: target.upstream_name,
             dropped: Vec::new(),
             answer: Answer::Engine(response),
         }))
+    }
+
+    /// The in-process engine's answer to the request, metered as served by
+    /// `target`.
+    async fn ask_engine(
+        &self,
+        engine: &EngineUpstream,
+        target: &Target,
+    ) -> Result<Response, ServerError> {
+        target.meter(&self.f.meter);
+        engine
+            .answer(
+                self.f.endpoint,
+                &target.served_model,
+                &self.f.bytes,
+                self.f.meter.clone(),
+            )
+            .await
     }
 
     /// The gateway.

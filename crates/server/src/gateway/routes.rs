@@ -23,6 +23,7 @@ use crate::error::ServerError;
 use crate::json_body::JsonRequest;
 use crate::lifecycle::{self, Front, Lifecycle};
 use crate::metrics::Metrics;
+use crate::routes::choices::response_id;
 use crate::usage::{UsageMeter, UsageSink};
 
 /// The header that carries a request's latency objective.
@@ -121,7 +122,7 @@ async fn relay(
     headers: &HeaderMap,
     body: JsonRequest,
 ) -> Response {
-    let request_id = request_id();
+    let request_id = response_id("req");
     let model = body
         .value
         .get("model")
@@ -139,18 +140,6 @@ async fn relay(
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     response
-}
-
-/// A unique id for a request: `req-` and hex of the time and a counter.
-fn request_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("req-{t:x}{n:04x}")
 }
 
 /// Checks what routing needs, forwards, and shapes the response.

@@ -1,7 +1,7 @@
 //! HTTP routes, one module per endpoint.
 
 pub mod chat_completions;
-mod choices;
+pub(crate) mod choices;
 pub mod completions;
 mod event_stream;
 mod sampling;
