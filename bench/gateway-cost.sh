@@ -47,13 +47,9 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-wait_for() { # URL
-  for _ in $(seq 1 600); do
-    curl -fs "$1" > /dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "nothing answers at $1" >&2; exit 1
-}
+# shellcheck source=bench/loopback.sh
+source bench/loopback.sh
+wait_for() { wait_url "$1" 600; } # URL: a minute at most
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
@@ -115,7 +111,7 @@ model_list:
       api_base: $mock
       api_key: not-needed
 YAML
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
   LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY=true LITELLM_LOG=ERROR \
     "$venv/bin/litellm" --config "$out/litellm.yaml" --host 127.0.0.1 --port "$port" \
     --num_workers "$litellm_workers" > "$out/litellm.log" 2>&1 &
