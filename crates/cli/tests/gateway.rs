@@ -7,7 +7,7 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -318,14 +318,7 @@ fn metadata_addresses_are_refused_at_start() {
 /// Sends a streamed request on a raw connection and returns it, with the
 /// response read until `until` has appeared `count` times.
 fn open_stream(addr: SocketAddr, body: &Value, until: &str, count: usize) -> (TcpStream, String) {
-    let body = body.to_string();
-    let mut conn = TcpStream::connect(addr).unwrap();
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut conn = neocloud_testkit::http::send_chat(addr, body);
     conn.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     let mut seen = Vec::new();

@@ -470,15 +470,8 @@ fn sigterm_drains_open_streams_and_refuses_new_work() {
     let body = json!({
         "model": GEMMA, "messages": user("Count to a thousand."),
         "max_tokens": 48, "temperature": 0, "ignore_eos": true, "stream": true,
-    })
-    .to_string();
-    let mut conn = std::net::TcpStream::connect(server.addr).unwrap();
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    });
+    let mut conn = neocloud_testkit::http::send_chat(server.addr, &body);
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while String::from_utf8_lossy(&seen).matches("data: ").count() < 3 {

@@ -246,26 +246,12 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Writes a chat request on a fresh connection without reading the answer.
-fn send_raw(s: &Server, body: &Value) -> std::net::TcpStream {
-    use std::io::Write;
-    let body = body.to_string();
-    let mut conn = std::net::TcpStream::connect(s.addr).unwrap();
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    conn
-}
-
 /// Opens a long streamed request and returns the connection once `chunks`
 /// events have arrived.
 fn open_stream(s: &Server, chunks: usize) -> (std::net::TcpStream, usize) {
     use std::io::Read;
-    let mut conn = send_raw(
-        s,
+    let mut conn = neocloud_testkit::http::send_chat(
+        s.addr,
         &json!({
             "model": GEMMA, "messages": [{"role": "user", "content": "Count to a thousand."}],
             "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true,
@@ -359,8 +345,8 @@ fn a_client_that_leaves_cancels_its_request_and_a_full_queue_refuses_at_once() {
 
     // One running, one waiting: the next request gets 503 with Retry-After.
     let (running, _) = open_stream(s, 2);
-    let waiting = send_raw(
-        s,
+    let waiting = neocloud_testkit::http::send_chat(
+        s.addr,
         &json!({"model": GEMMA, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
     );
     wait_for("the second request to queue", || {

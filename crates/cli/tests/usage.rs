@@ -8,12 +8,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use neocloud_testkit::http::{post_json, request, Response, Server};
+use neocloud_testkit::http::{post_json, request, send_chat, Response, Server};
 use neocloud_testkit::mock_upstream::{Behaviour, MockUpstream};
 use serde_json::{json, Value};
 
@@ -72,15 +72,8 @@ fn leave_mid_stream(addr: std::net::SocketAddr, events: usize) -> String {
     let body = json!({
         "model": GEMMA, "messages": [{"role": "user", "content": "Count to a thousand."}],
         "max_tokens": 2000, "temperature": 0, "ignore_eos": true, "stream": true,
-    })
-    .to_string();
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    });
+    let mut conn = send_chat(addr, &body);
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
     while seen.matches("data: ").count() < events {

@@ -897,6 +897,20 @@ mod tests {
         assert!(ModelSpec::parse("hf:only-owner").is_err());
         assert!(ModelSpec::parse("pip:").is_err());
         assert!(ModelSpec::parse("pip:bad name").is_err());
+        assert_eq!(
+            ModelSpec::parse("./m.gguf").unwrap(),
+            ModelSpec::Path("./m.gguf".into())
+        );
+    }
+
+    /// Every spec of `bad` is refused and every one of `good` parsed.
+    fn check_specs(bad: &[&str], good: &[&str]) {
+        for spec in bad {
+            assert!(ModelSpec::parse(spec).is_err(), "{spec} was accepted");
+        }
+        for spec in good {
+            assert!(ModelSpec::parse(spec).is_ok(), "{spec} was refused");
+        }
     }
 
     /// hf: specs name a repository and a file inside it by the hub's own
@@ -904,70 +918,62 @@ mod tests {
     /// repository is accepted.
     #[test]
     fn hf_specs_name_a_repository_and_a_file_inside_it() {
-        for bad in [
-            "hf:a/b/../../etc/passwd",
-            "hf:a/b/x/../../y.gguf",
-            "hf:a/b//x.gguf",
-            "hf:a/b//etc/x.gguf",
-            "hf:a/b/./x.gguf",
-            "hf:a/b/%2e%2e/x.gguf",
-            "hf:a/b/%2E%2E%2Fx.gguf",
-            "hf:a/b/x.gguf?download=1",
-            "hf:a/b/x.gguf#frag",
-            "hf:a/b/x\\..\\y.gguf",
-            "hf:a/b/C:/x.gguf",
-            "hf:../b/x.gguf",
-            "hf:a/../x.gguf",
-            "hf:-a/b/x.gguf",
-            "hf:a/b./x.gguf",
-            "hf:a/b--c/x.gguf",
-            "hf:a/b/x y.gguf",
-            "hf:a/b/sub/",
-        ] {
-            assert!(ModelSpec::parse(bad).is_err(), "{bad} was accepted");
-        }
-        for good in [
-            "hf:bartowski/gemma-3-270m-it-GGUF/gemma-3-270m-it-Q4_K_M.gguf",
-            "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/sub/dir/qwen2.5-0.5b-instruct-q4_k_m.gguf",
-            "hf:a.b/c_d/e+f.gguf",
-        ] {
-            assert!(ModelSpec::parse(good).is_ok(), "{good} was refused");
-        }
+        check_specs(
+            &[
+                "hf:a/b/../../etc/passwd",
+                "hf:a/b/x/../../y.gguf",
+                "hf:a/b//x.gguf",
+                "hf:a/b//etc/x.gguf",
+                "hf:a/b/./x.gguf",
+                "hf:a/b/%2e%2e/x.gguf",
+                "hf:a/b/%2E%2E%2Fx.gguf",
+                "hf:a/b/x.gguf?download=1",
+                "hf:a/b/x.gguf#frag",
+                "hf:a/b/x\\..\\y.gguf",
+                "hf:a/b/C:/x.gguf",
+                "hf:../b/x.gguf",
+                "hf:a/../x.gguf",
+                "hf:-a/b/x.gguf",
+                "hf:a/b./x.gguf",
+                "hf:a/b--c/x.gguf",
+                "hf:a/b/x y.gguf",
+                "hf:a/b/sub/",
+            ],
+            &[
+                "hf:bartowski/gemma-3-270m-it-GGUF/gemma-3-270m-it-Q4_K_M.gguf",
+                "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/sub/dir/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+                "hf:a.b/c_d/e+f.gguf",
+            ],
+        );
     }
 
     /// Items that pip would take for options, or that PEP 508 does not
     /// allow as names or versions, are refused before pip runs.
     #[test]
     fn pip_items_are_names_and_versions_never_options() {
-        for bad in [
-            "pip:--no-binary",
-            "pip:--no-binary,x",
-            "pip:-r",
-            "pip:--log",
-            "pip:x,--index-url",
-            "pip:x==-1",
-            "pip:x==--pre",
-            "pip:-x==1.0",
-            "pip:.hidden",
-            "pip:trailing-",
-            "pip:trailing.",
-            "pip:x==",
-            "pip:x===1",
-            "pip:x==1.0==2",
-        ] {
-            assert!(ModelSpec::parse(bad).is_err(), "{bad} was accepted");
-        }
-        for good in [
-            "pip:a",
-            "pip:A.b_c-d==1.0.0",
-            "pip:x==2024.1.post1+local",
-            "pip:x2==1!2.0",
-        ] {
-            assert!(ModelSpec::parse(good).is_ok(), "{good} was refused");
-        }
-        assert_eq!(
-            ModelSpec::parse("./m.gguf").unwrap(),
-            ModelSpec::Path("./m.gguf".into())
+        check_specs(
+            &[
+                "pip:--no-binary",
+                "pip:--no-binary,x",
+                "pip:-r",
+                "pip:--log",
+                "pip:x,--index-url",
+                "pip:x==-1",
+                "pip:x==--pre",
+                "pip:-x==1.0",
+                "pip:.hidden",
+                "pip:trailing-",
+                "pip:trailing.",
+                "pip:x==",
+                "pip:x===1",
+                "pip:x==1.0==2",
+            ],
+            &[
+                "pip:a",
+                "pip:A.b_c-d==1.0.0",
+                "pip:x==2024.1.post1+local",
+                "pip:x2==1!2.0",
+            ],
         );
     }
 

@@ -89,6 +89,21 @@ pub fn exchange(addr: SocketAddr, raw: &[u8]) -> Response {
     read_response(stream)
 }
 
+/// Writes a chat completion request with `body` on a fresh connection and
+/// returns the connection, its answer unread (for streams a test reads
+/// part of, or leaves).
+pub fn send_chat(addr: SocketAddr, body: &serde_json::Value) -> TcpStream {
+    let body = body.to_string();
+    let mut conn = TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    conn
+}
+
 /// POSTs a JSON value.
 pub fn post_json(addr: SocketAddr, path: &str, value: &serde_json::Value) -> Response {
     request(addr, "POST", path, Some(value.to_string().as_bytes()))
