@@ -56,6 +56,14 @@ pub struct ServeFile {
     pub allowed_hosts: Option<Vec<String>>,
     /// The lowest `priority` a request may ask for.
     pub min_priority: Option<i64>,
+    /// Client connections open at once.
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to send a request head (and stay idle).
+    pub header_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send a request body.
+    pub body_timeout_secs: Option<u64>,
+    /// Seconds a streamed answer may wait for a client that reads nothing.
+    pub write_timeout_secs: Option<u64>,
     /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
     /// gateway.
     #[serde(skip)]

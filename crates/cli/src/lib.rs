@@ -112,6 +112,23 @@ pub struct ServeArgs {
     /// and preempts others); default 0.
     #[arg(long, env = "NEOCLOUD_MIN_PRIORITY", allow_hyphen_values = true)]
     pub min_priority: Option<i64>,
+    /// Client connections open at once; past it, new ones wait to be
+    /// accepted (and a line is logged) [default: 4096, less when the
+    /// open-file limit cannot fit them].
+    #[arg(long, env = "NEOCLOUD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to send a request head, which also closes
+    /// connections left idle that long [default: 30].
+    #[arg(long, env = "NEOCLOUD_HEADER_TIMEOUT")]
+    pub header_timeout_secs: Option<u64>,
+    /// Seconds a client may take to send a request body; past it, 408
+    /// [default: 60].
+    #[arg(long, env = "NEOCLOUD_BODY_TIMEOUT")]
+    pub body_timeout_secs: Option<u64>,
+    /// Seconds a streamed answer may wait for a client that reads nothing;
+    /// past it the request is cancelled and its memory freed [default: 30].
+    #[arg(long, env = "NEOCLOUD_WRITE_TIMEOUT")]
+    pub write_timeout_secs: Option<u64>,
 }
 
 /// The values of `--activation-bits`.
@@ -252,6 +269,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             set_threads(n)?;
         }
     }
+    let connections = connection_limits(&args, &file);
     let engine_models: Vec<String> = file
         .fleet
         .iter()
@@ -350,6 +368,7 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
         shutdown_timeout,
         usage,
         min_priority: args.min_priority.or(file.min_priority).unwrap_or(0),
+        connections,
         allowed_hosts: if args.allowed_hosts.is_empty() {
             file.allowed_hosts.unwrap_or_default()
         } else {
@@ -358,6 +377,41 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
     };
     runtime.block_on(neocloud_server::serve(config, announce))?;
     Ok(())
+}
+
+/// The connection cap and client timeouts: flags, then the config file,
+/// then the defaults.
+fn connection_limits(
+    args: &ServeArgs,
+    file: &config::ServeFile,
+) -> neocloud_server::ConnectionLimits {
+    let defaults = neocloud_server::ConnectionLimits::default();
+    let secs = |flag: Option<u64>, key: Option<u64>, default: std::time::Duration| {
+        flag.or(key)
+            .map_or(default, |s| std::time::Duration::from_secs(s.max(1)))
+    };
+    neocloud_server::ConnectionLimits {
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(defaults.max_connections)
+            .max(1),
+        header_timeout: secs(
+            args.header_timeout_secs,
+            file.header_timeout_secs,
+            defaults.header_timeout,
+        ),
+        body_timeout: secs(
+            args.body_timeout_secs,
+            file.body_timeout_secs,
+            defaults.body_timeout,
+        ),
+        write_timeout: secs(
+            args.write_timeout_secs,
+            file.write_timeout_secs,
+            defaults.write_timeout,
+        ),
+    }
 }
 
 fn run_bench(args: neocloud_bench::BenchArgs) -> anyhow::Result<()> {
@@ -465,6 +519,7 @@ fn run_generate(store: &ModelStore, args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: false,
         min_tokens: 0,
         grammar: None,
+        score_prompt: None,
     };
     let stdout = std::io::stdout();
     let mut on_progress = |p: Progress<'_>| {

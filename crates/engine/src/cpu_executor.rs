@@ -124,10 +124,12 @@ impl<'m> Executor for CpuExecutor<'m> {
         let pool = &mut self.pools[model];
         let scratch = &mut self.scratch[model];
         let mut passes = Vec::with_capacity(batch.len());
+        // Each member's place in `batch`, and the rows of logits it gets
+        // (one, or one per position when it scores its prompt).
         let mut members = Vec::with_capacity(batch.len());
         for (k, (run, len)) in batch.iter_mut().enumerate() {
             if let Some(pass) = run.next_pass(*len) {
-                members.push(k);
+                members.push((k, pass.tokens.len() - pass.logits_from));
                 passes.push(pass);
             }
         }
@@ -143,10 +145,15 @@ impl<'m> Executor for CpuExecutor<'m> {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(EngineError::Failed("a panic in a forward pass".into())),
         };
-        for (&k, row) in members.iter().zip(logits.chunks_exact_mut(vocab)) {
+        let mut rest = logits;
+        for &(k, rows) in &members {
+            let Some((own, after)) = rest.split_at_mut_checked(rows * vocab) else {
+                return Err(EngineError::Failed("a pass returned too few logits".into()));
+            };
+            rest = after;
             let (run, _) = &mut batch[k];
             let sampled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                run.advance(row, &mut |p| report(k, p));
+                run.advance(own, &mut |p| report(k, p));
             }));
             if sampled.is_err() {
                 return Err(EngineError::Failed("a panic while sampling".into()));

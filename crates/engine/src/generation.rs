@@ -124,6 +124,11 @@ pub struct GenerateRequest {
     pub min_tokens: usize,
     /// A constraint on the text; the generation stops when it is complete.
     pub grammar: Option<Grammar>,
+    /// Also score the prompt: each prompt token after the first gets its
+    /// log-probability and this many alternatives
+    /// ([`Generation::prompt_scores`]), computed in the prompt's own
+    /// passes (chunks of [`SCORE_CHUNK`]).
+    pub score_prompt: Option<usize>,
 }
 
 impl GenerateRequest {
@@ -138,6 +143,7 @@ impl GenerateRequest {
             ignore_eos: false,
             min_tokens: 0,
             grammar: None,
+            score_prompt: None,
         }
     }
 }
@@ -160,6 +166,10 @@ pub struct Generation {
     /// Prompt tokens whose keys and values came from the key/value pool's
     /// prefix index instead of a forward pass.
     pub cached_prompt_tokens: usize,
+    /// Per prompt token after the first, when the request asked for
+    /// [`GenerateRequest::score_prompt`]: its log-probability and the top
+    /// alternatives at its position.
+    pub prompt_scores: Vec<ScoredToken>,
 }
 
 /// What a generation reports while it runs.
@@ -347,6 +357,7 @@ impl<'a> SequenceRun<'a> {
                 prefill_time: Duration::ZERO,
                 decode_time: Duration::ZERO,
                 cached_prompt_tokens: 0,
+                prompt_scores: Vec::new(),
             },
             emitted: 0,
             kv: KvCache::new(),
@@ -372,9 +383,19 @@ impl<'a> SequenceRun<'a> {
     /// first sampled token), all of them when recomputing.
     fn reuse_limit(&self) -> usize {
         match self.phase {
+            // Positions not scored yet must run: their rows give the scores.
+            Phase::Prefill if self.scores_prompt() => {
+                (self.context.len() - 1).min(self.out.prompt_scores.len())
+            }
             Phase::Prefill => self.context.len() - 1,
             _ => self.context.len(),
         }
+    }
+
+    /// Whether the run's prompt passes return the logits of every row, to
+    /// score the prompt.
+    fn scores_prompt(&self) -> bool {
+        self.req.score_prompt.is_some() && self.phase == Phase::Prefill
     }
 
     /// Blocks the run needs from `pool` to hold its context as it stands
@@ -420,6 +441,9 @@ impl<'a> SequenceRun<'a> {
     /// The number of tokens [`SequenceRun::next_pass`] would hand out now.
     pub fn next_pass_len(&self, max_prefill: usize) -> usize {
         match self.phase {
+            Phase::Prefill if self.scores_prompt() => {
+                (self.context.len() - self.kv.len()).min(max_prefill.clamp(1, SCORE_CHUNK))
+            }
             Phase::Prefill | Phase::Recompute(_) => {
                 (self.context.len() - self.kv.len()).min(max_prefill.clamp(1, PREFILL_CHUNK))
             }
@@ -430,8 +454,8 @@ impl<'a> SequenceRun<'a> {
 
     /// The next forward pass of this sequence (a prompt chunk of at most
     /// `max_prefill` tokens, and at most [`PREFILL_CHUNK`], or the last
-    /// sampled token), asking for the logits of its last row only; `None`
-    /// when the run is over.
+    /// sampled token), asking for the logits of its last row only (of every
+    /// row when it scores its prompt); `None` when the run is over.
     pub fn next_pass(&mut self, max_prefill: usize) -> Option<BatchSequence<'_>> {
         let at = self.kv.len();
         if let Phase::Decode(id) = self.phase {
@@ -445,10 +469,11 @@ impl<'a> SequenceRun<'a> {
         if len == 0 {
             return None;
         }
+        let logits_from = if self.scores_prompt() { 0 } else { len - 1 };
         Some(BatchSequence {
             tokens: &self.context[at..at + len],
             cache: &mut self.kv,
-            logits_from: len - 1,
+            logits_from,
         })
     }
 
@@ -495,16 +520,25 @@ impl<'a> SequenceRun<'a> {
         });
     }
 
-    /// Takes the logits of the last row of the pass that ran
-    /// `next_pass`'s tokens (`vocab_size` values; they are modified):
-    /// samples the next token when the prompt is done, applies the stop
-    /// rules and reports to `on_progress`. Returning `Break` from it cancels
-    /// the run.
+    /// Takes the logits the pass that ran `next_pass`'s tokens returned
+    /// for this run (`vocab_size` values per row; they are modified): scores
+    /// the prompt's rows when asked to, samples the next token from the
+    /// last row when the prompt is done, applies the stop rules and reports
+    /// to `on_progress`. Returning `Break` from it cancels the run.
     pub fn advance(
         &mut self,
         logits: &mut [f32],
         on_progress: &mut dyn FnMut(Progress<'_>) -> ControlFlow<()>,
     ) {
+        let vocab = self.lm.model.config.vocab_size;
+        let rows = logits.len() / vocab.max(1);
+        if self.scores_prompt() {
+            self.score_rows(&logits[..rows * vocab], rows);
+        }
+        let logits = match rows {
+            0 => logits,
+            _ => &mut logits[(rows - 1) * vocab..rows * vocab],
+        };
         match self.phase {
             Phase::Done => return,
             Phase::Recompute(id) => {
@@ -540,6 +574,31 @@ impl<'a> SequenceRun<'a> {
             // The generation is over: a request to stop changes nothing now.
             let _ = on_progress(Progress::Finished {
                 text: &self.out.text[self.emitted..],
+            });
+        }
+    }
+
+    /// Scores the prompt tokens that the `rows` rows of `logits` (the
+    /// pass's last positions) predict, skipping those scored before a
+    /// preemption.
+    fn score_rows(&mut self, logits: &[f32], rows: usize) {
+        let Some(top) = self.req.score_prompt else {
+            return;
+        };
+        let vocab = self.lm.model.config.vocab_size;
+        let first = self.kv.len().saturating_sub(rows);
+        for (r, row) in logits.chunks_exact(vocab).enumerate() {
+            let position = first + r;
+            let Some(&next) = self.req.prompt.get(position + 1) else {
+                break;
+            };
+            if position < self.out.prompt_scores.len() {
+                continue;
+            }
+            let lse = crate::sampler::log_sum_exp(row);
+            self.out.prompt_scores.push(ScoredToken {
+                logprob: (row[next as usize] as f64 - lse) as f32,
+                top: crate::sampler::top_logprobs(row, top),
             });
         }
     }
@@ -662,43 +721,7 @@ pub struct ScoredToken {
 }
 
 /// Positions scored per forward pass: bounds the logits held at once.
-const SCORE_CHUNK: usize = 64;
-
-/// Teacher-forced scoring: for every token of `tokens` after the first, its
-/// log-probability given the tokens before it (raw distribution), with the
-/// `top` alternatives.
-pub fn score(
-    lm: &LoadedModel,
-    tokens: &[u32],
-    top: usize,
-) -> Result<Vec<ScoredToken>, EngineError> {
-    let model = &lm.model;
-    let vocab = model.config.vocab_size;
-    if tokens.len() > model.config.context_length {
-        return Err(EngineError::InvalidRequest(format!(
-            "the prompt has {} tokens; the model's context is {}",
-            tokens.len(),
-            model.config.context_length
-        )));
-    }
-    let mut pool = KvPool::for_positions(&model.config, tokens.len(), 1);
-    let mut cache = KvCache::new();
-    let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
-    for (c, chunk) in tokens.chunks(SCORE_CHUNK).enumerate() {
-        let logits = model.forward(&mut pool, chunk, &mut cache, 0)?;
-        for (i, row) in logits.chunks_exact(vocab).enumerate() {
-            let Some(&next) = tokens.get(c * SCORE_CHUNK + i + 1) else {
-                break;
-            };
-            let lse = crate::sampler::log_sum_exp(row);
-            out.push(ScoredToken {
-                logprob: (row[next as usize] as f64 - lse) as f32,
-                top: crate::sampler::top_logprobs(row, top),
-            });
-        }
-    }
-    Ok(out)
-}
+pub const SCORE_CHUNK: usize = 64;
 
 /// Byte offset where the earliest stop string starts, searching from `from`.
 fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {

@@ -236,6 +236,7 @@ impl Executor for FakeExecutor {
             prefill_time: Default::default(),
             decode_time: Default::default(),
             cached_prompt_tokens: 0,
+            prompt_scores: Vec::new(),
         }
     }
 }

@@ -318,6 +318,9 @@ impl FleetState {
 pub enum AttemptError {
     /// The upstream failed; another may succeed.
     Failed(UpstreamErrorKind),
+    /// The upstream refused the connection: nothing was sent (moving on
+    /// is no retry).
+    Refused,
     /// The upstream is rate limited for this long.
     RateLimited(Duration),
     /// The upstream is overloaded (503 with `Retry-After`): it cools down
@@ -389,6 +392,9 @@ pub struct Route {
     tried: Vec<usize>,
     last: Last,
     retries: u32,
+    /// The last attempt was refused before anything was sent: moving on
+    /// from it is no retry.
+    unsent: bool,
     prefix: u64,
     prompt_tokens: u32,
     slo: Option<RequestSlo>,
@@ -414,6 +420,7 @@ impl Route {
             tried: Vec::new(),
             last: Last::Nothing,
             retries: 0,
+            unsent: false,
             prefix: prefix_hash(prompt, PREFIX_CHARS),
             prompt_tokens: estimated_tokens(prompt),
             slo,
@@ -460,12 +467,15 @@ impl Route {
                 continue;
             };
             let retry_of = self.tried.last().copied();
-            if retry_of.is_some() {
+            // Moving on from an upstream that took nothing (its connection
+            // was refused) adds no load anywhere: it is not a retry.
+            if retry_of.is_some() && !self.unsent {
                 if !state.budget.try_retry() {
                     return Err(RouteEnd::BudgetExhausted);
                 }
                 self.retries += 1;
             }
+            self.unsent = false;
             let first_fallback = self.tier > self.fallback_counted;
             if first_fallback {
                 self.fallback_counted = self.tier;
@@ -483,6 +493,13 @@ impl Route {
     /// The attempt on the last upstream picked failed.
     pub fn failed(&mut self) {
         self.last = Last::Failed;
+    }
+
+    /// The attempt on the last upstream picked failed before anything was
+    /// sent (the connection was refused): the next pick costs no retry.
+    pub fn failed_unsent(&mut self) {
+        self.last = Last::Failed;
+        self.unsent = true;
     }
 
     /// The last upstream picked is rate limited.
@@ -566,6 +583,33 @@ upstreams = ["engine:gemma-3-270m"]
         assert_eq!(state.upstreams[2].served_model, "gemma-3-270m");
         state.request_finished(route.retries());
         assert_eq!(state.budget, RetryBudget::default());
+    }
+
+    /// An upstream that refused the connection took nothing: moving on
+    /// from it spends no retry, so a dead upstream loses no request even
+    /// when the budget is spent by others' retries.
+    #[test]
+    fn moving_on_from_a_refused_connection_spends_no_retry() {
+        let mut state = state();
+        let now = Instant::now();
+        state.request_started();
+        // Other requests' retries hold the whole budget (its floor).
+        let floor = state.budget.min_concurrent;
+        for _ in 0..floor {
+            assert!(state.budget.try_retry());
+        }
+        let mut route = Route::new(&state, "m", "hello", None).unwrap();
+        let first = route.pick(&mut state, now).unwrap().unwrap();
+        route.failed_unsent();
+        let second = route.pick(&mut state, now).unwrap().unwrap();
+        assert_eq!(second.retry_of, Some(first.upstream));
+        assert_eq!(route.retries(), 0);
+        // A failure after sending is a retry, and the budget is spent.
+        route.failed();
+        assert_eq!(
+            route.pick(&mut state, now).unwrap_err(),
+            RouteEnd::BudgetExhausted
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum ErrorKind {
     PermissionError,
     /// 404: unknown model or route.
     NotFoundError,
+    /// 408: the client sent its request too slowly.
+    RequestTimeout,
     /// 413: the request body is too large.
     RequestTooLarge,
     /// 429: rate limit or budget exceeded.
@@ -46,6 +48,7 @@ impl ErrorKind {
             ErrorKind::AuthenticationError => 401,
             ErrorKind::PermissionError => 403,
             ErrorKind::NotFoundError => 404,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::RequestTooLarge => 413,
             ErrorKind::RateLimitError => 429,
             ErrorKind::ServerError => 500,
@@ -142,6 +145,7 @@ mod tests {
             (ErrorKind::AuthenticationError, 401),
             (ErrorKind::PermissionError, 403),
             (ErrorKind::NotFoundError, 404),
+            (ErrorKind::RequestTimeout, 408),
             (ErrorKind::RequestTooLarge, 413),
             (ErrorKind::RateLimitError, 429),
             (ErrorKind::ServerError, 500),

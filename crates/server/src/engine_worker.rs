@@ -17,9 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use neocloud_engine::cpu_executor::CpuExecutor;
-use neocloud_engine::generation::{
-    score, FinishReason, GenerateRequest, Generation, LoadedModel, ScoredToken,
-};
+use neocloud_engine::generation::{FinishReason, GenerateRequest, Generation, LoadedModel};
 use neocloud_engine::panel::ActivationPrecision;
 use neocloud_engine::sampler::Sampled;
 use neocloud_engine::scheduler::{Executor, QueueClaim, Scheduler, SchedulerEvent, SequenceId};
@@ -54,8 +52,6 @@ pub enum WorkerEvent {
     },
     /// The job ended.
     Done(Box<Generation>),
-    /// A scoring job ended.
-    Scored(Vec<ScoredToken>),
     /// The job failed.
     Failed(ServerError),
 }
@@ -65,32 +61,45 @@ pub enum WorkerEvent {
 pub enum JobKind {
     /// Generate a continuation.
     Generate(GenerateRequest),
-    /// Score a token sequence (teacher-forced log-probabilities).
-    Score {
-        /// The sequence.
-        tokens: Vec<u32>,
-        /// Alternatives per position.
-        top: usize,
-    },
-    /// Panics inside the engine thread (tests of panic isolation).
+    /// Makes the engine panic at `FaultPoint` while serving the next
+    /// generation (tests of panic isolation).
     #[cfg(test)]
-    Panic,
+    InjectFault(FaultPoint),
+}
+
+/// Where a test makes the engine thread panic, outside any pass's own
+/// guard.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// While taking the next generation from the queue.
+    Take,
+    /// Right before admitting waiting generations.
+    Admit,
+    /// On the kernel pool, before a step's pass.
+    Step,
+    /// While passing a generated token on to its client.
+    Report,
 }
 
 struct Job {
     model: usize,
     kind: JobKind,
     priority: Priority,
-    events: mpsc::UnboundedSender<WorkerEvent>,
+    events: mpsc::Sender<WorkerEvent>,
     arrived: Instant,
     /// Its place among the waiting; given back when the job is dropped.
     claim: QueueClaim,
 }
 
-/// The events of one job, as the HTTP side receives them. Unbounded, so
-/// that a slow reader never holds up the batch; a job's events are bounded
-/// by its token limit.
-pub type JobEvents = mpsc::UnboundedReceiver<WorkerEvent>;
+/// The events of one job, as the HTTP side receives them. The engine never
+/// waits on a reader: a job whose reader falls [`JOB_EVENTS_BUFFERED`]
+/// events behind (a client that stopped reading its stream) is cancelled,
+/// and its memory freed, rather than have its events pile up.
+pub type JobEvents = mpsc::Receiver<WorkerEvent>;
+
+/// Events of one job the engine keeps for a reader that is behind.
+pub const JOB_EVENTS_BUFFERED: usize = 1024;
 
 /// How much the engine runs at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,9 +175,12 @@ impl EngineHandle {
         let mut worker = Worker {
             models: &models,
             scheduler: Scheduler::new(executor, limits.max_batch),
+            limits,
             reports: HashMap::new(),
             next_id: 0,
             metrics,
+            #[cfg(test)]
+            fault: None,
         };
         worker.run(jobs);
     }
@@ -237,7 +249,7 @@ impl EngineHandle {
         let Some(claim) = self.metrics.slots.try_queue(self.queue_capacity) else {
             return Err(full());
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(JOB_EVENTS_BUFFERED);
         let job = Job {
             model,
             kind,
@@ -261,21 +273,77 @@ impl EngineHandle {
 struct Worker<'m> {
     models: &'m [Arc<LoadedModel>],
     scheduler: Scheduler<CpuExecutor<'m>>,
+    limits: BatchLimits,
     reports: HashMap<SequenceId, JobReport>,
     next_id: u64,
     metrics: Arc<Metrics>,
+    /// Where the engine is to panic next (tests only).
+    #[cfg(test)]
+    fault: Option<FaultPoint>,
 }
 
 impl Worker<'_> {
+    /// Runs turns until the job channel closes. A panic that escapes a
+    /// turn (passes and sampling have their own guard; this is anything
+    /// else: taking a job, admission, reporting) fails the requests the
+    /// engine holds and starts the scheduler afresh, so that the engine
+    /// never dies while `/health` says it lives.
     fn run(&mut self, jobs: Receiver<Job>) {
         loop {
+            let turn = std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&jobs)));
+            match turn {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => self.restart(),
+            }
+        }
+    }
+
+    /// Fails every request the engine holds and starts with an empty
+    /// scheduler and fresh key/value pools.
+    fn restart(&mut self) {
+        tracing::error!(
+            requests = self.reports.len(),
+            "the engine failed outside a request's pass; its requests failed and it starts afresh"
+        );
+        self.metrics.engine_restarts.fetch_add(1, Ordering::Relaxed);
+        for (_, report) in self.reports.drain() {
+            self.metrics.finished(FinishedReason::Error);
+            let _ = report
+                .events
+                .try_send(WorkerEvent::Failed(ServerError::Internal(
+                    "the engine failed while serving this request, and has restarted".into(),
+                )));
+        }
+        // Dropping the old scheduler gives back every claim it held.
+        let executor = CpuExecutor::new(self.models, self.limits.kv_budget_bytes);
+        self.scheduler = Scheduler::new(executor, self.limits.max_batch);
+        self.metrics.kv_blocks_used.store(0, Ordering::Relaxed);
+    }
+
+    /// Panics when a test asked for a fault at `point`.
+    #[cfg(test)]
+    fn fault_at(&mut self, point: FaultPoint) {
+        if self.fault == Some(point) {
+            self.fault = None;
+            #[allow(clippy::panic)]
+            {
+                panic!("a fault injected by a test at {point:?}");
+            }
+        }
+    }
+
+    /// One turn: take what has arrived, admit, run one step. `false` once
+    /// the job channel has closed.
+    fn turn(&mut self, jobs: &Receiver<Job>) -> bool {
+        {
             // Wait for work when there is none; otherwise take all that
             // has arrived, to put it in scheduling order (the handle bounds
             // how many jobs wait).
             if !self.scheduler.has_work() {
                 match jobs.recv() {
                     Ok(job) => self.take(job),
-                    Err(_) => return,
+                    Err(_) => return false,
                 }
             }
             while let Ok(job) = jobs.try_recv() {
@@ -287,6 +355,10 @@ impl Worker<'_> {
                 }
             }
             // Admission happens here at once; the pass waits for its hop.
+            #[cfg(test)]
+            if self.scheduler.has_work() {
+                self.fault_at(FaultPoint::Admit);
+            }
             self.scheduler.admit();
             // Each step runs on a worker of the kernels' pool: the parallel
             // regions of its pass are then forked there, with that worker
@@ -297,10 +369,15 @@ impl Worker<'_> {
             let worker = &mut *self;
             neocloud_engine::kernels::on_kernel_pool(|| worker.step());
         }
+        true
     }
 
     /// One step of the scheduler, and its events passed on.
     fn step(&mut self) {
+        #[cfg(test)]
+        if self.scheduler.has_work() {
+            self.fault_at(FaultPoint::Step);
+        }
         let events = self.scheduler.step();
         // Blocks are counted before any client hears that its job ended.
         self.metrics
@@ -311,33 +388,29 @@ impl Worker<'_> {
         }
     }
 
-    /// Takes `job` from the queue: a generation goes to the scheduler;
-    /// other kinds run at once.
+    /// Takes `job` from the queue: a generation goes to the scheduler.
     fn take(&mut self, job: Job) {
-        let metrics = &self.metrics;
         if job.events.is_closed() {
             // The client left while the job waited: it never starts.
-            metrics.finished(FinishedReason::Abort);
+            self.metrics.finished(FinishedReason::Abort);
             return;
         }
-        let Some(lm) = self.models.get(job.model) else {
+        if job.model >= self.models.len() {
             return;
-        };
+        }
+        // Outside tests a job is always a generation.
+        #[allow(clippy::infallible_destructuring_match)]
         let request = match job.kind {
             JobKind::Generate(request) => request,
-            other => {
-                // Scoring (and injected faults) run alone, between steps.
-                metrics.queue_time.observe_duration(job.arrived.elapsed());
-                let running = job.claim.start();
-                let events = job.events.clone();
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    run_other(lm, other, job.arrived, metrics)
-                }));
-                drop(running);
-                let _ = events.send(outcome.unwrap_or_else(|_| failed_in_engine(metrics)));
+            #[cfg(test)]
+            JobKind::InjectFault(point) => {
+                self.fault = Some(point);
                 return;
             }
         };
+        #[cfg(test)]
+        self.fault_at(FaultPoint::Take);
+        let metrics = &self.metrics;
         let prompt_tokens = request.prompt.len();
         self.next_id += 1;
         let id = SequenceId(self.next_id);
@@ -359,7 +432,7 @@ impl Worker<'_> {
             }
             Err(e) => {
                 metrics.finished(FinishedReason::Error);
-                let _ = job.events.send(WorkerEvent::Failed(e.into()));
+                let _ = job.events.try_send(WorkerEvent::Failed(e.into()));
             }
         }
     }
@@ -376,6 +449,9 @@ impl Worker<'_> {
                 }
             }
             SchedulerEvent::Token { id, sampled, text } => {
+                #[cfg(test)]
+                self.fault_at(FaultPoint::Report);
+                let metrics = &self.metrics;
                 let gone = self
                     .reports
                     .get_mut(&id)
@@ -399,7 +475,7 @@ impl Worker<'_> {
             SchedulerEvent::Failed { id, error } => {
                 metrics.finished(FinishedReason::Error);
                 if let Some(report) = self.reports.remove(&id) {
-                    let _ = report.events.send(WorkerEvent::Failed(error.into()));
+                    let _ = report.events.try_send(WorkerEvent::Failed(error.into()));
                 }
             }
         }
@@ -408,7 +484,7 @@ impl Worker<'_> {
 
 /// What a generation reports to its client and to the metrics.
 struct JobReport {
-    events: mpsc::UnboundedSender<WorkerEvent>,
+    events: mpsc::Sender<WorkerEvent>,
     arrived: Instant,
     /// Tokens generated since the last text event.
     pending: Vec<Sampled>,
@@ -439,7 +515,17 @@ impl JobReport {
             text,
             steps: std::mem::take(&mut self.pending),
         };
-        self.events.send(event).map_err(|_| ())
+        match self.events.try_send(event) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    behind = JOB_EVENTS_BUFFERED,
+                    "a client stopped reading its stream; its request is cancelled"
+                );
+                Err(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        }
     }
 
     /// The job ended (its slot is already given back): metrics, then the
@@ -467,48 +553,7 @@ impl JobReport {
             FinishReason::Length => FinishedReason::Length,
             FinishReason::Cancelled => FinishedReason::Abort,
         });
-        let _ = self.events.send(WorkerEvent::Done(generation));
-    }
-}
-
-fn failed_in_engine(metrics: &Metrics) -> WorkerEvent {
-    metrics.finished(FinishedReason::Error);
-    WorkerEvent::Failed(ServerError::Internal(
-        "the engine failed on this request".into(),
-    ))
-}
-
-/// Runs a job that is not a generation, and returns its last event.
-fn run_other(lm: &LoadedModel, kind: JobKind, arrived: Instant, metrics: &Metrics) -> WorkerEvent {
-    match kind {
-        JobKind::Score { tokens, top } => {
-            let result = score(lm, &tokens, top);
-            metrics.finished(match result {
-                Ok(_) => FinishedReason::Length,
-                Err(_) => FinishedReason::Error,
-            });
-            if result.is_ok() {
-                let n = tokens.len() as u64;
-                metrics.prompt_tokens.fetch_add(n, Ordering::Relaxed);
-                metrics.request_prompt_tokens.observe(n as f64);
-                metrics
-                    .e2e_request_latency
-                    .observe_duration(arrived.elapsed());
-            }
-            match result {
-                Ok(s) => WorkerEvent::Scored(s),
-                Err(e) => WorkerEvent::Failed(e.into()),
-            }
-        }
-        // Generations never come here.
-        JobKind::Generate(_) => failed_in_engine(metrics),
-        #[cfg(test)]
-        JobKind::Panic => {
-            #[allow(clippy::panic)]
-            {
-                panic!("a fault injected by a test");
-            }
-        }
+        let _ = self.events.try_send(WorkerEvent::Done(generation));
     }
 }
 
@@ -662,34 +707,137 @@ mod tests {
             match ev {
                 WorkerEvent::Done(g) => return Ok(*g),
                 WorkerEvent::Failed(e) => return Err(e),
-                WorkerEvent::Text { .. } | WorkerEvent::Scored(_) => {}
+                WorkerEvent::Text { .. } => {}
             }
         }
         panic!("the job ended without a result");
     }
 
+    /// A panic in the engine thread outside a pass's own guard (taking a
+    /// job, admission, a step, reporting a token) once ended the engine
+    /// for good while `/health` stayed 200. Now the requests it held fail,
+    /// the engine starts afresh with every slot and block given back, and
+    /// the next request is served.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_panic_fails_its_job_alone_and_the_engine_goes_on() {
-        let (engine, metrics) = start_gemma(4);
-        let failed = finish(engine.submit_job(0, JobKind::Panic).unwrap()).await;
-        let err = failed.unwrap_err();
-        assert_eq!(err.to_api_error().status(), 500);
-        assert_eq!(err.to_api_error().message, "internal server error");
+    async fn a_panic_at_any_point_fails_the_requests_held_and_the_engine_goes_on() {
+        let (engine, metrics) = start_gemma(8);
+        while engine.models().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let prompt =
             engine.models().unwrap()[0]
                 .tokenizer
                 .encode("The meaning of life is", true, true);
-        let g = finish(
-            engine
-                .submit(0, GenerateRequest::greedy(prompt, 4))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(g.tokens.len(), 4);
-        assert_eq!(metrics.finished_count(FinishedReason::Error), 1);
-        assert_eq!(metrics.finished_count(FinishedReason::Length), 1);
-        assert_eq!(metrics.slots.running(), 0);
+        let points = [
+            FaultPoint::Take,
+            FaultPoint::Admit,
+            FaultPoint::Step,
+            FaultPoint::Report,
+        ];
+        for (k, point) in points.into_iter().enumerate() {
+            let mut injected = engine.submit_job(0, JobKind::InjectFault(point)).unwrap();
+            assert!(injected.recv().await.is_none());
+            let mut hit = engine
+                .submit(0, GenerateRequest::greedy(prompt.clone(), 4))
+                .unwrap();
+            let mut outcome = None;
+            while let Some(ev) = hit.recv().await {
+                match ev {
+                    WorkerEvent::Done(g) => outcome = Some(Ok(g)),
+                    WorkerEvent::Failed(e) => outcome = Some(Err(e)),
+                    WorkerEvent::Text { .. } => {}
+                }
+            }
+            // Failed with a 500, or (a job lost while being taken) its
+            // channel closed, which the routes answer with a 503.
+            if let Some(outcome) = outcome {
+                let err = outcome.expect_err("the request hit by the fault succeeded");
+                assert_eq!(err.to_api_error().status(), 500, "{point:?}");
+            }
+            let g = finish(
+                engine
+                    .submit(0, GenerateRequest::greedy(prompt.clone(), 4))
+                    .unwrap(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("after a fault at {point:?}: {e}"));
+            assert_eq!(g.tokens.len(), 4);
+            assert_eq!(
+                metrics.engine_restarts.load(Ordering::Relaxed),
+                k as u64 + 1,
+                "{point:?}"
+            );
+            assert_eq!(metrics.slots.running(), 0, "{point:?}");
+            assert_eq!(metrics.slots.waiting(), 0, "{point:?}");
+            assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    /// Scoring a prompt (`echo` with `logprobs`) once ran whole inside
+    /// the engine's intake, with a key/value pool of its own: every running
+    /// stream stopped until it was done, and a client that left could not
+    /// cancel it. It is now a prefill like any other: in chunks within the
+    /// per-step budget, from the model's pool, cancelled when its client
+    /// leaves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scoring_a_long_prompt_runs_in_steps_beside_running_streams() {
+        let (engine, metrics) = start_gemma_batched(8, 4);
+        while engine.models().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let prompt =
+            engine.models().unwrap()[0]
+                .tokenizer
+                .encode("The meaning of life is", true, true);
+        let stream = GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(prompt.clone(), 200)
+        };
+        let mut running = engine.submit(0, stream).unwrap();
+        match running.recv().await {
+            Some(WorkerEvent::Text { .. }) => {}
+            other => panic!("the stream did not start: {other:?}"),
+        }
+        let long: Vec<u32> = prompt.iter().copied().cycle().take(400).collect();
+        let scoring = |tokens: Vec<u32>| GenerateRequest {
+            score_prompt: Some(2),
+            ..GenerateRequest::greedy(tokens, 0)
+        };
+        let mut scored = engine.submit(0, scoring(long.clone())).unwrap();
+        let mut tokens_meanwhile = 0;
+        let generation = loop {
+            tokio::select! {
+                ev = scored.recv() => match ev {
+                    Some(WorkerEvent::Done(g)) => break g,
+                    Some(WorkerEvent::Text { .. }) => {}
+                    other => panic!("scoring failed: {other:?}"),
+                },
+                Some(ev) = running.recv() => {
+                    if let WorkerEvent::Text { steps, .. } = ev {
+                        tokens_meanwhile += steps.len();
+                    }
+                }
+            }
+        };
+        assert!(generation.tokens.is_empty());
+        assert_eq!(generation.prompt_scores.len(), long.len() - 1);
+        assert!(generation
+            .prompt_scores
+            .iter()
+            .all(|s| s.logprob <= 0.0 && s.top.len() == 2));
+        // 400 positions are 7 passes of 64: the stream went on beside them.
+        assert!(
+            tokens_meanwhile >= 3,
+            "the running stream made {tokens_meanwhile} tokens while the prompt was scored"
+        );
+        // A scoring request whose client leaves ends; its blocks go back.
+        drop(engine.submit(0, scoring(long)).unwrap());
+        let rest = finish(running).await.unwrap();
+        assert_eq!(rest.tokens.len(), 200);
+        while metrics.slots.running() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,9 @@ pub enum ServerError {
     /// The body exceeds the limit.
     #[error("the request body exceeds {0} bytes")]
     TooLarge(usize),
+    /// The body did not arrive within the time allowed (seconds).
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
     /// The waiting queue is full, or the models are still loading.
     #[error("{0}")]
     Unavailable(String),
@@ -96,6 +99,9 @@ impl ServerError {
             }
             ServerError::NoRoute(_) => ApiError::new(ErrorKind::NotFoundError, self.to_string()),
             ServerError::TooLarge(_) => ApiError::new(ErrorKind::RequestTooLarge, self.to_string()),
+            ServerError::BodyTimeout(_) => {
+                ApiError::new(ErrorKind::RequestTimeout, self.to_string()).with_code("timeout")
+            }
             ServerError::Unavailable(m) => ApiError::new(ErrorKind::ServiceUnavailable, m),
             ServerError::RateLimited { message, .. } => {
                 ApiError::new(ErrorKind::RateLimitError, message).with_code("rate_limit_exceeded")

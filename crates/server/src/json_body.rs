@@ -13,17 +13,18 @@ use tokio_stream::StreamExt;
 
 use crate::error::ServerError;
 use crate::lifecycle::Front;
+use crate::preparation::prepare;
 
 /// A request body parsed as `T`.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Front> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned + Send + 'static, S: Front> FromRequest<S> for JsonBody<T> {
     type Rejection = ServerError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
-        let bytes = read_json_bytes(req, state.body_limit()).await?;
-        parse_json(&bytes).map(JsonBody)
+        let bytes = read_json_bytes(req, state.body_limit(), state.body_timeout()).await?;
+        prepare(bytes.len(), move || parse_json(&bytes).map(JsonBody)).await
     }
 }
 
@@ -41,14 +42,22 @@ impl<S: Front> FromRequest<S> for JsonRequest {
     type Rejection = ServerError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ServerError> {
-        let bytes = read_json_bytes(req, state.body_limit()).await?;
-        let value = parse_json(&bytes)?;
-        Ok(JsonRequest { value, bytes })
+        let bytes = read_json_bytes(req, state.body_limit(), state.body_timeout()).await?;
+        prepare(bytes.len(), move || {
+            let value = parse_json(&bytes)?;
+            Ok(JsonRequest { value, bytes })
+        })
+        .await
     }
 }
 
-/// Checks the headers, then reads and decodes the body within `limit`.
-async fn read_json_bytes(req: Request, limit: usize) -> Result<Bytes, ServerError> {
+/// Checks the headers, then reads and decodes the body within `limit`
+/// bytes and `timeout`.
+async fn read_json_bytes(
+    req: Request,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ServerError> {
     let (parts, body) = req.into_parts();
     check_content_type(&parts.headers)?;
     let encoding = content_encoding(&parts.headers)?;
@@ -57,7 +66,9 @@ async fn read_json_bytes(req: Request, limit: usize) -> Result<Bytes, ServerErro
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let bytes = read_capped(body, limit, declared).await?;
+    let bytes = tokio::time::timeout(timeout, read_capped(body, limit, declared))
+        .await
+        .map_err(|_| ServerError::BodyTimeout(timeout.as_secs()))??;
     Ok(match encoding {
         Encoding::Identity => bytes,
         Encoding::Gzip => Bytes::from(inflate(flate2::read::GzDecoder::new(&bytes[..]), limit)?),
@@ -153,26 +164,76 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServerE
     Ok(value)
 }
 
-/// Bodies up to this size are searched for the field at fault when the
-/// parser cannot name it (fields of flattened structs).
-const FAULT_SEARCH_LIMIT: usize = 256 << 10;
+/// Bytes of JSON the search for the field at fault may deserialise, over
+/// all its probes: the search costs at most a few milliseconds, whatever
+/// the body holds.
+const FAULT_SEARCH_BUDGET: usize = 2 << 20;
 
-/// The top-level field whose removal makes the body parse: the one at fault
-/// when serde could not say (it loses the path inside flattened structs).
+/// The top-level field at fault when serde could not say (it loses the
+/// path inside flattened structs). The search first grows a skeleton of
+/// the required fields (from "missing field" errors), then tries each
+/// other field alone on that skeleton: the first that fails is at fault.
+/// Each probe is charged its size against [`FAULT_SEARCH_BUDGET`]; past
+/// it the field is left unnamed.
 fn field_at_fault<T: DeserializeOwned>(bytes: &[u8]) -> Option<String> {
-    if bytes.len() > FAULT_SEARCH_LIMIT {
-        return None;
-    }
+    field_at_fault_within::<T>(bytes, FAULT_SEARCH_BUDGET)
+}
+
+fn field_at_fault_within<T: DeserializeOwned>(bytes: &[u8], budget: usize) -> Option<String> {
     let serde_json::Value::Object(map) = serde_json::from_slice(bytes).ok()? else {
         return None;
     };
-    map.keys()
-        .find(|key| {
-            let mut without = map.clone();
-            without.remove(key.as_str());
-            serde_json::from_value::<T>(serde_json::Value::Object(without)).is_ok()
-        })
-        .cloned()
+    let mut budget = budget.checked_sub(bytes.len())?;
+    let mut charge = |value: &serde_json::Value| -> Option<()> {
+        budget = budget.checked_sub(json_size(value))?;
+        Some(())
+    };
+    let mut skeleton = serde_json::Map::new();
+    loop {
+        let probe = serde_json::Value::Object(skeleton.clone());
+        charge(&probe)?;
+        match serde_json::from_value::<T>(probe) {
+            Ok(_) => break,
+            Err(e) => {
+                let field = missing_field(&e.to_string())?;
+                let value = map.get(&field)?;
+                if skeleton.insert(field, value.clone()).is_some() {
+                    return None;
+                }
+            }
+        }
+    }
+    let skeleton_size = json_size(&serde_json::Value::Object(skeleton.clone()));
+    for (key, value) in &map {
+        if skeleton.contains_key(key) {
+            continue;
+        }
+        budget = budget.checked_sub(skeleton_size + json_size(value))?;
+        let mut probe = skeleton.clone();
+        probe.insert(key.clone(), value.clone());
+        if serde_json::from_value::<T>(serde_json::Value::Object(probe)).is_err() {
+            return Some(key.clone());
+        }
+    }
+    None
+}
+
+/// The length of `value` written as compact JSON, counted without keeping
+/// the text.
+fn json_size(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 /// The field of a `missing field `x`` message.
@@ -298,6 +359,36 @@ mod tests {
         assert_eq!(param_of(r#"{"max_tokens":1}"#).as_deref(), Some("model"));
         assert_eq!(
             param_of(r#"{"model":"m","temperature":"hot"}"#).as_deref(),
+            Some("temperature")
+        );
+    }
+
+    /// A body of many filler keys and two mistyped fields of the
+    /// flattened sampling options: the field at fault is named, by a
+    /// search whose work is bounded (it once re-parsed the whole body once
+    /// per key, and named nothing when two fields were wrong).
+    #[test]
+    fn the_field_at_fault_is_found_in_bounded_work_among_many_keys() {
+        let mut body = String::from(r#"{"model":"m","messages":[{"role":"user"}]"#);
+        for i in 0..26_000 {
+            body.push_str(&format!(r#","filler{i:05}":1"#));
+        }
+        body.push_str(r#","temperature":"x","top_p":"y"}"#);
+        assert!(body.len() > 250_000);
+        let param = param_of(&body);
+        assert!(
+            matches!(param.as_deref(), Some("temperature" | "top_p")),
+            "{param:?}"
+        );
+        // The same search with a budget below one pass over the body
+        // gives up rather than work on.
+        assert_eq!(
+            field_at_fault_within::<Request>(body.as_bytes(), 100_000),
+            None
+        );
+        let small = r#"{"model":"m","a":1,"b":2,"temperature":"x"}"#;
+        assert_eq!(
+            field_at_fault_within::<Request>(small.as_bytes(), 4096).as_deref(),
             Some("temperature")
         );
     }

@@ -4,8 +4,11 @@
 //! extractor ([`json_body`]); errors leave through one mapping to
 //! OpenAI-style JSON ([`error`]); [`lifecycle`] counts open requests and
 //! drains them on shutdown; [`metrics`] holds what `/metrics` reports;
+//! `preparation` moves the parsing and tokenising of large bodies off the
+//! async workers;
 //! [`usage`] sends one record per finished request to a sink.
 
+pub mod connections;
 pub mod engine_worker;
 pub mod error;
 pub mod gateway;
@@ -13,6 +16,7 @@ pub mod host_check;
 pub mod json_body;
 pub mod lifecycle;
 pub mod metrics;
+mod preparation;
 pub mod routes;
 pub mod tool_calls;
 pub mod usage;
@@ -23,10 +27,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{Method, Uri};
 use axum::response::IntoResponse;
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 
+pub use connections::ConnectionLimits;
 pub use engine_worker::{BatchLimits, EngineHandle, ServedModel};
 pub use error::ServerError;
 pub use lifecycle::Lifecycle;
@@ -59,6 +63,8 @@ pub struct ServerConfig {
     pub allowed_hosts: Vec<String>,
     /// The lowest `priority` a request may ask for (lower is served first).
     pub min_priority: i64,
+    /// Connection cap and client timeouts.
+    pub connections: ConnectionLimits,
 }
 
 /// The in-process engine as the handlers that answer on it see it.
@@ -68,6 +74,10 @@ pub struct AppState {
     pub engine: EngineHandle,
     /// Largest request body.
     pub body_limit: usize,
+    /// Time allowed to send a body.
+    pub body_timeout: Duration,
+    /// Time a streamed answer may wait for a client that reads nothing.
+    pub write_timeout: Duration,
     /// Open requests and draining.
     pub lifecycle: Arc<Lifecycle>,
 }
@@ -116,6 +126,8 @@ pub async fn serve(
     let app_state = engine.clone().map(|engine| AppState {
         engine,
         body_limit: config.body_limit,
+        body_timeout: config.connections.body_timeout,
+        write_timeout: config.connections.write_timeout,
         lifecycle: Arc::clone(&lifecycle),
     });
     let gateway = Arc::new(gateway::Gateway::new(&fleet, app_state.clone())?);
@@ -123,6 +135,7 @@ pub async fn serve(
     let state = gateway::routes::GatewayState {
         gateway,
         body_limit: config.body_limit,
+        body_timeout: config.connections.body_timeout,
         lifecycle: Arc::clone(&lifecycle),
         metrics,
         started_at,
@@ -137,9 +150,14 @@ pub async fn serve(
     let app = gateway::routes::router(state, app_state).layer(
         axum::middleware::from_fn_with_state(hosts, host_check::check_host),
     );
+    let limits = ConnectionLimits {
+        max_connections: connections::fit_to_descriptor_limit(config.connections.max_connections),
+        ..config.connections
+    };
     serve_until_shutdown(
         config.listen,
         app,
+        limits,
         lifecycle,
         config.shutdown_timeout,
         on_listening,
@@ -162,6 +180,7 @@ fn unix_now() -> u64 {
 async fn serve_until_shutdown(
     listen: SocketAddr,
     app: Router,
+    limits: ConnectionLimits,
     lifecycle: Arc<Lifecycle>,
     timeout: Duration,
     on_listening: impl FnOnce(SocketAddr),
@@ -183,12 +202,7 @@ async fn serve_until_shutdown(
         draining.start_draining();
         draining.drained(timeout).await;
     };
-    // Small writes (SSE events) go out at once, not after the client's
-    // delayed acknowledgement of the previous one.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    let server = connections::serve(listener, app, limits, drain);
     let deadline = async {
         while !lifecycle.is_draining() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -197,7 +211,7 @@ async fn serve_until_shutdown(
         tokio::time::sleep(timeout + Duration::from_millis(500)).await;
     };
     tokio::select! {
-        served = server => served.map_err(|e| ServerError::Unavailable(format!("server error: {e}"))),
+        () = server => Ok(()),
         _ = deadline => Ok(()),
     }
 }

@@ -25,6 +25,8 @@ use crate::AppState;
 pub trait Front: Clone + Send + Sync + 'static {
     /// Largest request body in bytes.
     fn body_limit(&self) -> usize;
+    /// Time allowed to send a body once its head is in.
+    fn body_timeout(&self) -> std::time::Duration;
     /// Open requests and draining.
     fn lifecycle(&self) -> &Arc<Lifecycle>;
     /// Where responses are counted.
@@ -34,6 +36,10 @@ pub trait Front: Clone + Send + Sync + 'static {
 impl Front for AppState {
     fn body_limit(&self) -> usize {
         self.body_limit
+    }
+
+    fn body_timeout(&self) -> std::time::Duration {
+        self.body_timeout
     }
 
     fn lifecycle(&self) -> &Arc<Lifecycle> {

@@ -54,6 +54,9 @@ pub struct Metrics {
     /// Running jobs whose blocks were taken back to make room (they run
     /// their positions again later).
     pub preemptions: AtomicU64,
+    /// Times the engine loop failed outside any one request's pass and
+    /// started afresh (the requests it held failed).
+    pub engine_restarts: AtomicU64,
     /// Prompt tokens processed.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated (aborted jobs included).
@@ -83,6 +86,7 @@ impl Default for Metrics {
             kv_blocks_used: AtomicUsize::new(0),
             kv_blocks_total: AtomicUsize::new(0),
             preemptions: AtomicU64::new(0),
+            engine_restarts: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
@@ -154,6 +158,12 @@ impl Metrics {
             "counter",
             "Running requests whose key/value blocks were taken back, to be computed again.",
             self.preemptions.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            "neocloud:engine_restarts_total",
+            "counter",
+            "Times the engine failed outside a request's own pass and started afresh.",
+            self.engine_restarts.load(Ordering::Relaxed).to_string(),
         );
         scalar(
             "neocloud:prompt_tokens_total",

@@ -29,6 +29,11 @@ const MAX_ANSWER_BYTES: usize = 64 << 20;
 const MAX_ERROR_BYTES: usize = 64 << 10;
 /// Output tokens assumed when a request names no limit.
 const DEFAULT_OUTPUT_TOKENS: u64 = 256;
+/// How long a retry may wait for a place in the retry budget before the
+/// request gets its 503.
+const RETRY_WAIT: Duration = Duration::from_secs(10);
+/// How often a waiting retry looks for a place.
+const RETRY_POLL: Duration = Duration::from_millis(20);
 
 /// A request, checked enough to route.
 pub struct Forward {
@@ -123,13 +128,24 @@ impl Route {
     }
 
     /// The next upstream to try, by the policy, primary pools first; `None`
-    /// when none is left. A retry must fit the budget.
-    fn pick(&mut self) -> Result<Option<usize>, ServerError> {
-        let picked = {
-            let mut state = lock(&self.gw.state);
-            let picked = self.route.pick(&mut state, Instant::now());
-            self.in_flight.retries = self.route.retries();
-            picked
+    /// when none is left. A retry must fit the budget: it waits for a place
+    /// among the retries in flight (so that retries never multiply load)
+    /// for [`RETRY_WAIT`] at most, rather than lose the request at once.
+    async fn pick(&mut self) -> Result<Option<usize>, ServerError> {
+        let deadline = Instant::now() + RETRY_WAIT;
+        let picked = loop {
+            let picked = {
+                let mut state = lock(&self.gw.state);
+                let picked = self.route.pick(&mut state, Instant::now());
+                self.in_flight.retries = self.route.retries();
+                picked
+            };
+            match picked {
+                Err(RouteEnd::BudgetExhausted) if Instant::now() < deadline => {
+                    tokio::time::sleep(RETRY_POLL).await;
+                }
+                other => break other,
+            }
         };
         match picked {
             Ok(Some(p)) => {
@@ -156,7 +172,7 @@ impl Route {
         loop {
             let id = match self.pending.take() {
                 Some(id) => id,
-                None => self.next_upstream()?,
+                None => self.next_upstream().await?,
             };
             let gw = Arc::clone(&self.gw);
             let target = Target::of(&gw, id);
@@ -218,6 +234,7 @@ impl Route {
             };
             let reply = match tokio::time::timeout(wait, upstream.send(request)).await {
                 Err(_) => Err(AttemptError::Failed(UpstreamErrorKind::Timeout)),
+                Ok(Err(UpstreamFailure::Refused(_))) => Err(AttemptError::Refused),
                 Ok(Err(_)) => Err(AttemptError::Failed(UpstreamErrorKind::Connect)),
                 Ok(Ok(reply)) => {
                     judge_status(reply.status, reply.retry_after.as_deref()).map(|()| reply)
@@ -227,6 +244,11 @@ impl Route {
                 Ok(reply) => reply,
                 Err(AttemptError::Failed(kind)) => {
                     self.failed(id, kind);
+                    continue;
+                }
+                Err(AttemptError::Refused) => {
+                    failed(&gw, id, UpstreamErrorKind::Connect);
+                    self.route.failed_unsent();
                     continue;
                 }
                 Err(AttemptError::RateLimited(wait)) => {
@@ -272,8 +294,8 @@ impl Route {
     }
 
     /// The next upstream by the policy, or why there is none.
-    fn next_upstream(&mut self) -> Result<usize, ServerError> {
-        match self.pick()? {
+    async fn next_upstream(&mut self) -> Result<usize, ServerError> {
+        match self.pick().await? {
             Some(id) => Ok(id),
             None => {
                 self.gw.metrics.unserved();
@@ -292,7 +314,7 @@ impl Route {
     /// engine's typed request and the engine's response passed on as it
     /// is. Otherwise the pick waits for [`Route::open_next`].
     async fn answer_in_process(&mut self) -> Result<Option<Dispatched>, ServerError> {
-        let id = self.next_upstream()?;
+        let id = self.next_upstream().await?;
         let gw = Arc::clone(&self.gw);
         let Connection::Engine(engine) = &gw.connections[id] else {
             self.pending = Some(id);

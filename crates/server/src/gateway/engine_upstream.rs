@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::response::Response;
-use neocloud_openai::chat::ChatCompletionRequest;
-use neocloud_openai::completions::CompletionRequest;
 
 use super::upstream::Endpoint;
 use crate::error::ServerError;
-use crate::json_body::parse_json;
+use crate::preparation::prepare;
 use crate::routes::{chat_completions, completions};
 use crate::usage::UsageMeter;
 use crate::AppState;
@@ -42,14 +40,23 @@ impl EngineUpstream {
         body: &Bytes,
         meter: UsageMeter,
     ) -> Result<Response, ServerError> {
+        let state = self.state.clone();
+        let bytes = body.clone();
+        let served = served.to_owned();
         match endpoint {
             Endpoint::ChatCompletions => {
-                let request: ChatCompletionRequest = parse_json(body)?;
-                chat_completions::answer(&self.state, request, served, meter).await
+                let prepared = prepare(body.len(), move || {
+                    chat_completions::prepare(&state, &bytes, &served)
+                })
+                .await?;
+                chat_completions::answer(&self.state, prepared, meter).await
             }
             Endpoint::Completions => {
-                let request: CompletionRequest = parse_json(body)?;
-                completions::answer(&self.state, request, served, meter).await
+                let prepared = prepare(body.len(), move || {
+                    completions::prepare(&state, &bytes, &served)
+                })
+                .await?;
+                completions::answer(&self.state, prepared, meter).await
             }
         }
     }

@@ -100,10 +100,15 @@ impl Upstream for HttpUpstream {
             if let Some(key) = &request.api_key {
                 builder = builder.bearer_auth(key.expose());
             }
-            let response = builder
-                .send()
-                .await
-                .map_err(|e| UpstreamFailure::Connect(describe(&e)))?;
+            let response = builder.send().await.map_err(|e| {
+                // reqwest says `is_connect` when no connection was made
+                // (refused, unreachable, DNS): nothing was sent.
+                if e.is_connect() {
+                    UpstreamFailure::Refused(describe(&e))
+                } else {
+                    UpstreamFailure::Connect(describe(&e))
+                }
+            })?;
             let status = response.status().as_u16();
             let retry_after = super::retry_after_header(response.headers());
             let body = response

@@ -45,6 +45,8 @@ pub struct GatewayState {
     pub gateway: Arc<Gateway>,
     /// Largest request body.
     pub body_limit: usize,
+    /// Time allowed to send a body.
+    pub body_timeout: std::time::Duration,
     /// Open requests and draining.
     pub lifecycle: Arc<Lifecycle>,
     /// HTTP counters, and the in-process engine's gauges when it runs.
@@ -63,6 +65,10 @@ pub struct GatewayState {
 impl Front for GatewayState {
     fn body_limit(&self) -> usize {
         self.body_limit
+    }
+
+    fn body_timeout(&self) -> std::time::Duration {
+        self.body_timeout
     }
 
     fn lifecycle(&self) -> &Arc<Lifecycle> {

@@ -72,7 +72,10 @@ pub struct UpstreamReply {
 /// get a generic message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamFailure {
-    /// No connection, or it broke before the headers.
+    /// The connection was refused: nothing was sent.
+    Refused(String),
+    /// The connection broke before the headers (the request may have
+    /// reached the upstream).
     Connect(String),
     /// The body broke off.
     Body(String),
@@ -83,6 +86,7 @@ pub enum UpstreamFailure {
 impl fmt::Display for UpstreamFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            UpstreamFailure::Refused(m) => write!(f, "connection refused: {m}"),
             UpstreamFailure::Connect(m) => write!(f, "connection failed: {m}"),
             UpstreamFailure::Body(m) => write!(f, "reply broke off: {m}"),
             UpstreamFailure::Timeout => f.write_str("timed out"),

@@ -1,6 +1,8 @@
 //! `POST /v1/chat/completions`: validation, prompt rendering, and the
 //! streamed or collected answer, with `n` choices and tool calls.
 
+use std::time::Duration;
+
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use neocloud_engine::generation::{GenerateRequest, LoadedModel};
@@ -13,6 +15,7 @@ use neocloud_openai::chat::{
 
 use crate::engine_worker::{JobEvents, Priority, WorkerEvent};
 use crate::error::ServerError;
+use crate::json_body::parse_json;
 use crate::routes::choices::{
     choices_of, collect_all, merge, now, priority_of, response_id, submit_all, MAX_CHOICES,
 };
@@ -223,6 +226,7 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
             ignore_eos: req.ignore_eos.unwrap_or(false),
             min_tokens,
             grammar,
+            score_prompt: None,
         },
         n,
         priority: priority_of(req.priority)?,
@@ -256,17 +260,34 @@ impl Answer {
     }
 }
 
-/// Answers a chat completion with the engine's model `served`, metered
+/// A chat request parsed, checked, templated and tokenised: what the
+/// engine needs, and the model's name as the client gave it.
+pub(crate) struct Prepared {
+    model: String,
+    plan: Plan,
+}
+
+/// Parses `body` and prepares it for the engine's model `served`.
+pub(crate) fn prepare(
+    state: &AppState,
+    body: &[u8],
+    served: &str,
+) -> Result<Prepared, ServerError> {
+    let mut req: ChatCompletionRequest = parse_json(body)?;
+    let model = std::mem::replace(&mut req.model, served.to_owned());
+    let plan = validate(req, state)?;
+    Ok(Prepared { model, plan })
+}
+
+/// Answers a chat completion prepared for the engine's model, metered
 /// into `meter` (tokens, first token, finish reason, and the energy that
 /// goes into `usage`); the answer names the model as the request did.
 pub(crate) async fn answer(
     state: &AppState,
-    mut req: ChatCompletionRequest,
-    served: &str,
+    prepared: Prepared,
     meter: UsageMeter,
 ) -> Result<Response, ServerError> {
-    let model = std::mem::replace(&mut req.model, served.to_owned());
-    let plan = validate(req, state)?;
+    let Prepared { model, plan } = prepared;
     let answer = Answer {
         id: response_id("chatcmpl"),
         model,
@@ -282,7 +303,13 @@ pub(crate) async fn answer(
         plan.priority,
     )?;
     if plan.stream {
-        return Ok(stream_response(jobs, answer, plan.include_usage, meter));
+        return Ok(stream_response(
+            jobs,
+            answer,
+            plan.include_usage,
+            meter,
+            state.write_timeout,
+        ));
     }
     let generations = collect_all(jobs, &meter).await?;
     let cached: usize = generations.iter().map(|g| g.cached_prompt_tokens).sum();
@@ -367,10 +394,11 @@ fn stream_response(
     answer: Answer,
     include_usage: bool,
     meter: UsageMeter,
+    write_stall: Duration,
 ) -> Response {
     let n = jobs.len();
     let mut events = merge(jobs);
-    let (out, response) = event_stream();
+    let (out, response) = event_stream(write_stall);
     tokio::spawn(async move {
         let created = now();
         let chunk = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
@@ -434,6 +462,9 @@ fn stream_response(
                     };
                     if !send(chunk(choice(i, delta, logprobs, None), None)).await {
                         // Client gone: dropping `events` cancels the jobs.
+                        // What was generated is metered all the same.
+                        let generated: usize = states.iter().map(|s| s.steps_sent).sum();
+                        meter.tokens(answer.prompt_tokens as u64, generated as u64, cached as u64);
                         meter.abandoned();
                         return;
                     }
@@ -446,6 +477,7 @@ fn stream_response(
                     }
                     let rest = g.text.get(state.text_sent..).unwrap_or("");
                     let steps = g.steps.get(state.steps_sent..).unwrap_or(&[]);
+                    state.steps_sent = g.steps.len();
                     let (content, calls) = match state.tool_calls.take() {
                         Some(mut t) => {
                             let mut content = t.push(rest);
@@ -503,7 +535,6 @@ fn stream_response(
                     out.error(e).await;
                     break;
                 }
-                WorkerEvent::Scored(_) => {}
             }
         }
         meter.tokens(

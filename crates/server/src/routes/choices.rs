@@ -109,7 +109,6 @@ pub(crate) async fn collect_all(
                     first = false;
                 }
             }
-            WorkerEvent::Scored(_) => {}
         }
     }
     done.into_iter()

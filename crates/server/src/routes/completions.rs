@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,8 +16,9 @@ use neocloud_openai::completions::{
     Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
 };
 
-use crate::engine_worker::{JobEvents, JobKind, Priority, WorkerEvent};
+use crate::engine_worker::{JobEvents, Priority, WorkerEvent};
 use crate::error::ServerError;
+use crate::json_body::parse_json;
 use crate::routes::choices::{
     choices_of, collect_all, merge, now, priority_of, response_id, submit_all, MAX_CHOICES,
 };
@@ -165,6 +167,7 @@ fn validate(req: CompletionRequest, state: &AppState) -> Result<Plan, ServerErro
             ignore_eos: req.ignore_eos.unwrap_or(false),
             min_tokens,
             grammar: None,
+            score_prompt: None,
         },
         n,
         priority: priority_of(req.priority)?,
@@ -188,7 +191,7 @@ async fn echoed(
     if plan.echo {
         match logprobs.as_mut() {
             Some(lp) => {
-                let scored = score(state, plan.model, prompt, plan.top.unwrap_or(0)).await?;
+                let scored = score(state, plan, prompt, plan.top.unwrap_or(0)).await?;
                 push_logprobs(lp, &plan.lm, prompt, &scored, true, plan.as_ids, &mut text);
             }
             None => text.push_str(&plan.lm.tokenizer.decode(prompt, false)),
@@ -207,17 +210,37 @@ fn scored_steps(steps: &[Sampled]) -> Vec<ScoredToken> {
         .collect()
 }
 
-/// Answers a text completion with the engine's model `served`, metered
+/// A text completion request parsed, checked and tokenised: what the
+/// engine needs, and the model's name as the client gave it.
+pub(crate) struct Prepared {
+    model: String,
+    plan: Plan,
+}
+
+/// Parses `body` and prepares it for the engine's model `served`.
+pub(crate) fn prepare(
+    state: &AppState,
+    body: &[u8],
+    served: &str,
+) -> Result<Prepared, ServerError> {
+    let mut req: CompletionRequest = parse_json(body)?;
+    let model = std::mem::replace(&mut req.model, served.to_owned());
+    let plan = validate(req, state)?;
+    Ok(Prepared { model, plan })
+}
+
+/// Answers a text completion prepared for the engine's model, metered
 /// into `meter`; the answer names the model as the request did.
 pub(crate) async fn answer(
     state: &AppState,
-    mut req: CompletionRequest,
-    served: &str,
+    prepared: Prepared,
     meter: UsageMeter,
 ) -> Result<Response, ServerError> {
     let state = state.clone();
-    let model_name = std::mem::replace(&mut req.model, served.to_owned());
-    let plan = validate(req, &state)?;
+    let Prepared {
+        model: model_name,
+        plan,
+    } = prepared;
     let id = response_id("cmpl");
     // Echoed prompts (scored first when asked for), one per prompt.
     let mut heads = Vec::with_capacity(plan.prompts.len());
@@ -238,7 +261,15 @@ pub(crate) async fn answer(
     };
     let jobs = submit_all(&state, plan.model, requests, plan.priority)?;
     if plan.stream {
-        return Ok(stream_response(plan, jobs, heads, id, model_name, meter));
+        return Ok(stream_response(
+            plan,
+            jobs,
+            heads,
+            id,
+            model_name,
+            meter,
+            state.write_timeout,
+        ));
     }
     let generations = if jobs.is_empty() {
         Vec::new()
@@ -307,9 +338,10 @@ fn stream_response(
     id: String,
     model: String,
     meter: UsageMeter,
+    write_stall: Duration,
 ) -> Response {
     let total = plan.prompts.len() * plan.n;
-    let (out, response) = event_stream();
+    let (out, response) = event_stream(write_stall);
     let mut events = merge(jobs);
     tokio::spawn(async move {
         let created = now();
@@ -389,6 +421,9 @@ fn stream_response(
                     }
                     if !send(one(i, text, logprobs, None), None).await {
                         // Client gone: dropping `events` cancels the jobs.
+                        // What was generated is metered all the same.
+                        let generated: usize = steps_sent.iter().sum();
+                        meter.tokens(prompt_tokens as u64, generated as u64, cached as u64);
                         meter.abandoned();
                         return;
                     }
@@ -404,6 +439,7 @@ fn stream_response(
                     }
                     let rest = g.text.get(text_sent[i]..).unwrap_or("").to_owned();
                     let steps = g.steps.get(steps_sent[i]..).unwrap_or(&[]);
+                    steps_sent[i] = g.steps.len();
                     let logprobs = logprobs_of(steps, chars[i]);
                     let finish = Some(g.finish_reason.as_str());
                     let _ = send(one(i, rest, logprobs, finish), None).await;
@@ -414,7 +450,6 @@ fn stream_response(
                     out.error(e).await;
                     break;
                 }
-                WorkerEvent::Scored(_) => {}
             }
         }
         if !generating {
@@ -436,24 +471,29 @@ fn stream_response(
     response
 }
 
+/// Scores `tokens` (teacher-forced log-probabilities, `top` alternatives
+/// each) as a generation of no tokens that scores its prompt: it runs in
+/// the engine's batches within the per-step prefill budget like any
+/// prompt, from the model's key/value pool, and ends when the client
+/// leaves (dropping this future drops its events, which cancels it).
 async fn score(
     state: &AppState,
-    model: usize,
+    plan: &Plan,
     tokens: &[u32],
     top: usize,
 ) -> Result<Vec<ScoredToken>, ServerError> {
-    let mut events = state.engine.submit_job(
-        model,
-        JobKind::Score {
-            tokens: tokens.to_vec(),
-            top,
-        },
-    )?;
+    let mut request = plan.generate.clone();
+    request.prompt = tokens.to_vec();
+    request.max_tokens = 0;
+    request.score_prompt = Some(top);
+    let mut events = state
+        .engine
+        .submit_with_priority(plan.model, request, plan.priority)?;
     while let Some(ev) = events.recv().await {
         match ev {
-            WorkerEvent::Scored(s) => return Ok(s),
+            WorkerEvent::Done(g) => return Ok(g.prompt_scores),
             WorkerEvent::Failed(e) => return Err(e),
-            WorkerEvent::Text { .. } | WorkerEvent::Done(_) => {}
+            WorkerEvent::Text { .. } => {}
         }
     }
     Err(ServerError::Unavailable(

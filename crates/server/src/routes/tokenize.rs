@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use crate::error::ServerError;
 use crate::json_body::JsonBody;
+use crate::preparation::off_workers;
 use crate::AppState;
 
 /// A `/tokenize` request: a prompt, or chat messages.
@@ -43,32 +44,37 @@ pub async fn tokenize(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<Value>, ServerError> {
-    let lm = &state.engine.models()?[state.engine.model_index(&req.model)?];
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => lm
-            .tokenizer
-            .encode(p, req.add_special_tokens.unwrap_or(true), true),
-        (None, Some(messages)) => {
-            let template = lm
-                .chat_template
-                .as_ref()
-                .ok_or_else(|| ServerError::param("messages", "this model has no chat template"))?;
-            let text =
-                template.render(messages, None, req.add_generation_prompt.unwrap_or(true))?;
-            lm.encode_chat_prompt(&text)
-        }
-        _ => {
-            return Err(ServerError::param(
-                "prompt",
-                "give either prompt or messages",
-            ))
-        }
-    };
-    Ok(Json(json!({
-        "tokens": tokens,
-        "count": tokens.len(),
-        "max_model_len": lm.model.config.context_length,
-    })))
+    // Templating and tokenising a long prompt is CPU work: off the async
+    // workers.
+    off_workers(move || {
+        let lm = &state.engine.models()?[state.engine.model_index(&req.model)?];
+        let tokens = match (&req.prompt, &req.messages) {
+            (Some(p), None) => lm
+                .tokenizer
+                .encode(p, req.add_special_tokens.unwrap_or(true), true),
+            (None, Some(messages)) => {
+                let template = lm.chat_template.as_ref().ok_or_else(|| {
+                    ServerError::param("messages", "this model has no chat template")
+                })?;
+                let text =
+                    template.render(messages, None, req.add_generation_prompt.unwrap_or(true))?;
+                lm.encode_chat_prompt(&text)
+            }
+            _ => {
+                return Err(ServerError::param(
+                    "prompt",
+                    "give either prompt or messages",
+                ))
+            }
+        };
+        Ok(json!({
+            "tokens": tokens,
+            "count": tokens.len(),
+            "max_model_len": lm.model.config.context_length,
+        }))
+    })
+    .await
+    .map(Json)
 }
 
 /// Turns token ids back into text.
