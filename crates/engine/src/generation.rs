@@ -72,6 +72,97 @@ impl LoadedModel {
         })
     }
 
+    /// Renders `messages` through the model's chat template and tokenises
+    /// the prompt so that only the template's own markup is special: text
+    /// from users, the system and tools that spells a control token
+    /// (`<start_of_turn>`, `<|im_start|>`) is tokenised as plain text, so
+    /// that no message can forge a turn or a role. Assistant messages keep
+    /// theirs (the model's own tool-call markup in the history). Prompts
+    /// whose messages spell no control token are tokenised exactly as
+    /// [`LoadedModel::encode_chat_prompt`] does.
+    pub fn encode_chat(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        let template =
+            self.chat_template
+                .as_ref()
+                .ok_or_else(|| EngineError::InvalidParameter {
+                    param: "messages",
+                    message: "this model has no chat template".into(),
+                })?;
+        let mut plain = Vec::new();
+        let guarded: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| self.guard_message(m, &mut plain))
+            .collect();
+        let rendered = template.render(&guarded, tools, add_generation_prompt)?;
+        if plain.is_empty() {
+            return Ok(self.encode_chat_prompt(&rendered));
+        }
+        // The rendered text alternates template text and placeholders.
+        let mut out = Vec::new();
+        for (k, piece) in rendered.split(PLACEHOLDER_MARK).enumerate() {
+            if k % 2 == 0 {
+                if k == 0 {
+                    out.extend(self.encode_chat_prompt(piece));
+                } else {
+                    out.extend(self.tokenizer.encode(piece, false, true));
+                }
+            } else {
+                let text = piece
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| plain.get(i))
+                    .ok_or_else(|| {
+                        EngineError::Template(
+                            "the chat template altered a message it was given".into(),
+                        )
+                    })?;
+                out.extend(self.tokenizer.encode(text, false, false));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `message` with each text of a user, system or tool message that
+    /// spells a control token (or holds [`PLACEHOLDER_MARK`]) replaced by a
+    /// placeholder; the texts go to `plain`.
+    fn guard_message(
+        &self,
+        message: &serde_json::Value,
+        plain: &mut Vec<String>,
+    ) -> serde_json::Value {
+        let mut m = message.clone();
+        if m.get("role").and_then(|r| r.as_str()) == Some("assistant") {
+            return m;
+        }
+        let mut guard = |text: &mut serde_json::Value| {
+            let Some(s) = text.as_str() else {
+                return;
+            };
+            if s.contains(PLACEHOLDER_MARK) || self.tokenizer.spells_control_token(s) {
+                let placeholder = format!("{PLACEHOLDER_MARK}{}{PLACEHOLDER_MARK}", plain.len());
+                plain.push(s.replace(PLACEHOLDER_MARK, ""));
+                *text = serde_json::Value::String(placeholder);
+            }
+        };
+        match m.get_mut("content") {
+            Some(serde_json::Value::Array(parts)) => {
+                for part in parts {
+                    if let Some(text) = part.get_mut("text") {
+                        guard(text);
+                    }
+                }
+            }
+            Some(content) => guard(content),
+            None => {}
+        }
+        m
+    }
+
     /// Tokenises a rendered chat prompt: special tokens are parsed, and BOS is
     /// added only when the template did not write it already.
     pub fn encode_chat_prompt(&self, prompt: &str) -> Vec<u32> {
@@ -81,6 +172,10 @@ impl LoadedModel {
         tok.encode(prompt, !starts_with_bos, true)
     }
 }
+
+/// Marks the placeholders of guarded message texts in a rendered prompt
+/// (a private-use character no template writes).
+const PLACEHOLDER_MARK: char = '\u{10FFFD}';
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -340,6 +340,14 @@ impl Tokenizer {
         out
     }
 
+    /// Whether `text` spells a control token (one that special-token
+    /// parsing would turn into markup).
+    pub fn spells_control_token(&self, text: &str) -> bool {
+        self.partition(text, true).iter().any(
+            |f| matches!(f, Fragment::Token(id) if self.kinds[*id as usize] == TokenKind::Control),
+        )
+    }
+
     /// Splits text at occurrences of special tokens, longest tokens first.
     fn partition<'a>(&self, text: &'a str, parse_special: bool) -> Vec<Fragment<'a>> {
         let mut fragments = vec![Fragment::Text(text)];

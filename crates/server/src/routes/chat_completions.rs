@@ -182,8 +182,7 @@ fn validate(req: ChatCompletionRequest, state: &AppState) -> Result<Plan, Server
                 .map(str::to_owned)
                 .collect()
         });
-    let prompt_text = template.render(&req.messages, tools, true)?;
-    let prompt = lm.encode_chat_prompt(&prompt_text);
+    let prompt = lm.encode_chat(&req.messages, tools, true)?;
     let context = lm.model.config.context_length;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     let param = if req.max_completion_tokens.is_some() {

@@ -53,12 +53,7 @@ pub async fn tokenize(
                 .tokenizer
                 .encode(p, req.add_special_tokens.unwrap_or(true), true),
             (None, Some(messages)) => {
-                let template = lm.chat_template.as_ref().ok_or_else(|| {
-                    ServerError::param("messages", "this model has no chat template")
-                })?;
-                let text =
-                    template.render(messages, None, req.add_generation_prompt.unwrap_or(true))?;
-                lm.encode_chat_prompt(&text)
+                lm.encode_chat(messages, None, req.add_generation_prompt.unwrap_or(true))?
             }
             _ => {
                 return Err(ServerError::param(
