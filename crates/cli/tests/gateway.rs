@@ -301,18 +301,21 @@ fn mock_upstream_faults_are_contained() {
 
 #[test]
 fn metadata_addresses_are_refused_at_start() {
-    let path = config_file(
-        "gateway-metadata",
-        "[[pool]]\nname = \"p\"\nmodel = \"m\"\naccelerator = \"cpu\"\nupstreams = [\"http://169.254.169.254/v1\"]\n",
-    );
-    let out = Command::new(BIN)
-        .args(["serve", "--port", "0", "--config", path.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("refused"), "{stderr}");
+    // The second is the same address to the URL parser reqwest uses.
+    for url in ["http://169.254.169.254/v1", "http://169.254.169.254./v1"] {
+        let path = config_file(
+            "gateway-metadata",
+            &format!("[[pool]]\nname = \"p\"\nmodel = \"m\"\naccelerator = \"cpu\"\nupstreams = [\"{url}\"]\n"),
+        );
+        let out = Command::new(BIN)
+            .args(["serve", "--port", "0", "--config", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{url}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("refused"), "{url}: {stderr}");
+    }
 }
 
 /// Sends a streamed request on a raw connection and returns it, with the

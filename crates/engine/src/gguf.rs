@@ -20,6 +20,11 @@ const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_DIMS: usize = 4;
 const MAX_ARRAY_DEPTH: usize = 4;
+/// Items of all metadata arrays together (2^23): several times what the
+/// largest vocabularies need (tokens, scores and types of 256k tokens, and
+/// their merges). Each item takes 32 bytes in memory whatever it took in
+/// the file (one, for a u8), so this bounds the metadata to 256 MiB.
+pub const MAX_METADATA_ARRAY_ITEMS: u64 = 1 << 23;
 /// Largest element count accepted for one tensor (2^40): far beyond any real model.
 const MAX_TENSOR_ELEMENTS: u64 = 1 << 40;
 
@@ -208,7 +213,11 @@ impl GgufFile {
 
     fn parse(bytes: GgufBytes) -> Result<Self, EngineError> {
         let data = bytes.as_slice();
-        let mut cur = Cursor { data, pos: 0 };
+        let mut cur = Cursor {
+            data,
+            pos: 0,
+            array_items_left: MAX_METADATA_ARRAY_ITEMS,
+        };
         let magic = cur.take(4)?;
         if magic != MAGIC {
             return Err(gguf_err("not a GGUF file (bad magic)"));
@@ -367,6 +376,8 @@ fn gguf_err(msg: impl Into<String>) -> EngineError {
 struct Cursor<'a> {
     data: &'a [u8],
     pos: usize,
+    /// Metadata array items still allowed (see [`MAX_METADATA_ARRAY_ITEMS`]).
+    array_items_left: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -448,6 +459,12 @@ impl<'a> Cursor<'a> {
                         self.pos
                     )));
                 }
+                self.array_items_left =
+                    self.array_items_left.checked_sub(count).ok_or_else(|| {
+                        gguf_err(format!(
+                            "metadata arrays hold more than {MAX_METADATA_ARRAY_ITEMS} items in all"
+                        ))
+                    })?;
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     items.push(self.value(item_ty, depth + 1)?);

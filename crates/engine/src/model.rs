@@ -20,6 +20,10 @@ use crate::kv_cache::{KvCache, KvPool};
 use crate::panel::{ActivationBits, ActivationPrecision, PanelMatrix};
 use crate::quant::{dequantize_row_unchecked, TensorType};
 
+/// Most positions a model may declare (2^24, beyond any released model's
+/// context): buffers sized by the context stay bounded whatever a file says.
+pub const MAX_CONTEXT_LENGTH: usize = 1 << 24;
+
 /// Model family, from `general.architecture`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -249,6 +253,13 @@ impl ModelConfig {
             Some(_) => meta_usize(gguf, &key("context_length"))?,
             None => 4096,
         };
+        // Buffers are sized by the context (attention scores, per thread):
+        // a file cannot ask for more than any model has.
+        if !(1..=MAX_CONTEXT_LENGTH).contains(&context_length) {
+            return Err(EngineError::Model(format!(
+                "context_length {context_length} is outside 1..={MAX_CONTEXT_LENGTH}, the positions this engine supports"
+            )));
+        }
         let token_embd = gguf
             .tensor("token_embd.weight")
             .ok_or_else(|| EngineError::Model("missing tensor token_embd.weight".into()))?;

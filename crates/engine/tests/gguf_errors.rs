@@ -96,6 +96,23 @@ fn absurd_counts_do_not_allocate() {
     expect_error(b, "metadata count");
 }
 
+/// A u8 array takes a byte an item in the file and far more in memory:
+/// the items of all arrays together are bounded, whatever the file holds.
+#[test]
+fn metadata_arrays_are_bounded_in_memory_not_only_by_the_file() {
+    let items = neocloud_engine::gguf::MAX_METADATA_ARRAY_ITEMS as usize;
+    let half = vec![0u8; items / 2 + 1];
+    let bytes = GgufBuilder::new()
+        .meta("a", Value::U8Array(half.clone()))
+        .meta("b", Value::U8Array(half))
+        .build();
+    expect_error(bytes, "metadata arrays hold more than");
+    let fits = GgufBuilder::new()
+        .meta("a", Value::U8Array(vec![1u8; 1000]))
+        .build();
+    assert!(GgufFile::from_bytes(fits).is_ok());
+}
+
 #[test]
 fn huge_string_length() {
     let mut b = valid().build();

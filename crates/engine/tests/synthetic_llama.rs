@@ -5,6 +5,8 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use neocloud_engine::gguf::GgufFile;
 use neocloud_engine::kv_cache::KvCache;
 use neocloud_engine::model::{Activation, Architecture, Model, RopeStyle};
@@ -138,4 +140,115 @@ fn bad_batches_are_errors_not_panics() {
         .forward(&mut pool, &too_long, &mut cache, 126)
         .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
+}
+
+/// Loads `bytes` as far as it goes: parse, model construction, one forward
+/// step. Errors are fine; a panic or an abort fails the test.
+fn load_and_step(bytes: Vec<u8>) {
+    let Ok(gguf) = GgufFile::from_bytes(bytes) else {
+        return;
+    };
+    let _ = neocloud_engine::tokenizer::Tokenizer::from_gguf(&gguf);
+    let Ok(model) = Model::load(&gguf) else {
+        return;
+    };
+    let mut pool = model.kv_pool(1 << 20);
+    let _ = model.forward(&mut pool, &[1, 2, 3], &mut KvCache::new(), 0);
+}
+
+/// A mutation of a GGUF file: bytes overwritten, a field set to an extreme
+/// value, or the file cut short.
+#[derive(Debug, Clone)]
+enum Mutation {
+    Bytes(Vec<(usize, u8)>),
+    Extreme { at: usize, value: u64, wide: bool },
+    Truncate(usize),
+}
+
+fn mutation(len: usize) -> impl proptest::strategy::Strategy<Value = Mutation> {
+    use proptest::prelude::*;
+    let extreme = prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(u32::MAX as u64),
+        Just(u64::MAX),
+        Just(1 << 40),
+        Just(1 << 31),
+        any::<u64>(),
+    ];
+    prop_oneof![
+        proptest::collection::vec((0..len, any::<u8>()), 1..8).prop_map(Mutation::Bytes),
+        (0..len, extreme, any::<bool>()).prop_map(|(at, value, wide)| Mutation::Extreme {
+            at,
+            value,
+            wide
+        }),
+        (0..len).prop_map(Mutation::Truncate),
+    ]
+}
+
+fn mutate(mut bytes: Vec<u8>, m: &Mutation) -> Vec<u8> {
+    match m {
+        Mutation::Bytes(edits) => {
+            for &(at, b) in edits {
+                bytes[at] = b;
+            }
+        }
+        Mutation::Extreme { at, value, wide } => {
+            let raw = if *wide {
+                value.to_le_bytes().to_vec()
+            } else {
+                (*value as u32).to_le_bytes().to_vec()
+            };
+            let end = (*at + raw.len()).min(bytes.len());
+            bytes[*at..end].copy_from_slice(&raw[..end - at]);
+        }
+        Mutation::Truncate(len) => bytes.truncate(*len),
+    }
+    bytes
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Mutated synthetic models go through parsing, model construction and
+    /// a forward step with a clear error or an answer, never a panic or a
+    /// huge allocation. Most mutations land in the header and metadata,
+    /// where the counts and sizes are.
+    #[test]
+    fn mutated_synthetic_models_never_panic(m in mutation(2048)) {
+        load_and_step(mutate(tiny_llama(), &m));
+    }
+}
+
+/// The same over a real model file (Gemma 3 270M): mutations in its
+/// metadata (the tokenizer's arrays, the dimensions) and tensor table.
+#[test]
+fn mutated_real_models_never_panic() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let path = common::model_path("gemma-3-270m");
+    let original = std::fs::read(&path).unwrap();
+    let gguf = GgufFile::from_bytes(original.clone()).unwrap();
+    // Mutations stay in the header: everything before the tensor data.
+    let header = gguf.tensors.iter().map(|t| t.file_offset).min().unwrap();
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for _ in 0..24 {
+        let m = mutation(header).new_tree(&mut runner).unwrap().current();
+        load_and_step(mutate(original.clone(), &m));
+    }
+}
+
+/// A model that claims 4 billion positions once reached a reservation of
+/// that size at the first forward step (an abort). It is refused at load.
+#[test]
+fn an_absurd_context_length_is_refused_at_load() {
+    let mut bytes = tiny_llama();
+    let key = b"llama.context_length";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // The value type (u32), then the value.
+    assert_eq!(&bytes[at..at + 4], &4u32.to_le_bytes());
+    bytes[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let gguf = GgufFile::from_bytes(bytes).unwrap();
+    let err = Model::load(&gguf).unwrap_err();
+    assert!(err.to_string().contains("context_length"), "{err}");
 }

@@ -64,6 +64,10 @@ pub struct PoolConfig {
     /// header's syntax (`ttft=500ms,tpot=50ms`).
     #[serde(default)]
     pub slo: Option<String>,
+    /// Send the pool's key over plain `http://` to a host that is not
+    /// loopback (refused unless set: anyone on the path would read it).
+    #[serde(default)]
+    pub allow_key_over_http: bool,
 }
 
 fn one() -> u32 {
@@ -209,64 +213,128 @@ impl UpstreamAddress {
     }
 }
 
-/// Whether `ip` is link-local (where cloud metadata services live) or
-/// otherwise never a legitimate upstream (unspecified, broadcast).
+/// Addresses of cloud metadata and platform services outside the
+/// link-local ranges: Alibaba Cloud's, Oracle Cloud's second, Azure's
+/// WireServer, AWS's IPv6 instance metadata service.
+const METADATA_ADDRESSES: [IpAddr; 4] = [
+    IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 0, 192)),
+    IpAddr::V4(std::net::Ipv4Addr::new(168, 63, 129, 16)),
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+];
+
+/// Host names of cloud metadata services (a trailing dot is ignored).
+const METADATA_NAMES: [&str; 7] = [
+    "metadata",
+    "metadata.google.internal",
+    "metadata.goog",
+    "metadata.azure.internal",
+    "instance-data",
+    "instance-data.ec2.internal",
+    "metadata.tencentyun.com",
+];
+
+/// Whether `ip` is never a legitimate upstream: link-local (where most
+/// cloud metadata services live), a metadata service elsewhere
+/// ([`METADATA_ADDRESSES`]), unspecified or broadcast, in any IPv6 form
+/// that carries an IPv4 address (mapped, compatible, NAT64).
 pub fn is_forbidden_ip(ip: IpAddr) -> bool {
+    if METADATA_ADDRESSES.contains(&ip) {
+        return true;
+    }
     match ip {
-        IpAddr::V4(v4) => v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast(),
+        IpAddr::V4(v4) => {
+            v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4.octets()[0] == 0
+        }
         IpAddr::V6(v6) => {
-            (v6.segments()[0] & 0xffc0) == 0xfe80
+            if v6.is_loopback() {
+                return false;
+            }
+            let s = v6.segments();
+            let embedded = v6
+                .to_ipv4_mapped()
+                .or_else(|| v6.to_ipv4().filter(|_| s[..6] == [0; 6]))
+                .or_else(|| {
+                    // NAT64 (64:ff9b::/96) carries an IPv4 address too.
+                    (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]).then(|| {
+                        let [a, b] = s[6].to_be_bytes();
+                        let [c, d] = s[7].to_be_bytes();
+                        std::net::Ipv4Addr::new(a, b, c, d)
+                    })
+                });
+            (s[0] & 0xffc0) == 0xfe80
                 || v6.is_unspecified()
-                || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+                || embedded.is_some_and(|v4| is_forbidden_ip(IpAddr::V4(v4)))
         }
     }
 }
 
-/// Host and port of an `http(s)://` URL.
-pub fn host_port(url: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit('@').next()?;
-    let default_port = if scheme == "https" { 443 } else { 80 };
-    if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6.split_once(']')?;
-        let port = after
-            .strip_prefix(':')
-            .map_or(Some(default_port), |p| p.parse().ok())?;
-        return Some((host.to_owned(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
-        None => Some((authority.to_owned(), default_port)),
+/// Whether `ip` is a loopback address (in any IPv6 form of 127.0.0.0/8).
+pub fn is_loopback_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
-/// Refuses URLs whose host is a forbidden address or a metadata service's
-/// name. What a name resolves to is checked where it is resolved.
-pub fn check_upstream_url(url: &str) -> Result<(), FleetError> {
-    let (host, _port) = host_port(url)
-        .filter(|(h, _)| !h.is_empty())
-        .ok_or_else(|| FleetError::Config(format!("upstream {url:?}: no host")))?;
-    let refuse = |ip: IpAddr| {
-        FleetError::Config(format!(
-            "upstream {url:?} resolves to {ip}, a link-local or unusable address (cloud metadata services live there); refused"
-        ))
+/// An upstream URL's host, as the URL parser that reqwest uses reads it
+/// (so that what is checked is what is connected to: `169.254.169.254.`,
+/// `0xa9fea9fe` and `2852039166` are all the same address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamHost {
+    /// An address literal.
+    Ip(IpAddr),
+    /// A name, lower-cased, without a trailing dot.
+    Name(String),
+}
+
+/// Host and port of an `http(s)://` URL, parsed by the `url` crate.
+pub fn host_port(url: &str) -> Option<(UpstreamHost, u16)> {
+    let parsed = url::Url::parse(url).ok()?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return None;
+    }
+    let port = parsed.port_or_known_default()?;
+    let host = match parsed.host()? {
+        url::Host::Ipv4(v4) => UpstreamHost::Ip(IpAddr::V4(v4)),
+        url::Host::Ipv6(v6) => UpstreamHost::Ip(IpAddr::V6(v6)),
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if name.is_empty() {
+                return None;
+            }
+            UpstreamHost::Name(name)
+        }
     };
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return if is_forbidden_ip(ip) {
-            Err(refuse(ip))
-        } else {
-            Ok(())
-        };
+    Some((host, port))
+}
+
+/// Refuses URLs whose host is a forbidden address or a metadata service's
+/// name. What a name resolves to is checked where it is resolved, at every
+/// connection.
+pub fn check_upstream_url(url: &str) -> Result<(), FleetError> {
+    let (host, _port) =
+        host_port(url).ok_or_else(|| FleetError::Config(format!("upstream {url:?}: no host")))?;
+    match host {
+        UpstreamHost::Ip(ip) if is_forbidden_ip(ip) => Err(FleetError::Config(format!(
+            "upstream {url:?} is {ip}, a link-local, metadata or unusable address (cloud metadata services live there); refused"
+        ))),
+        UpstreamHost::Name(name) if METADATA_NAMES.contains(&name.as_str()) => Err(
+            FleetError::Config(format!("upstream {url:?} names a cloud metadata service; refused")),
+        ),
+        _ => Ok(()),
     }
-    if host.eq_ignore_ascii_case("metadata.google.internal")
-        || host.eq_ignore_ascii_case("metadata")
-    {
-        return Err(FleetError::Config(format!(
-            "upstream {url:?} names a cloud metadata service; refused"
-        )));
+}
+
+/// Whether `url` reaches a loopback host (an address, or `localhost`).
+pub fn is_loopback_url(url: &str) -> bool {
+    match host_port(url) {
+        Some((UpstreamHost::Ip(ip), _)) => is_loopback_ip(ip),
+        Some((UpstreamHost::Name(name), _)) => name == "localhost" || name.ends_with(".localhost"),
+        None => false,
     }
-    Ok(())
 }
 
 impl FleetConfig {
@@ -290,6 +358,7 @@ impl FleetConfig {
                     fallback: None,
                     slots: None,
                     slo: None,
+                    allow_key_over_http: false,
                 })
                 .collect(),
             router: RouterConfig::default(),
@@ -363,6 +432,15 @@ impl FleetConfig {
                     UpstreamAddress::parse(upstream).map_err(|e| at(e.to_string()))?
                 {
                     check_upstream_url(&url).map_err(|e| at(e.to_string()))?;
+                    if pool.api_key_env.is_some()
+                        && url.starts_with("http://")
+                        && !is_loopback_url(&url)
+                        && !pool.allow_key_over_http
+                    {
+                        return Err(at(format!(
+                            "upstream {url:?} would get the pool's key over plain http; use https, or set allow_key_over_http = true"
+                        )));
+                    }
                 }
             }
             if let Some(fallback) = &pool.fallback {
@@ -457,6 +535,23 @@ mod tests {
             "http://metadata.google.internal/v1",
             "http://0.0.0.0:8080/v1",
             "http://user@169.254.169.254/v1",
+            // What the URL parser reqwest uses reads as 169.254.169.254.
+            "http://169.254.169.254./v1",
+            "http://0xa9fea9fe/v1",
+            "http://2852039166/v1",
+            "http://0251.0376.0251.0376/v1",
+            "http://169.254.43518/v1",
+            "http://[::169.254.169.254]/v1",
+            "http://[64:ff9b::a9fe:a9fe]/v1",
+            // Metadata services outside link-local, by address and name.
+            "http://100.100.100.200/latest/meta-data",
+            "http://192.0.0.192/v1",
+            "http://168.63.129.16/v1",
+            "http://[fd00:ec2::254]/v1",
+            "http://metadata.google.internal./v1",
+            "http://METADATA.GOOG/v1",
+            "http://instance-data/v1",
+            "http://metadata.tencentyun.com/v1",
         ] {
             let text = EXAMPLE.replace("https://gpu.example.com/v1", url);
             let err = FleetConfig::parse(&text).unwrap_err();
@@ -466,8 +561,31 @@ mod tests {
             "http://127.0.0.1:8080/v1",
             "http://localhost:8080/v1",
             "http://[::1]:9/v1",
+            "https://api.example.com/v1",
+            "http://10.0.0.5:8000/v1",
         ] {
             assert!(check_upstream_url(url).is_ok(), "{url}");
+        }
+    }
+
+    /// A pool's key goes over https, or to loopback, unless the pool says
+    /// plain http is meant.
+    #[test]
+    fn keys_travel_over_https_unless_allowed() {
+        let pool = |url: &str, extra: &str| {
+            format!(
+                "[[pool]]\nname = \"p\"\nmodel = \"m\"\naccelerator = \"cpu\"\napi_key_env = \"K\"\nupstreams = [\"{url}\"]\n{extra}"
+            )
+        };
+        let err = FleetConfig::parse(&pool("http://10.0.0.5:8000/v1", "")).unwrap_err();
+        assert!(err.to_string().contains("plain http"), "{err}");
+        for ok in [
+            pool("https://10.0.0.5/v1", ""),
+            pool("http://127.0.0.1:8000/v1", ""),
+            pool("http://localhost:8000/v1", ""),
+            pool("http://10.0.0.5:8000/v1", "allow_key_over_http = true"),
+        ] {
+            FleetConfig::parse(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
 }

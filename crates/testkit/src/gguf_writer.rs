@@ -18,6 +18,8 @@ pub enum Value {
     F32Array(Vec<f32>),
     /// array of int32.
     I32Array(Vec<i32>),
+    /// array of uint8.
+    U8Array(Vec<u8>),
 }
 
 /// A tensor to write: name, dimensions (innermost first), GGML type id, raw bytes.
@@ -129,6 +131,12 @@ impl GgufBuilder {
                     for x in a {
                         out.extend(x.to_le_bytes());
                     }
+                }
+                Value::U8Array(a) => {
+                    out.extend(9u32.to_le_bytes());
+                    out.extend(0u32.to_le_bytes());
+                    out.extend((a.len() as u64).to_le_bytes());
+                    out.extend(a);
                 }
             }
         }
