@@ -19,6 +19,11 @@
 //! recompute); a lone sequence that outgrows the blocks ends for length,
 //! and one whose prompt needs more blocks than there are is refused.
 //!
+//! Waiting ages a sequence: every [`AGING_STEPS`] steps it has waited in
+//! all (before its start, and after each preemption) count as one level of
+//! priority better, so that a stream of better requests can delay a
+//! sequence but never starve it.
+//!
 //! Every sequence holds a slot claim ([`QueueClaim`], then
 //! [`RunningClaim`]) that counts it in the [`SlotGauges`] until it is
 //! dropped, so no path can forget to give a slot back.
@@ -239,6 +244,9 @@ enum Slot {
     Running(#[expect(dead_code, reason = "held for its Drop")] RunningClaim),
 }
 
+/// Steps of waiting that make a sequence's priority one level better.
+pub const AGING_STEPS: u64 = 512;
+
 /// A sequence, in the batch or waiting for blocks.
 struct Entry<S> {
     id: SequenceId,
@@ -246,6 +254,10 @@ struct Entry<S> {
     priority: Priority,
     /// When the scheduler took it, counted in sequences.
     arrival: u64,
+    /// Steps it waited before it last joined the batch.
+    waited: u64,
+    /// The step it started waiting at, while it waits.
+    waiting_since: Option<u64>,
     sequence: S,
     slot: Slot,
     /// The owner asked for it to end.
@@ -253,9 +265,18 @@ struct Entry<S> {
 }
 
 impl<S> Entry<S> {
-    /// The scheduling order: by priority, then by arrival.
-    fn order(&self) -> (Priority, u64) {
-        (self.priority, self.arrival)
+    /// Its priority at step `now`: one level better for every `aging`
+    /// steps it has waited in all.
+    fn priority_at(&self, now: u64, aging: u64) -> Priority {
+        let waited = self.waited + self.waiting_since.map_or(0, |s| now.saturating_sub(s));
+        let boost = (waited / aging.max(1)).min(Priority::MAX as u64) as Priority;
+        self.priority.saturating_sub(boost)
+    }
+
+    /// The scheduling order at step `now`: by aged priority, then by
+    /// arrival.
+    fn order(&self, now: u64, aging: u64) -> (Priority, u64) {
+        (self.priority_at(now, aging), self.arrival)
     }
 
     fn started(&self) -> bool {
@@ -279,6 +300,10 @@ pub struct Scheduler<E: Executor> {
     last_model: Option<usize>,
     preemptions: u64,
     events: Vec<SchedulerEvent>,
+    /// Steps run so far: the clock of aging.
+    steps: u64,
+    /// Steps of waiting per level of priority gained.
+    aging_steps: u64,
 }
 
 impl<E: Executor> Scheduler<E> {
@@ -293,7 +318,16 @@ impl<E: Executor> Scheduler<E> {
             last_model: None,
             preemptions: 0,
             events: Vec::new(),
+            steps: 0,
+            aging_steps: AGING_STEPS,
         }
+    }
+
+    /// The same scheduler with waiting sequences gaining one level of
+    /// priority every `steps` steps (default [`AGING_STEPS`]).
+    pub fn with_aging(mut self, steps: u64) -> Self {
+        self.aging_steps = steps.max(1);
+        self
     }
 
     /// The executor.
@@ -332,6 +366,8 @@ impl<E: Executor> Scheduler<E> {
             model,
             priority,
             arrival: self.arrivals,
+            waited: 0,
+            waiting_since: None,
             sequence,
             slot: Slot::Waiting(claim),
             cancelled: false,
@@ -361,12 +397,17 @@ impl<E: Executor> Scheduler<E> {
     pub fn step(&mut self) -> Vec<SchedulerEvent> {
         self.admit_waiting();
         self.run_step();
+        self.steps += 1;
         std::mem::take(&mut self.events)
     }
 
     /// Puts `entry` among the waiting ones, in scheduling order.
-    fn wait(&mut self, entry: Entry<E::Sequence>) {
-        let at = self.waiting.partition_point(|j| j.order() < entry.order());
+    fn wait(&mut self, mut entry: Entry<E::Sequence>) {
+        let (now, aging) = (self.steps, self.aging_steps);
+        entry.waiting_since = Some(now);
+        let at = self
+            .waiting
+            .partition_point(|j| j.order(now, aging) < entry.order(now, aging));
         self.waiting.insert(at, entry);
     }
 
@@ -375,6 +416,11 @@ impl<E: Executor> Scheduler<E> {
     /// never admitted ahead of one of the same model before it in that
     /// order.
     fn admit_waiting(&mut self) {
+        let (now, aging) = (self.steps, self.aging_steps);
+        // Aging may have moved sequences ahead of later, better ones.
+        self.waiting
+            .make_contiguous()
+            .sort_by_key(|j| j.order(now, aging));
         let mut blocked = vec![false; self.executor.models()];
         let mut i = 0;
         while i < self.waiting.len() {
@@ -430,7 +476,12 @@ impl<E: Executor> Scheduler<E> {
                 }
                 running => running,
             };
-            let at = self.active.partition_point(|j| j.order() < entry.order());
+            if let Some(since) = entry.waiting_since.take() {
+                entry.waited += now.saturating_sub(since);
+            }
+            let at = self
+                .active
+                .partition_point(|j| j.order(now, aging) < entry.order(now, aging));
             self.active.insert(at, entry);
         }
     }
@@ -439,7 +490,8 @@ impl<E: Executor> Scheduler<E> {
     /// one (of `model`, where given: the one whose blocks are short) when
     /// its priority is lower than sequence `i`'s. Whether it did.
     fn preempt_for(&mut self, i: usize, model: Option<usize>) -> bool {
-        let Some(priority) = self.waiting.get(i).map(|j| j.priority) else {
+        let (now, aging) = (self.steps, self.aging_steps);
+        let Some(priority) = self.waiting.get(i).map(|j| j.priority_at(now, aging)) else {
             return false;
         };
         let Some(victim) = self
@@ -449,7 +501,7 @@ impl<E: Executor> Scheduler<E> {
         else {
             return false;
         };
-        if self.active[victim].priority <= priority {
+        if self.active[victim].priority_at(now, aging) <= priority {
             return false;
         }
         let entry = self.active.remove(victim);

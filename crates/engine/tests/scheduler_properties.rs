@@ -526,3 +526,58 @@ fn priorities_order_admission_and_a_preempted_sequence_answers_as_alone() {
     let gauges: Arc<SlotGauges> = SlotGauges::new();
     assert!(gauges.try_queue(0).is_none());
 }
+
+/// Steps a scheduler with one place in the batch, where a sequence of
+/// priority 5 meets a stream of priority-0 arrivals (a new one each step),
+/// until the first ends; the step it ended at, if it did within `steps`.
+fn steps_until_the_low_one_ends(aging: u64, steps: usize) -> Option<usize> {
+    let executor = FakeExecutor {
+        total: vec![1024],
+        free: vec![1024],
+        failed: BTreeSet::new(),
+    };
+    let mut scheduler = Scheduler::new(executor, 1).with_aging(aging);
+    let gauges = SlotGauges::new();
+    let request = |tag: u64, max_tokens: usize| FakeRequest {
+        prompt: vec![1, 2, 3],
+        max_tokens,
+        poison: false,
+        tag,
+    };
+    let low = SequenceId(0);
+    scheduler
+        .submit(
+            low,
+            0,
+            5,
+            request(0, 4),
+            gauges.try_queue(usize::MAX).unwrap(),
+        )
+        .unwrap();
+    for step in 0..steps {
+        let id = SequenceId(step as u64 + 1);
+        let claim = gauges.try_queue(usize::MAX).unwrap();
+        scheduler.submit(id, 0, 0, request(id.0, 2), claim).unwrap();
+        for event in scheduler.step() {
+            if matches!(event, SchedulerEvent::Finished { id, .. } if id == low) {
+                return Some(step);
+            }
+        }
+    }
+    None
+}
+
+/// Any client could once keep a sequence waiting forever by sending better
+/// ones. Waiting ages it: after enough steps it ranks with the best, and
+/// runs to its end.
+#[test]
+fn a_stream_of_better_requests_delays_a_sequence_but_never_starves_it() {
+    assert_eq!(
+        steps_until_the_low_one_ends(u64::MAX, 400),
+        None,
+        "without aging the stream starves it"
+    );
+    let ended = steps_until_the_low_one_ends(8, 400).expect("starved despite aging");
+    // Five levels of eight steps, then its own few steps.
+    assert!(ended >= 5 * 8, "{ended}");
+}
