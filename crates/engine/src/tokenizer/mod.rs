@@ -63,6 +63,13 @@ pub struct Tokenizer {
     token_to_id: HashMap<String, u32>,
     /// Tokens matched literally in text, longest first.
     specials: Vec<u32>,
+    /// One automaton over every special token's text (pattern `k` is
+    /// `specials[k]`), leftmost-longest: text is split in one pass,
+    /// whatever the number of specials.
+    special_matcher: Option<aho_corasick::AhoCorasick>,
+    /// The same over the specials that are not control tokens (those
+    /// parsed even when special-token parsing is off).
+    plain_matcher: Option<(aho_corasick::AhoCorasick, Vec<u32>)>,
     byte_tokens: [Option<u32>; 256],
     /// Beginning-of-sequence token.
     pub bos: Option<u32>,
@@ -203,6 +210,27 @@ impl Tokenizer {
             })
             .collect();
         specials.sort_by(|a, b| tokens[*b as usize].len().cmp(&tokens[*a as usize].len()));
+        let matcher = |ids: &[u32]| {
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(ids.iter().map(|&i| tokens[i as usize].as_str()))
+                .map_err(|e| EngineError::Tokenizer(format!("special tokens: {e}")))
+        };
+        let special_matcher = if specials.is_empty() {
+            None
+        } else {
+            Some(matcher(&specials)?)
+        };
+        let plain_specials: Vec<u32> = specials
+            .iter()
+            .copied()
+            .filter(|&i| !matches!(kinds[i as usize], TokenKind::Control | TokenKind::Unknown))
+            .collect();
+        let plain_matcher = if plain_specials.is_empty() {
+            None
+        } else {
+            Some((matcher(&plain_specials)?, plain_specials))
+        };
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
             let key = match algorithm {
@@ -246,6 +274,8 @@ impl Tokenizer {
             scores,
             token_to_id,
             specials,
+            special_matcher,
+            plain_matcher,
             byte_tokens,
             end_of_generation,
         })
@@ -348,43 +378,36 @@ impl Tokenizer {
         )
     }
 
-    /// Splits text at occurrences of special tokens, longest tokens first.
+    /// Splits text at occurrences of special tokens, in one pass: at each
+    /// place the longest special token that starts there. Control tokens
+    /// are only recognised when `parse_special` is set.
     fn partition<'a>(&self, text: &'a str, parse_special: bool) -> Vec<Fragment<'a>> {
-        let mut fragments = vec![Fragment::Text(text)];
         if text.is_empty() {
             return Vec::new();
         }
-        for &id in &self.specials {
-            let kind = self.kinds[id as usize];
-            if !parse_special && matches!(kind, TokenKind::Control | TokenKind::Unknown) {
-                continue;
+        let matcher = if parse_special {
+            self.special_matcher
+                .as_ref()
+                .map(|m| (m, self.specials.as_slice()))
+        } else {
+            self.plain_matcher
+                .as_ref()
+                .map(|(m, ids)| (m, ids.as_slice()))
+        };
+        let Some((matcher, ids)) = matcher else {
+            return vec![Fragment::Text(text)];
+        };
+        let mut fragments = Vec::new();
+        let mut at = 0;
+        for found in matcher.find_iter(text) {
+            if found.start() > at {
+                fragments.push(Fragment::Text(&text[at..found.start()]));
             }
-            let needle = self.tokens[id as usize].as_str();
-            if !fragments
-                .iter()
-                .any(|f| matches!(f, Fragment::Text(t) if t.contains(needle)))
-            {
-                continue;
-            }
-            let mut next = Vec::with_capacity(fragments.len() + 2);
-            for f in fragments {
-                match f {
-                    Fragment::Text(mut t) => {
-                        while let Some(pos) = t.find(needle) {
-                            if pos > 0 {
-                                next.push(Fragment::Text(&t[..pos]));
-                            }
-                            next.push(Fragment::Token(id));
-                            t = &t[pos + needle.len()..];
-                        }
-                        if !t.is_empty() {
-                            next.push(Fragment::Text(t));
-                        }
-                    }
-                    tok => next.push(tok),
-                }
-            }
-            fragments = next;
+            fragments.push(Fragment::Token(ids[found.pattern().as_usize()]));
+            at = found.end();
+        }
+        if at < text.len() {
+            fragments.push(Fragment::Text(&text[at..]));
         }
         fragments
     }
