@@ -64,6 +64,8 @@ pub struct ServeFile {
     pub body_timeout_secs: Option<u64>,
     /// Seconds a streamed answer may wait for a client that reads nothing.
     pub write_timeout_secs: Option<u64>,
+    /// The tenancy database: `sqlite:PATH` or `postgres://...`.
+    pub database_url: Option<String>,
     /// The fleet (`[[pool]]` and `[router]`): when present, serve runs the
     /// gateway.
     #[serde(skip)]

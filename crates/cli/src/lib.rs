@@ -1,5 +1,5 @@
-//! The `neocloud` command line: `serve`, `pull`, `tokenize`, `generate` and
-//! `bench`.
+//! The `neocloud` command line: `serve`, `pull`, `tokenize`, `generate`,
+//! `bench`, and `tenants` and `keys` ([`tenancy`]).
 //!
 //! Thin by design: each command parses its arguments and calls the engine.
 
@@ -14,6 +14,7 @@ use neocloud_models::{ModelStore, PullProgress};
 use serde::Serialize;
 
 pub mod config;
+pub mod tenancy;
 
 /// neocloud: one OpenAI-compatible service over mixed accelerator fleets.
 #[derive(Debug, Parser)]
@@ -22,6 +23,10 @@ pub struct Cli {
     /// Worker threads for the compute kernels (default: all cores).
     #[arg(long, global = true, env = "NEOCLOUD_THREADS")]
     pub threads: Option<usize>,
+    /// The tenancy database: `sqlite:PATH` or `postgres://...` (default:
+    /// `sqlite:$NEOCLOUD_HOME/neocloud.db`).
+    #[arg(long, global = true, env = "NEOCLOUD_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
@@ -44,6 +49,12 @@ pub enum Command {
     /// Drive OpenAI-compatible endpoints and report latency, throughput,
     /// goodput and energy.
     Bench(Box<neocloud_bench::BenchArgs>),
+    /// Tenants: create, list, update, disable, enable.
+    #[command(subcommand)]
+    Tenants(tenancy::TenantsCommand),
+    /// API keys: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Keys(tenancy::KeysCommand),
 }
 
 /// The model served when none is named.
@@ -129,6 +140,10 @@ pub struct ServeArgs {
     /// past it the request is cancelled and its memory freed [default: 30].
     #[arg(long, env = "NEOCLOUD_WRITE_TIMEOUT")]
     pub write_timeout_secs: Option<u64>,
+    /// Serve without API keys on a non-loopback address while no tenant is
+    /// defined (refused otherwise: anyone could use every model).
+    #[arg(long, env = "NEOCLOUD_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
 }
 
 /// The values of `--activation-bits`.
@@ -253,13 +268,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "tokens": tokens }));
         }
         Command::Generate(args) => run_generate(&store, args)?,
-        Command::Serve(args) => run_serve(&store, args, cli.threads)?,
+        Command::Serve(args) => run_serve(&store, args, cli.threads, cli.database_url)?,
         Command::Bench(args) => run_bench(*args)?,
+        Command::Tenants(command) => {
+            let database = tenancy::database_url(cli.database_url.as_deref(), &store);
+            tenancy::run_tenants(&database, command)?
+        }
+        Command::Keys(command) => {
+            let database = tenancy::database_url(cli.database_url.as_deref(), &store);
+            tenancy::run_keys(&database, command)?
+        }
     }
     Ok(())
 }
 
-fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> anyhow::Result<()> {
+fn run_serve(
+    store: &ModelStore,
+    args: ServeArgs,
+    threads: Option<usize>,
+    database_url: Option<String>,
+) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => config::ServeFile::load(path)?,
         None => config::ServeFile::default(),
@@ -358,9 +386,22 @@ fn run_serve(store: &ModelStore, args: ServeArgs, threads: Option<usize>) -> any
             ),
             None => std::sync::Arc::new(neocloud_server::DiscardUsage),
         };
+    let database_url = database_url
+        .or(file.database_url)
+        .unwrap_or_else(|| tenancy::database_url(None, store));
+    let tenants = runtime
+        .block_on(neocloud_tenancy::Store::open(&database_url))
+        .with_context(|| {
+            format!(
+                "opening the tenancy database {}",
+                tenancy::shown(&database_url)
+            )
+        })?;
     let config = neocloud_server::ServerConfig {
         models,
         fleet: file.fleet,
+        tenants: Some(tenants),
+        allow_anonymous: args.allow_anonymous,
         listen,
         queue_capacity,
         batch,

@@ -58,12 +58,14 @@ fn sdk_python() -> PathBuf {
     bin
 }
 
-/// Runs the compatibility script against `base_url`.
-fn run_compat_script(python: &Path, base_url: &str) {
+/// Runs the compatibility script against `base_url`, with `api_key` when
+/// the server wants one.
+fn run_compat_script(python: &Path, base_url: &str, api_key: Option<&str>) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_sdk/compat.py");
     let out = Command::new(python)
         .arg(&script)
         .arg(base_url)
+        .args(api_key)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -73,10 +75,38 @@ fn run_compat_script(python: &Path, base_url: &str) {
     assert!(stdout.contains("all checks passed"));
 }
 
+/// A tenant and a key in a fresh database: the database URL and the key.
+fn tenant_with_key() -> (String, String) {
+    let path =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sdk-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let database = format!("sqlite:{}", path.display());
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_neocloud"))
+            .args(args)
+            .env("NEOCLOUD_DATABASE_URL", &database)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["tenants", "create", "sdk"]);
+    let key = run(&["keys", "create", "--tenant", "sdk"])
+        .trim()
+        .to_owned();
+    (database, key)
+}
+
+/// With a tenant's key (and a wrong key is the SDK's AuthenticationError).
 #[test]
 fn the_official_openai_sdk_works_against_neocloud_serve() {
     let python = sdk_python();
-    let server = Server::start(
+    let (database, key) = tenant_with_key();
+    let server = Server::start_with(
         env!("CARGO_BIN_EXE_neocloud"),
         &[
             "--model",
@@ -88,8 +118,10 @@ fn the_official_openai_sdk_works_against_neocloud_serve() {
             "--max-batch",
             "1",
         ],
+        &[("NEOCLOUD_DATABASE_URL", database.as_str())],
+        std::process::Stdio::inherit(),
     );
-    run_compat_script(&python, &format!("http://{}/v1", server.addr));
+    run_compat_script(&python, &format!("http://{}/v1", server.addr), Some(&key));
 }
 
 /// The same script through the fleet gateway, whose pools are the
@@ -124,5 +156,5 @@ upstreams = ["engine:gemma-3-270m"]
         env!("CARGO_BIN_EXE_neocloud"),
         &["--config", config.to_str().unwrap()],
     );
-    run_compat_script(&python, &format!("http://{}/v1", gateway.addr));
+    run_compat_script(&python, &format!("http://{}/v1", gateway.addr), None);
 }

@@ -239,6 +239,11 @@ impl ModelStore {
         ModelStore { home: home.into() }
     }
 
+    /// Its root: `$NEOCLOUD_HOME`, where the embedded database lives too.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
     /// The store at `$NEOCLOUD_HOME`, or `~/.cache/neocloud`.
     pub fn from_env() -> Self {
         if let Some(h) = std::env::var_os("NEOCLOUD_HOME").filter(|h| !h.is_empty()) {

@@ -60,6 +60,10 @@ pub enum ServerError {
     /// A fault on our side (a panic while serving); the detail is logged.
     #[error("internal error: {0}")]
     Internal(String),
+    /// No valid API key (missing, malformed, unknown, revoked, expired, or
+    /// its tenant disabled): one message for all, the reason is logged.
+    #[error("Incorrect or missing API key. Send `Authorization: Bearer nc-...` with a key from `neocloud keys create`.")]
+    Unauthorized,
     /// The request names a host this server does not answer to.
     #[error("this server does not answer requests addressed to that host; start it with --allowed-host NAME to take it")]
     HostNotAllowed,
@@ -107,6 +111,10 @@ impl ServerError {
                 ApiError::new(ErrorKind::RateLimitError, message).with_code("rate_limit_exceeded")
             }
             ServerError::Upstream(api) => api.clone(),
+            ServerError::Unauthorized => {
+                ApiError::new(ErrorKind::AuthenticationError, self.to_string())
+                    .with_code("invalid_api_key")
+            }
             ServerError::HostNotAllowed => {
                 ApiError::new(ErrorKind::PermissionError, self.to_string())
                     .with_code("host_not_allowed")

@@ -8,6 +8,7 @@
 //! async workers;
 //! [`usage`] sends one record per finished request to a sink.
 
+pub mod access;
 pub mod connections;
 pub mod engine_worker;
 pub mod error;
@@ -65,6 +66,13 @@ pub struct ServerConfig {
     pub min_priority: i64,
     /// Connection cap and client timeouts.
     pub connections: ConnectionLimits,
+    /// Tenants and their keys. With a tenant defined, every request needs
+    /// a key; with none, requests need no key on a loopback bind (or
+    /// anywhere with `allow_anonymous`), and the server refuses to start
+    /// on other binds.
+    pub tenants: Option<neocloud_tenancy::Store>,
+    /// Serve without keys on a non-loopback bind when no tenant exists.
+    pub allow_anonymous: bool,
 }
 
 /// The in-process engine as the handlers that answer on it see it.
@@ -143,13 +151,20 @@ pub async fn serve(
         usage: config.usage,
         min_priority: config.min_priority,
     };
+    let access = Arc::new(access_of(config.tenants, config.listen, config.allow_anonymous).await?);
     let hosts = Arc::new(host_check::HostRule::new(
         config.listen,
         &config.allowed_hosts,
     ));
-    let app = gateway::routes::router(state, app_state).layer(
-        axum::middleware::from_fn_with_state(hosts, host_check::check_host),
-    );
+    let app = gateway::routes::router(state, app_state)
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            access::check_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            host_check::check_host,
+        ));
     let limits = ConnectionLimits {
         max_connections: connections::fit_to_descriptor_limit(config.connections.max_connections),
         ..config.connections
@@ -163,6 +178,39 @@ pub async fn serve(
         on_listening,
     )
     .await
+}
+
+/// How requests get in: keys when a tenant exists; none on loopback (or
+/// when allowed) when none does; refused otherwise.
+async fn access_of(
+    tenants: Option<neocloud_tenancy::Store>,
+    listen: SocketAddr,
+    allow_anonymous: bool,
+) -> Result<access::Access, ServerError> {
+    let count = match &tenants {
+        Some(store) => store
+            .tenant_count()
+            .await
+            .map_err(|e| ServerError::Unavailable(format!("the tenancy database: {e}")))?,
+        None => 0,
+    };
+    match tenants {
+        Some(store) if count > 0 => {
+            tracing::info!(tenants = count, "API keys required (Authorization: Bearer nc-...)");
+            Ok(access::Access::Keys(store))
+        }
+        _ if listen.ip().is_loopback() => {
+            tracing::info!("no tenant defined: requests need no key on this loopback address (create one with `neocloud tenants create`)");
+            Ok(access::Access::Anonymous)
+        }
+        _ if allow_anonymous => {
+            tracing::warn!(%listen, "no tenant defined and --allow-anonymous: anyone who reaches this address may use every model");
+            Ok(access::Access::Anonymous)
+        }
+        _ => Err(ServerError::Unavailable(format!(
+            "no tenant is defined and {listen} is not a loopback address: anyone could use every model. Create a tenant and a key (`neocloud tenants create NAME`, `neocloud keys create --tenant NAME`), or pass --allow-anonymous"
+        ))),
+    }
 }
 
 /// Threads of the kernels' pool: the CPU cores a plain serve's pool names.

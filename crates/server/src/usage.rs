@@ -22,6 +22,10 @@ pub struct UsageRecord {
     pub request_id: String,
     /// The model the client asked for.
     pub model: String,
+    /// The tenant whose key the request carried (none when keys are off).
+    pub tenant: Option<String>,
+    /// That key's public id.
+    pub key_id: Option<String>,
     /// The pool that answered, if one was chosen.
     pub pool: Option<String>,
     /// The upstream that answered (`POOL/INDEX`), if one was chosen.
@@ -236,6 +240,14 @@ impl UsageMeter {
     /// The answer's HTTP status.
     pub fn status(&self, status: u16) {
         self.with(|s| s.record.status = status);
+    }
+
+    /// The tenant and key the request speaks for.
+    pub fn principal(&self, tenant: &str, key_id: &str) {
+        self.with(|s| {
+            s.record.tenant = Some(tenant.to_owned());
+            s.record.key_id = Some(key_id.to_owned());
+        });
     }
 }
 

@@ -159,6 +159,9 @@ fn read_response(stream: TcpStream) -> Response {
     }
 }
 
+/// Numbers the tenancy databases of the servers a test process starts.
+static NEXT_DATABASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A running `neocloud serve`, stopped (by its PID) when dropped.
 pub struct Server {
     child: Child,
@@ -180,9 +183,22 @@ impl Server {
         env: &[(&str, &str)],
         log: impl Into<Stdio>,
     ) -> Server {
+        // Each server gets a tenancy database of its own unless the test
+        // names one: no test sees another's tenants.
+        let own_database = format!(
+            "sqlite:{}",
+            std::env::temp_dir()
+                .join(format!(
+                    "nc-test-{}-{}.db",
+                    std::process::id(),
+                    NEXT_DATABASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ))
+                .display()
+        );
         let mut child = Command::new(binary)
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
+            .env("NEOCLOUD_DATABASE_URL", own_database)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -32,8 +32,12 @@ def expect_error(kind, status, call):
     raise AssertionError(f"expected {kind.__name__} ({status})")
 
 
-def main(base_url):
-    client = OpenAI(base_url=base_url, api_key="not-needed", max_retries=0, timeout=300)
+def main(base_url, api_key):
+    client = OpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=300)
+    if api_key:
+        # A key the server does not know is the SDK's AuthenticationError.
+        wrong = OpenAI(base_url=base_url, api_key=api_key[:-8] + "00000000", max_retries=0)
+        expect_error(openai.AuthenticationError, 401, lambda: wrong.models.list())
 
     ids = [m.id for m in client.models.list()]
     check(ids == [QWEN, GEMMA], f"models.list() gives {ids}")
@@ -133,4 +137,4 @@ def main(base_url):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

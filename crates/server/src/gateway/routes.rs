@@ -10,10 +10,12 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use neocloud_fleet::conformance::DROPPED_PARAMS_HEADER;
 use neocloud_fleet::policy::RequestSlo;
 use neocloud_openai::models::{Model, ModelList};
+use neocloud_tenancy::Principal;
 use serde_json::Value;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -105,18 +107,22 @@ pub fn router(state: GatewayState, engine: Option<crate::AppState>) -> Router {
 
 async fn chat_completions(
     State(state): State<GatewayState>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     body: JsonRequest,
 ) -> Response {
-    relay(state, Endpoint::ChatCompletions, &headers, body).await
+    let principal = principal.map(|Extension(p)| p);
+    relay(state, Endpoint::ChatCompletions, principal, &headers, body).await
 }
 
 async fn completions(
     State(state): State<GatewayState>,
+    principal: Option<Extension<Principal>>,
     headers: HeaderMap,
     body: JsonRequest,
 ) -> Response {
-    relay(state, Endpoint::Completions, &headers, body).await
+    let principal = principal.map(|Extension(p)| p);
+    relay(state, Endpoint::Completions, principal, &headers, body).await
 }
 
 /// Forwards a completion request with its usage meter: the record goes out
@@ -125,6 +131,7 @@ async fn completions(
 async fn relay(
     state: GatewayState,
     endpoint: Endpoint,
+    principal: Option<Principal>,
     headers: &HeaderMap,
     body: JsonRequest,
 ) -> Response {
@@ -135,8 +142,18 @@ async fn relay(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let meter = UsageMeter::new(Arc::clone(&state.usage), request_id.clone(), model);
-    let mut response = match route(state, endpoint, headers, body, meter.clone()).await {
+    let meter = UsageMeter::new(Arc::clone(&state.usage), request_id.clone(), model.clone());
+    if let Some(p) = &principal {
+        meter.principal(&p.tenant, &p.key_id);
+    }
+    let allowed = principal.as_ref().is_none_or(|p| p.may_use(&model));
+    let routed = if allowed {
+        route(state, endpoint, headers, body, meter.clone()).await
+    } else {
+        // Another tenant's model is as unknown as one that does not exist.
+        Err(ServerError::ModelNotFound(model))
+    };
+    let mut response = match routed {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -246,13 +263,17 @@ async fn route(
     Ok(response)
 }
 
-async fn list_models(State(state): State<GatewayState>) -> Json<ModelList> {
+async fn list_models(
+    State(state): State<GatewayState>,
+    principal: Option<Extension<Principal>>,
+) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
         data: state
             .gateway
             .models()
             .into_iter()
+            .filter(|id| principal.as_ref().is_none_or(|Extension(p)| p.may_use(id)))
             .map(|id| Model {
                 id,
                 object: "model".into(),

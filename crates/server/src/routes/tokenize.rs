@@ -42,8 +42,10 @@ pub fn routes(state: AppState) -> axum::Router {
 /// Tokenises a prompt, or chat messages through the model's template.
 pub async fn tokenize(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<neocloud_tenancy::Principal>>,
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<Value>, ServerError> {
+    check_model(principal.as_ref().map(|p| &p.0), &req.model)?;
     // Templating and tokenising a long prompt is CPU work: off the async
     // workers.
     off_workers(move || {
@@ -75,8 +77,10 @@ pub async fn tokenize(
 /// Turns token ids back into text.
 pub async fn detokenize(
     State(state): State<AppState>,
+    principal: Option<axum::Extension<neocloud_tenancy::Principal>>,
     JsonBody(req): JsonBody<DetokenizeRequest>,
 ) -> Result<Json<Value>, ServerError> {
+    check_model(principal.as_ref().map(|p| &p.0), &req.model)?;
     let lm = &state.engine.models()?[state.engine.model_index(&req.model)?];
     let vocab = lm.tokenizer.vocab_size() as u64;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
@@ -87,4 +91,15 @@ pub async fn detokenize(
     }
     let ids: Vec<u32> = req.tokens.iter().map(|&t| t as u32).collect();
     Ok(Json(json!({ "prompt": lm.tokenizer.decode(&ids, true) })))
+}
+
+/// A key that may not use `model` sees it as one that does not exist.
+fn check_model(
+    principal: Option<&neocloud_tenancy::Principal>,
+    model: &str,
+) -> Result<(), ServerError> {
+    match principal {
+        Some(p) if !p.may_use(model) => Err(ServerError::ModelNotFound(model.to_owned())),
+        _ => Ok(()),
+    }
 }
