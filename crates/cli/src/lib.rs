@@ -136,8 +136,9 @@ pub struct ServeArgs {
     /// [default: 60].
     #[arg(long, env = "NEOCLOUD_BODY_TIMEOUT")]
     pub body_timeout_secs: Option<u64>,
-    /// Seconds a streamed answer may wait for a client that reads nothing;
-    /// past it the request is cancelled and its memory freed [default: 30].
+    /// Seconds a write may wait for a client that reads nothing (a stream's
+    /// next event, or any answer's bytes); past it the request is cancelled,
+    /// its memory freed and the connection closed [default: 30].
     #[arg(long, env = "NEOCLOUD_WRITE_TIMEOUT")]
     pub write_timeout_secs: Option<u64>,
     /// Serve without API keys on a non-loopback address while no tenant is

@@ -223,3 +223,79 @@ fn a_stream_nobody_reads_is_cancelled_and_metered() {
         200
     );
 }
+
+/// The value of `neocloud:open_connections`, read on a connection of its
+/// own (which counts itself).
+fn open_connections(addr: std::net::SocketAddr) -> u64 {
+    let text = request(addr, "GET", "/metrics", None).text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("neocloud:open_connections "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A client that asks for a large answer and never reads it once held its
+/// connection, and its place under the cap, for as long as it liked. A
+/// write that makes no progress for the write timeout closes it.
+#[test]
+fn an_answer_nobody_reads_closes_its_connection_at_the_write_timeout() {
+    let server = Server::start(
+        env!("CARGO_BIN_EXE_neocloud"),
+        &[
+            "--model",
+            GEMMA,
+            "--write-timeout-secs",
+            "2",
+            "--body-limit",
+            "8000000",
+        ],
+    );
+    assert_eq!(open_connections(server.addr), 1);
+    // Tokenising 4 MB of words answers with several MB of token ids, more
+    // than the sockets' buffers hold.
+    let body = json!({"model": GEMMA, "prompt": "one two three four ".repeat(200_000)}).to_string();
+    let mut conn = TcpStream::connect(server.addr).unwrap();
+    write!(
+        conn,
+        "POST /tokenize HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Ours is open (with the one asking)...
+    while open_connections(server.addr) < 2 {
+        assert!(Instant::now() < deadline, "the request never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...until its answer stalls for the write timeout.
+    while open_connections(server.addr) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the unread answer still holds its connection"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        closed_after_reading(&mut conn),
+        "the connection is still open"
+    );
+    drop(conn);
+}
+
+/// Whether the server has closed `conn`, once what it sent is read.
+fn closed_after_reading(conn: &mut TcpStream) -> bool {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}

@@ -1,10 +1,12 @@
 //! Connections: accepted up to a cap, served over HTTP/1.1 with a deadline
 //! on every request head (the same deadline closes keep-alive connections
-//! left idle), and drained on shutdown. The cap waits for a free place
-//! rather than refuse: new clients queue in the kernel's backlog while
-//! idle ones time out.
+//! left idle) and on every write that makes no progress (a client that
+//! stops reading its answer), and drained on shutdown. The cap waits for a
+//! free place rather than refuse: new clients queue in the kernel's
+//! backlog while idle ones time out.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +27,9 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Time to send a request body once its head is in.
     pub body_timeout: Duration,
-    /// Time a streamed answer may wait for a client that reads nothing;
-    /// past it the request is cancelled.
+    /// Time a write may wait for a client that reads nothing (a streamed
+    /// answer's next event, or any answer's bytes); past it the request is
+    /// cancelled and the connection closed.
     pub write_timeout: Duration,
 }
 
@@ -103,10 +106,12 @@ fn raise_descriptor_limit() -> Option<usize> {
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets open
 /// connections finish their answers and close (the caller bounds how long).
+/// `open` counts the connections open.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    open: Arc<AtomicUsize>,
     shutdown: impl Future<Output = ()>,
 ) {
     let cap = limits.max_connections.max(1);
@@ -150,10 +155,16 @@ pub async fn serve(
         // Small writes (SSE events) go out at once, not after the client's
         // delayed acknowledgement of the previous one.
         let _ = tcp.set_nodelay(true);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(tcp);
+        stream.set_write_timeout(Some(limits.write_timeout));
         let service = TowerToHyperService::new(app.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        let connection =
+            graceful.watch(http.serve_connection(TokioIo::new(Box::pin(stream)), service));
+        open.fetch_add(1, Ordering::Relaxed);
+        let open = Arc::clone(&open);
         tokio::spawn(async move {
             let _ = connection.await;
+            open.fetch_sub(1, Ordering::Relaxed);
             drop(place);
         });
     }

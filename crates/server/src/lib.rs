@@ -111,6 +111,7 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::default());
+    let open_connections = Arc::clone(&metrics.open_connections);
     let lifecycle = Arc::new(Lifecycle::default());
     let started_at = unix_now();
     let fleet = match config.fleet {
@@ -173,6 +174,7 @@ pub async fn serve(
         config.listen,
         app,
         limits,
+        open_connections,
         lifecycle,
         config.shutdown_timeout,
         on_listening,
@@ -229,6 +231,7 @@ async fn serve_until_shutdown(
     listen: SocketAddr,
     app: Router,
     limits: ConnectionLimits,
+    open_connections: Arc<std::sync::atomic::AtomicUsize>,
     lifecycle: Arc<Lifecycle>,
     timeout: Duration,
     on_listening: impl FnOnce(SocketAddr),
@@ -250,7 +253,7 @@ async fn serve_until_shutdown(
         draining.start_draining();
         draining.drained(timeout).await;
     };
-    let server = connections::serve(listener, app, limits, drain);
+    let server = connections::serve(listener, app, limits, open_connections, drain);
     let deadline = async {
         while !lifecycle.is_draining() {
             tokio::time::sleep(Duration::from_millis(50)).await;

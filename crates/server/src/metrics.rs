@@ -57,6 +57,8 @@ pub struct Metrics {
     /// Times the engine loop failed outside any one request's pass and
     /// started afresh (the requests it held failed).
     pub engine_restarts: AtomicU64,
+    /// Client connections open now.
+    pub open_connections: Arc<AtomicUsize>,
     /// Prompt tokens processed.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated (aborted jobs included).
@@ -87,6 +89,7 @@ impl Default for Metrics {
             kv_blocks_total: AtomicUsize::new(0),
             preemptions: AtomicU64::new(0),
             engine_restarts: AtomicU64::new(0),
+            open_connections: Arc::new(AtomicUsize::new(0)),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
@@ -158,6 +161,12 @@ impl Metrics {
             "counter",
             "Running requests whose key/value blocks were taken back, to be computed again.",
             self.preemptions.load(Ordering::Relaxed).to_string(),
+        );
+        scalar(
+            "neocloud:open_connections",
+            "gauge",
+            "Client connections open now.",
+            self.open_connections.load(Ordering::Relaxed).to_string(),
         );
         scalar(
             "neocloud:engine_restarts_total",
