@@ -248,15 +248,29 @@ fn an_answer_nobody_reads_closes_its_connection_at_the_write_timeout() {
             GEMMA,
             "--write-timeout-secs",
             "2",
+            // Long enough that only the write timeout can close it.
+            "--header-timeout-secs",
+            "600",
             "--body-limit",
             "8000000",
         ],
     );
+    // The start's health checks close their connections soon.
+    let settled = Instant::now() + Duration::from_secs(10);
+    while open_connections(server.addr) > 1 && Instant::now() < settled {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(open_connections(server.addr), 1);
     // Tokenising 4 MB of words answers with several MB of token ids, more
     // than the sockets' buffers hold.
     let body = json!({"model": GEMMA, "prompt": "one two three four ".repeat(200_000)}).to_string();
-    let mut conn = TcpStream::connect(server.addr).unwrap();
+    // A small receive buffer, set before the connection is made (it sizes
+    // the window): the answer stays in the server's socket, whose writes
+    // then make no progress.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut conn: TcpStream = socket.into();
     write!(
         conn,
         "POST /tokenize HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
