@@ -398,6 +398,16 @@ fn run_serve(
                 tenancy::shown(&database_url)
             )
         })?;
+    // Every answered request goes to the ledger, beside the usage log.
+    let ledger = {
+        let _inside = runtime.enter();
+        neocloud_tenancy::ledger::LedgerWriter::start(tenants.clone())
+    };
+    let usage: std::sync::Arc<dyn neocloud_server::UsageSink> =
+        std::sync::Arc::new(neocloud_server::FanOutUsage(vec![
+            std::sync::Arc::new(neocloud_server::LedgerUsage(ledger.clone())),
+            usage,
+        ]));
     let config = neocloud_server::ServerConfig {
         models,
         fleet: file.fleet,
@@ -417,7 +427,17 @@ fn run_serve(
             args.allowed_hosts
         },
     };
-    runtime.block_on(neocloud_server::serve(config, announce))?;
+    let served = runtime.block_on(neocloud_server::serve(config, announce));
+    // The ledger is flushed before exit, whatever ended the server (for a
+    // bounded time: a database that is away must not hold the exit).
+    let flushed = runtime.block_on(tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        ledger.flush(),
+    ));
+    if flushed.is_err() {
+        eprintln!("the usage ledger could not be flushed within 30 s; unwritten rows are lost");
+    }
+    served?;
     Ok(())
 }
 

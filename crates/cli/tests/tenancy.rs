@@ -78,6 +78,20 @@ fn call(
     )
 }
 
+/// The ledger's rows of `tenant`, read from the database.
+fn ledger_rows(database: &str, tenant: &str) -> Vec<neocloud_tenancy::ledger::LedgerRow> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = neocloud_tenancy::Store::open(database).await.unwrap();
+        let rows = store.ledger_rows(Some(tenant)).await.unwrap();
+        store.close().await;
+        rows
+    })
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 }
@@ -201,7 +215,21 @@ fn only_valid_keys_get_in_each_to_its_own_models() {
             Some(&chat(GEMMA)),
         );
         assert_eq!(r.status, 401, "{}", r.text());
-        drop(server);
+        // SIGTERM: the ledger is flushed before the process exits.
+        let status = Command::new("kill")
+            .args(["-TERM", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(server.wait(), Some(0));
+        let ledger = ledger_rows(&database, &acme);
+        assert_eq!(ledger.len(), 1, "{ledger:?}");
+        assert_eq!(ledger[0].status, 200);
+        assert_eq!(ledger[0].key_id.as_deref(), Some(&key[3..19]));
+        assert!(ledger[0].completion_tokens > 0 && ledger[0].energy_millijoules > 0);
+        let ledger = ledger_rows(&database, &beta);
+        assert_eq!(ledger.len(), 1, "{ledger:?}");
+        assert_eq!(ledger[0].status, 404);
 
         let records: Vec<Value> = neocloud_testkit::json_lines(&usage);
         let served: Vec<&Value> = records.iter().filter(|r| r["status"] == 200).collect();

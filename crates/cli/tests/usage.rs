@@ -62,9 +62,15 @@ fn chat(model: &str, extra: Value) -> Value {
 }
 
 fn request_id(resp: &Response) -> String {
-    resp.header("x-request-id")
+    let id = resp
+        .header("x-request-id")
         .unwrap_or_else(|| panic!("no x-request-id: {:?}", resp.headers))
-        .to_owned()
+        .to_owned();
+    // A UUIDv7: 8-4-4-4-12 hex digits, version 7.
+    let groups: Vec<usize> = id.split('-').map(str::len).collect();
+    assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+    assert_eq!(&id[14..15], "7", "{id}");
+    id
 }
 
 /// Writes a streamed chat request and reads `events` events, then hangs up.

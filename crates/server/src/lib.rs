@@ -37,7 +37,7 @@ pub use error::ServerError;
 pub use lifecycle::Lifecycle;
 pub use metrics::Metrics;
 pub use neocloud_engine::panel::ActivationPrecision;
-pub use usage::{DiscardUsage, JsonLinesUsage, UsageRecord, UsageSink};
+pub use usage::{DiscardUsage, FanOutUsage, JsonLinesUsage, LedgerUsage, UsageRecord, UsageSink};
 
 /// How the server runs.
 #[derive(Clone)]

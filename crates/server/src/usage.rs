@@ -61,6 +61,52 @@ pub trait UsageSink: Send + Sync {
     fn record(&self, record: UsageRecord);
 }
 
+/// Sends each record to the tenancy database's usage ledger (batched off
+/// the request path by its writer).
+pub struct LedgerUsage(pub neocloud_tenancy::ledger::LedgerWriter);
+
+impl UsageSink for LedgerUsage {
+    fn record(&self, r: UsageRecord) {
+        let micros = |s: f64| (s.max(0.0) * 1e6).round() as u64;
+        self.0.record(neocloud_tenancy::ledger::LedgerRow {
+            request_id: r.request_id,
+            tenant: r.tenant,
+            key_id: r.key_id,
+            model: r.model,
+            pool: r.pool,
+            upstream: r.upstream,
+            accelerator: r.accelerator,
+            prompt_tokens: r.prompt_tokens,
+            cached_tokens: r.cached_tokens,
+            completion_tokens: r.completion_tokens,
+            ttft_us: r.ttft_s.map(micros),
+            duration_us: micros(r.duration_s),
+            energy_millijoules: (r.energy_joules.max(0.0) * 1e3).round() as u64,
+            energy_source: r.energy_source,
+            // Prices come with the tenancy limits.
+            cost_micros: 0,
+            status: r.status,
+            finish_reason: r.finish_reason,
+            started_at: r.started_at,
+        });
+    }
+}
+
+/// Every record to each of several sinks (the ledger and a JSON-lines
+/// log, say).
+pub struct FanOutUsage(pub Vec<Arc<dyn UsageSink>>);
+
+impl UsageSink for FanOutUsage {
+    fn record(&self, record: UsageRecord) {
+        if let Some((last, rest)) = self.0.split_last() {
+            for sink in rest {
+                sink.record(record.clone());
+            }
+            last.record(record);
+        }
+    }
+}
+
 /// Drops every record (usage is still in every answer's `usage`).
 #[derive(Debug, Default)]
 pub struct DiscardUsage;

@@ -4,11 +4,14 @@
 //! A key is `nc-<public id>-<secret>`: the public id finds it, only a
 //! SHA-256 of the secret is stored, and a presented secret is compared in
 //! constant time ([`keys`]). [`store::Store::authenticate`] says who a
-//! bearer token speaks for, or why it is refused. This crate never depends
+//! bearer token speaks for, or why it is refused. [`ledger`] keeps one row
+//! per answered request, written in batches off the request path. This
+//! crate never depends
 //! on the engine, and no secret ever reaches a log, a metric or an error.
 
 pub mod error;
 pub mod keys;
+pub mod ledger;
 pub mod store;
 
 pub use error::TenancyError;

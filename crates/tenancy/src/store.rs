@@ -166,6 +166,11 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// The connection pool.
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;

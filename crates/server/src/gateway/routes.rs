@@ -25,7 +25,6 @@ use crate::error::ServerError;
 use crate::json_body::JsonRequest;
 use crate::lifecycle::{self, Front, Lifecycle};
 use crate::metrics::Metrics;
-use crate::routes::choices::response_id;
 use crate::usage::{UsageMeter, UsageSink};
 
 /// The header that carries a request's latency objective.
@@ -135,7 +134,9 @@ async fn relay(
     headers: &HeaderMap,
     body: JsonRequest,
 ) -> Response {
-    let request_id = response_id("req");
+    // A UUIDv7: unique across replicas and restarts, and ordered by time
+    // (the ledger's key).
+    let request_id = uuid::Uuid::now_v7().to_string();
     let model = body
         .value
         .get("model")
