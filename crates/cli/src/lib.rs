@@ -430,10 +430,9 @@ fn run_serve(
     let served = runtime.block_on(neocloud_server::serve(config, announce));
     // The ledger is flushed before exit, whatever ended the server (for a
     // bounded time: a database that is away must not hold the exit).
-    let flushed = runtime.block_on(tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        ledger.flush(),
-    ));
+    let flushed = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(30), ledger.flush()).await
+    });
     if flushed.is_err() {
         eprintln!("the usage ledger could not be flushed within 30 s; unwritten rows are lost");
     }

@@ -157,9 +157,24 @@ fn only_valid_keys_get_in_each_to_its_own_models() {
             &[("NEOCLOUD_DATABASE_URL", database.as_str())],
             std::fs::File::create(&log).unwrap(),
         );
-        // No key, a malformed one, a wrong secret: one 401 for all.
+        // No key, a malformed one, a wrong secret, one wrong in its last
+        // byte, one in another case: one 401 for all (RELIABILITY rows 10
+        // and 11).
         let wrong = format!("{}{}", &key[..key.len() - 64], "0".repeat(64));
-        for bad in [None, Some("sk-not-ours"), Some(wrong.as_str())] {
+        let last = key.chars().last().unwrap();
+        let flipped = format!(
+            "{}{}",
+            &key[..key.len() - 1],
+            if last == 'a' { 'b' } else { 'a' }
+        );
+        let upper = key.to_uppercase();
+        for bad in [
+            None,
+            Some("sk-not-ours"),
+            Some(wrong.as_str()),
+            Some(flipped.as_str()),
+            Some(upper.as_str()),
+        ] {
             let r = call(
                 &server,
                 "POST",
@@ -286,4 +301,35 @@ fn without_tenants_only_loopback_serves_without_keys() {
     drop(server);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("no tenant defined"), "{text}");
+}
+
+/// A tenancy database that cannot be reached at start is a clear error,
+/// not a server that answers unmetered (RELIABILITY row 28).
+#[test]
+fn an_unreachable_database_stops_the_start_with_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://neocloud:hunter2@127.0.0.1:{port}/nowhere");
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--model",
+            GEMMA,
+        ])
+        .env("NEOCLOUD_DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("opening the tenancy database"), "{stderr}");
+    // The password is not shown.
+    assert!(!stderr.contains("hunter2"), "{stderr}");
 }
