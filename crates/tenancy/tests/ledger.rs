@@ -6,23 +6,10 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use neocloud_tenancy::ledger::{LedgerRow, LedgerWriter, BATCH_ROWS};
-use neocloud_tenancy::Store;
+mod common;
 
-async fn stores() -> Vec<(String, Store)> {
-    let dir = std::env::temp_dir().join(format!("nc-ledger-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let sqlite = format!("sqlite:{}", dir.join("neocloud.db").display());
-    let mut out = vec![("sqlite".to_string(), Store::open(&sqlite).await.unwrap())];
-    match std::env::var("NEOCLOUD_TEST_DATABASE_URL") {
-        Ok(url) => out.push(("postgres".to_string(), Store::open(&url).await.unwrap())),
-        Err(_) => eprintln!(
-            "SKIPPED on PostgreSQL: NEOCLOUD_TEST_DATABASE_URL is not set (.ci/run sets it)"
-        ),
-    }
-    out
-}
+use common::stores;
+use neocloud_tenancy::ledger::{LedgerRow, LedgerWriter, BATCH_ROWS};
 
 fn row(tenant: &str, i: usize) -> LedgerRow {
     LedgerRow {
@@ -49,7 +36,7 @@ fn row(tenant: &str, i: usize) -> LedgerRow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_row_lands_once_and_flush_waits_for_them() {
-    for (db, store) in stores().await {
+    for (db, store) in stores("ledger").await {
         let tenant = format!("ledger-{}-{}", std::process::id(), db);
         let writer = LedgerWriter::start(store.clone());
         // More than one batch, with every row written twice (a replay

@@ -5,25 +5,11 @@
 // Test code: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use neocloud_tenancy::store::now_secs;
-use neocloud_tenancy::{KeyGrant, Limits, Refusal, Store, TenancyError};
+mod common;
 
-/// The databases to run on: a fresh SQLite file, and PostgreSQL when
-/// configured (a fresh schema each run, by a unique tenant prefix).
-async fn stores(name: &str) -> Vec<(String, Store)> {
-    let dir = std::env::temp_dir().join(format!("nc-tenancy-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let sqlite = format!("sqlite:{}", dir.join("neocloud.db").display());
-    let mut out = vec![("sqlite".to_string(), Store::open(&sqlite).await.unwrap())];
-    match std::env::var("NEOCLOUD_TEST_DATABASE_URL") {
-        Ok(url) => out.push(("postgres".to_string(), Store::open(&url).await.unwrap())),
-        Err(_) => eprintln!(
-            "SKIPPED on PostgreSQL: NEOCLOUD_TEST_DATABASE_URL is not set (.ci/run sets it)"
-        ),
-    }
-    out
-}
+use common::stores;
+use neocloud_tenancy::store::now_secs;
+use neocloud_tenancy::{KeyGrant, Limits, Refusal, TenancyError};
 
 /// A tenant name unique to this run (PostgreSQL keeps what earlier runs
 /// wrote).
@@ -33,7 +19,7 @@ fn unique(base: &str) -> String {
 
 #[tokio::test]
 async fn tenants_and_keys_round_trip_and_keys_say_who_they_are() {
-    for (db, store) in stores("round-trip").await {
+    for (db, store) in stores("tenancy-round-trip").await {
         let acme = unique("acme");
         let limits = Limits {
             rpm: Some(60),
